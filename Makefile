@@ -33,6 +33,12 @@ $(STAMP): settings.ini setup.py
 	  $(PY) -m pip install "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && $(PY) -m pip install -e ".[dev,cpu]"; \
 	fi
 	$(PY) -m pip check
+	@# Headless Chromium for the demo screenshot tests (Debian packages; needs root).
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install chromium for the demo screenshot tests (they skip without it)"; fi; \
+	fi
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "python3 (guide)" >/dev/null
 	touch $(STAMP)
 
