@@ -1,0 +1,164 @@
+"""Chapter 20 (serving): the paged-KV continuous-batching engine, the dynamic batcher, ONNX parity (no notebook needed)."""
+import random
+import time
+
+import pytest
+import torch
+
+from guide.core import setup_torch
+from guide.model import Llama, ModelConfig, generate
+from guide.serve.engine import AsyncEngine, BlockAllocator, Engine, NoFreeBlocks, SamplingParams
+
+setup_torch()
+
+
+@pytest.fixture(scope="module")
+def base():
+    from guide.pretrained import tiny_base
+    return tiny_base()
+
+
+def test_allocator_free_list():
+    a = BlockAllocator(3)
+    got = a.allocate(3)
+    assert sorted(got) == [0, 1, 2] and a.num_free == 0
+    with pytest.raises(NoFreeBlocks): a.allocate(1)
+    a.release(got[:2])
+    with pytest.raises(ValueError): a.release(got[:1])
+    assert a.num_free == 2
+
+
+def test_greedy_equals_generate_under_continuous_batching(base):
+    model, tok = base
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(1, 40))] for _ in range(10)]
+    lens = [rng.randint(1, 50) for _ in prompts]
+    eng = Engine(model, tok, block_size=8, num_blocks=200, max_batch_size=4)
+    res = eng.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens])
+    for p, n, r in zip(prompts, lens, res):
+        want = generate(model, torch.tensor([p]), n)[0, len(p):].tolist()
+        assert r["token_ids"] == want
+    assert eng.num_free_blocks == 200 and not eng.running and not eng.waiting
+
+
+def test_preemption_keeps_output(base):
+    model, tok = base
+    eng = Engine(model, tok, block_size=4, num_blocks=10, max_batch_size=4)
+    prompts = [tok.encode(p) for p in ["def f(", "import", "class A:", "x = "]]
+    res = eng.generate(prompts, [SamplingParams(max_tokens=28, ignore_eos=True)] * 4)
+    assert eng.stats["preemptions"] > 0
+    for p, r in zip(prompts, res):
+        assert r["token_ids"] == generate(model, torch.tensor([p]), 28)[0, len(p):].tolist()
+    assert eng.num_free_blocks == 10
+
+
+def test_no_reservation_blocks_grow_one_at_a_time(base):
+    model, tok = base
+    eng = Engine(model, tok, block_size=4, num_blocks=64)
+    req = eng.add_request(tok.encode("def f("), SamplingParams(max_tokens=40, ignore_eos=True))
+    eng.step()
+    assert len(req.table) == eng.cache.blocks_for(len(req.all_ids))       # prompt + 1, not prompt + max_tokens
+    for _ in range(9): eng.step()
+    assert len(req.table) <= eng.cache.blocks_for(len(req.all_ids)) + 1
+
+
+def test_abort_frees_blocks_immediately(base):
+    model, tok = base
+    eng = Engine(model, tok, block_size=4, num_blocks=64)
+    req = eng.add_request("import os", SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(5): eng.step()
+    assert eng.num_free_blocks < 64
+    assert eng.abort(req.id) and eng.num_free_blocks == 64 and not eng.has_unfinished()
+    assert not eng.abort(req.id)
+
+
+def test_seed_and_stop_and_validation(base):
+    model, tok = base
+    sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+    a = Engine(model, tok).generate(["def"], sp)[0]
+    b = Engine(model, tok).generate(["x", "def"], [SamplingParams(max_tokens=5, temperature=1.0), sp])[1]
+    assert a["token_ids"] == b["token_ids"]
+    text = Engine(model, tok).generate(["def"], SamplingParams(max_tokens=30, ignore_eos=True))[0]["text"]
+    stop = text[5:7]
+    s = Engine(model, tok).generate(["def"], SamplingParams(max_tokens=30, stop=stop, ignore_eos=True))[0]
+    assert s["finish_reason"] == "stop" and s["text"] == text[:text.find(stop)]
+    eng = Engine(model, tok)
+    with pytest.raises(ValueError, match="context length"): eng.add_request([1] * 500, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="empty"): eng.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"): eng.add_request([5000], SamplingParams())
+    with pytest.raises(ValueError): SamplingParams(temperature=float("nan"))
+    with pytest.raises(TypeError): Engine(torch.nn.Linear(2, 2))
+
+
+def test_engine_takes_a_transformers_llama(base):
+    from guide.model import to_hf
+    model, tok = base
+    out = Engine(to_hf(model), tok).generate(["def"], SamplingParams(max_tokens=10, ignore_eos=True))[0]["token_ids"]
+    assert out == generate(model, torch.tensor([tok.encode("def")]), 10)[0, -10:].tolist()
+
+
+def test_stream_close_aborts(base):
+    model, tok = base
+    with AsyncEngine(Engine(model, tok, num_blocks=32)) as ae:
+        it = ae.stream("def", SamplingParams(max_tokens=300, ignore_eos=True))
+        next(it); it.close()
+        t0 = time.monotonic()
+        while ae.engine.has_unfinished() and time.monotonic() - t0 < 5: time.sleep(0.01)
+        assert ae.engine.num_free_blocks == 32
+
+
+def test_dynamic_batcher_batches_and_bounds():
+    import concurrent.futures as cf
+    from guide.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull, should_flush
+    calls = []
+    def fn(seqs, length):
+        calls.append((len(seqs), length)); time.sleep(0.01)
+        return [sum(s) for s in seqs]
+    with DynamicBatcher(fn, max_batch_size=8, max_queue_delay=0.05, buckets=(4, 16)) as b:
+        futs = [b.submit([i] * (1 + i % 10)) for i in range(24)]
+        assert [f.result(5) for f in futs] == [i * (1 + i % 10) for i in range(24)]
+        assert len(calls) < 24 and max(n for n, _ in calls) <= 8 and all(L <= 16 for _, L in calls)
+        late = b.submit([1], timeout=0)
+        time.sleep(0.1)
+        with pytest.raises(DeadlineExceeded): late.result(5)
+    q = DynamicBatcher(fn, max_queue_size=1); q.submit([1])
+    with pytest.raises(QueueFull): q.submit([2])
+    assert should_flush(1, 0.05, 8, 0.05) and not should_flush(7, 0.01, 8, 0.05) and not should_flush(0, 9, 8, 0.05)
+
+
+def test_onnx_decoder_and_encoder_parity(tmp_path):
+    "A small random decoder and encoder: ORT logits match PyTorch, greedy decode is identical, int8 stays close."
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from guide.serve.batcher import TextEncoder, pad_batch
+    from guide.serve.optimize import OrtDecoder, OrtEncoder, export_decoder, export_encoder, ort_session, quantize_int8
+    torch.manual_seed(0)
+    m = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    sess = ort_session(export_decoder(m, tmp_path / "dec.onnx"))
+    assert sess.get_providers()[-1] == "CPUExecutionProvider"
+    x = torch.randint(0, 64, (2, 5))
+    got = OrtDecoder(sess, 1, 1, 16).generate(x.numpy(), 12)
+    assert got == generate(m, x, 12)[:, 5:].tolist()
+    enc = TextEncoder(64, dim=32, n_layers=1, n_heads=2, max_len=32).eval()
+    p = export_encoder(enc, tmp_path / "enc.onnx")
+    xb, mb = pad_batch([[1, 2, 3], [4, 5, 6, 7, 8], [9]])
+    with torch.no_grad(): ref = enc(xb, mb)[0].numpy()
+    np.testing.assert_allclose(OrtEncoder(ort_session(p))(xb, mb)[0], ref, atol=1e-4)
+    q = OrtEncoder(ort_session(quantize_int8(p)))(xb, mb)[0]
+    assert np.abs(q - ref).max() < 0.1
+
+
+def test_tensorrt_engine_matches_onnx(tmp_path):
+    from guide.serve.optimize import trt_available
+    if not trt_available():
+        pytest.skip("TensorRT needs the tensorrt package and a CUDA GPU; it cannot be installed on the CPU test machines")
+    from guide.serve.batcher import TextEncoder, pad_batch
+    from guide.serve.optimize import TrtRunner, build_trt_engine, export_encoder
+    enc = TextEncoder(64, dim=32, n_layers=1, n_heads=2, max_len=32).eval()
+    p = export_encoder(enc, tmp_path / "enc.onnx")
+    shapes = {n: ((1, 2), (4, 16), (16, 32)) for n in ("input_ids", "attention_mask")}
+    plan = build_trt_engine(p, fp16=False, shapes=shapes)
+    xb, mb = pad_batch([[1, 2, 3], [4, 5, 6, 7, 8]])
+    out = TrtRunner(plan)({"input_ids": xb.cuda(), "attention_mask": mb.cuda()})
+    with torch.no_grad(): ref = enc(xb, mb)[0]
+    torch.testing.assert_close(out["class_logits"].cpu(), ref, atol=1e-3, rtol=1e-3)

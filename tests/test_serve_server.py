@@ -1,0 +1,241 @@
+"""Chapter 20 (serving): `guide serve` as a live process on 127.0.0.1, driven by the official openai client."""
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+GUIDE = str(Path(sys.executable).parent / "guide")
+
+
+def start_server(*args, timeout=120):
+    "Start `guide serve --port 0 ...`; return (process, base_url) once /ready answers."
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [GUIDE, "serve", "--port", "0", *args] if os.path.exists(GUIDE) else \
+        [sys.executable, "-c", "import sys; from guide.serve.server import main; sys.exit(main(sys.argv[1:]))", "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base, lines, t0 = None, [], time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None: break
+            continue
+        lines.append(line)
+        if "listening on" in line: base = line.strip().rsplit(" ", 1)[-1]; break
+    if base is None:
+        proc.kill(); raise RuntimeError("server did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()   # keep draining its output
+    while time.monotonic() - t0 < timeout:
+        try:
+            if httpx.get(base + "/ready", timeout=2).status_code == 200: return proc, base
+        except httpx.TransportError: pass
+        time.sleep(0.1)
+    proc.kill(); raise RuntimeError("server never became ready")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.kill(); proc.wait(10)
+
+
+def metric(base, name, labels=""):
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    raise KeyError(name + labels)
+
+
+def wait_idle(base, timeout=10):
+    "Wait until the engine runs nothing and every KV block is free."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if metric(base, "guide_engine_requests", '{state="running"}') == 0 and \
+           metric(base, "guide_kv_blocks", '{state="free"}') == metric(base, "guide_kv_blocks", '{state="total"}'):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_server("--max-pending", "8")
+    try: yield base
+    finally: stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_models_health_ready(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-base", "tiny-encoder"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    assert httpx.get(server + "/ready").status_code == 200
+    assert "guide_kv_blocks" in httpx.get(server + "/metrics").text
+
+
+def test_completion_matches_engine_and_stream(server, client):
+    import torch
+    from guide.model import generate
+    from guide.pretrained import tiny_base
+    model, tok = tiny_base()
+    r = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=20, temperature=0)
+    ids = torch.tensor([tok.encode("def main(")])
+    want = tok.decode(generate(model, ids, 20)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert r.choices[0].text == want and r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny-base", prompt="def main(", max_tokens=20, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_stream_and_not(client):
+    kw = dict(model="tiny-base", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"}],
+              max_tokens=16, temperature=0.8, seed=3)
+    full = client.chat.completions.create(**kw)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_stop_string(client):
+    base = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=30, temperature=0).choices[0].text
+    stop = base[8:10]
+    r = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == base[:base.find(stop)]
+
+
+def test_embeddings_and_classify(server, client):
+    e = client.embeddings.create(model="tiny-encoder", input=["import os", "The list type."])
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 64
+    e2 = httpx.post(server + "/v1/embeddings", json={"model": "tiny-encoder", "input": "import os", "encoding_format": "float"}).json()
+    assert abs(e2["data"][0]["embedding"][0] - e.data[0].embedding[0]) < 1e-5
+    c = httpx.post(server + "/v1/classify", json={"model": "tiny-encoder", "input": ["def f(x):\n    return x + 1"]}).json()
+    assert c["data"][0]["label"] == "code"
+
+
+BAD = [
+    ("/v1/completions", b'{"model": "tiny-base", "prompt": '),                                   # malformed JSON
+    ("/v1/completions", b'{"model": "tiny-base", "prompt": "\xff\xfe"}'),                          # invalid UTF-8
+    ("/v1/completions", b'[1, 2, 3]'),                                                              # not an object
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "max_tokens": "lots"}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": 3}).encode()),
+    ("/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode()),                    # unknown model
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x " * 600}).encode()),         # over the context
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "max_tokens": 0}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "max_tokens": 100000}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "temperature": -0.5}).encode()),
+    ("/v1/completions", b'{"model": "tiny-base", "prompt": "x", "temperature": NaN}'),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": [1, 99999]}).encode()),        # token id out of range
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": ""}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": []}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "robot", "content": "x"}]}).encode()),
+    ("/v1/embeddings", json.dumps({"model": "tiny-base", "input": "x"}).encode()),
+    ("/v1/embeddings", json.dumps({"model": "tiny-encoder", "input": []}).encode()),
+]
+
+
+@pytest.mark.parametrize("route,body", BAD, ids=range(len(BAD)))
+def test_bad_input_is_4xx_with_openai_error(server, route, body):
+    r = httpx.post(server + route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), (r.status_code, r.text)
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError): client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.UnprocessableEntityError): client.completions.create(model="tiny-base", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError): client.get("/nothing-here", cast_to=object)
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    "A slow engine (--step-delay 0.02 s per step, like a bigger model), a 2 s request timeout, a queue bound of 4."
+    proc, base = start_server("--step-delay", "0.02", "--request-timeout", "2", "--drain-timeout", "20", "--no-encoder",
+                              "--max-pending", "4")
+    try: yield proc, base
+    finally: stop(proc)
+
+
+def test_overload_gets_429_with_retry_after(slow_server):
+    "Four long streams fill the bounded queue (--max-pending 4): the next requests get 429 + Retry-After, the worker lives on."
+    proc, server = slow_server
+    body = {"model": "tiny-base", "prompt": "x", "max_tokens": 480, "temperature": 0.7, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as c:
+        streams = [c.stream("POST", server + "/v1/completions", json=body) for _ in range(4)]
+        iters = []                         # keep the line iterators alive: a collected one closes its connection
+        try:
+            for s in streams:
+                iters.append(s.__enter__().iter_lines()); next(iters[-1])
+            for _ in range(3):
+                r = httpx.post(server + "/v1/completions", json={"model": "tiny-base", "prompt": "y", "max_tokens": 4}, timeout=10)
+                assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            for s in streams: s.__exit__(None, None, None)
+    assert wait_idle(server)
+    assert httpx.get(server + "/health").json()["status"] == "ok"          # the worker is alive
+    r = httpx.post(server + "/v1/completions", json={"model": "tiny-base", "prompt": "y", "max_tokens": 4}, timeout=10)
+    assert r.status_code == 200
+
+
+def test_disconnect_cancels_and_frees_blocks(server):
+    before = metric(server, "guide_cancelled_total", '{reason="disconnect"}') if 'guide_cancelled_total{reason="disconnect"}' in \
+        httpx.get(server + "/metrics").text else 0.0
+    body = {"model": "tiny-base", "prompt": "import os\n", "max_tokens": 480, "temperature": 0.7, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=30) as r:
+        it = r.iter_lines(); next(it); next(it)
+        assert metric(server, "guide_kv_blocks", '{state="free"}') < metric(server, "guide_kv_blocks", '{state="total"}')
+    assert wait_idle(server)
+    assert metric(server, "guide_cancelled_total", '{reason="disconnect"}') == before + 1
+    # a non-streaming request whose client gives up is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json=body | {"stream": False}, timeout=0.3)
+    assert wait_idle(server)
+
+
+def test_timeout_cancels_and_frees_blocks(slow_server):
+    proc, base = slow_server
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+    assert wait_idle(base)
+
+
+def test_sigterm_drains_in_flight_then_exits_0(slow_server):
+    "SIGTERM: new requests get 503, /ready 503, the three streams in flight finish, the process exits 0."
+    proc, base = slow_server
+    results, started = {}, threading.Barrier(4)
+    def stream(i):
+        texts = []
+        with httpx.stream("POST", base + "/v1/completions", timeout=30, json={
+                "model": "tiny-base", "prompt": f"def f{i}(", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}) as r:
+            it = r.iter_lines()
+            first = True
+            for line in it:
+                if first and line.startswith("data:"): started.wait(10); first = False
+                if line.startswith("data: {"): texts.append(json.loads(line[6:]))
+        results[i] = texts
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads: t.start()
+    started.wait(10)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x"}, timeout=5)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert httpx.get(base + "/ready").status_code == 503
+    for t in threads: t.join(30)
+    assert proc.wait(30) == 0
+    assert len(results) == 3
+    for chunks in results.values():                     # every in-flight stream ran to its end
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
