@@ -16,8 +16,8 @@ from .task import (encode_prompts, flawed, answer_ids, greedy_accuracy, policy_c
                              sft_examples, test_problems)
 
 # %% auto #0
-__all__ = ['SFT_RECIPES', 'SFT_VERSION', 'assistant_labels', 'sft_loss', 'sft_config', 'sft_trainer', 'train_sft', 'sft_dir',
-           'sft_policy', 'sft_summary']
+__all__ = ['SFT_RECIPES', 'SFT_VERSION', 'assistant_labels', 'sft_loss', 'sft_config', 'sft_trainer', 'train_sft',
+           'cached_policy', 'sft_policy', 'sft_summary']
 
 # %% ../../nbs/51_sft.ipynb #c006
 def assistant_labels(tok, messages_batch: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,26 +69,33 @@ def train_sft(tier: str = "tiny", seed: int = 0, device=None, **overrides) -> tu
         with Timer() as t: trainer.train()
     return from_hf(trainer.model.eval()).to(dev), trainer.state.log_history, t.elapsed
 
-def sft_dir(tier: str = "tiny", seed: int = 0) -> Path:
-    "The cache folder of the SFT policy (may not exist yet)."
+def cached_policy(name: str, key: object, build, tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, dict]:
+    """A policy `(model, summary)` cached under GUIDE_CACHE/rlhf: `build()` -> (guide Llama, JSON-able summary)
+    runs on first use (under a file lock, so parallel notebooks build it once); later calls load it.
+    `key` is anything JSON-able that determines the result (recipe, shapes, version)."""
     t = get_tier(tier)
-    key = json.dumps([SFT_VERSION, SFT_RECIPES.get(t.name, SFT_RECIPES["gpu"]), asdict(policy_config(t)), seed])
-    return cache_dir("rlhf") / f"sft-{t.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(json.dumps([key, asdict(policy_config(t)), seed]).encode()).hexdigest()[:12]
+    path = cache_dir("rlhf") / f"{name}-{t.name}-{digest}"
+    with file_lock(str(path) + ".lock"):
+        if not (path / "summary.json").exists():
+            model, summary = build()
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+            save_model(model.cpu(), tmp / "model")
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+            if path.exists(): shutil.rmtree(path)
+            os.replace(tmp, path)
+    return load_model(path / "model", device=pick_device(device)), json.loads((path / "summary.json").read_text())
 
 def sft_policy(tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, object]:
     "The chapter's SFT policy `(model, tokenizer)`: trained with TRL on first use, then loaded from GUIDE_CACHE."
-    path = sft_dir(tier, seed)
-    with file_lock(str(path) + ".lock"):
-        if not (path / "train.json").exists():
-            model, history, seconds = train_sft(tier, seed, device)
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-            save_model(model.cpu(), tmp / "model")
-            (tmp / "train.json").write_text(json.dumps(dict(seconds=seconds, history=history), indent=1))
-            if path.exists(): shutil.rmtree(path)
-            os.replace(tmp, path)
-    return load_model(path / "model", device=pick_device(device)), get_tokenizer(tier)
+    def build():
+        model, history, seconds = train_sft(tier, seed, device)
+        return model, dict(seconds=seconds, history=history)
+    recipe = SFT_RECIPES.get(get_tier(tier).name, SFT_RECIPES["gpu"])
+    return cached_policy("sft", [SFT_VERSION, recipe], build, tier, seed, device)[0], get_tokenizer(tier)
 
 def sft_summary(tier: str = "tiny", seed: int = 0) -> dict:
     "The training record of the cached SFT policy (seconds, TRL log history)."
     sft_policy(tier, seed)
-    return json.loads((sft_dir(tier, seed) / "train.json").read_text())
+    recipe = SFT_RECIPES.get(get_tier(tier).name, SFT_RECIPES["gpu"])
+    return cached_policy("sft", [SFT_VERSION, recipe], None, tier, seed)[1]

@@ -80,7 +80,7 @@ class PagedKVCache:
                  device=None, dtype=torch.float32):
         if block_size < 1: raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks * block_size, n_kv_heads, head_dim)
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.allocator = BlockAllocator(num_blocks)
@@ -95,13 +95,15 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         "Store k, v of shape (N, kv_heads, head_dim) at `slots` (N,)."
-        self.k[layer][slots] = k; self.v[layer][slots] = v
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k; self.v[layer].view(-1, *v.shape[1:])[slots] = v
 
     def gather(self, layer: int, tables: torch.Tensor):
         "Keys and values of a batch of block tables (B, max_blocks): each (B, kv_heads, max_blocks*bs, head_dim)."
         B, nb = tables.shape
-        idx = (tables[:, :, None] * self.block_size + torch.arange(self.block_size, device=tables.device)).reshape(B, -1)
-        return self.k[layer][idx].transpose(1, 2), self.v[layer][idx].transpose(1, 2)
+        flat = tables.reshape(-1)                      # whole blocks at a time: index_select copies contiguous chunks
+        k = self.k[layer].index_select(0, flat).view(B, nb * self.block_size, *self.k[layer].shape[2:])
+        v = self.v[layer].index_select(0, flat).view(B, nb * self.block_size, *self.v[layer].shape[2:])
+        return k.transpose(1, 2), v.transpose(1, 2)
 
 # %% ../../nbs/20_engine.ipynb #c015
 def _attn_qkv(layer, h, cos, sin):

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..core import cache_dir
 from ..model import Llama, apply_rope
+from .batcher import pad_batch
 
 # %% auto #0
 __all__ = ['DecoderStep', 'empty_past', 'export_decoder', 'export_encoder', 'ort_session', 'OrtDecoder', 'quantize_int8',

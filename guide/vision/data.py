@@ -69,7 +69,7 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 3), 
                 if (shape, color, size, cell) in held: continue
             break
         free.remove(cell)
-        r = 0.45 if size == "large" else 0.28                    # radius, in cell widths
+        r = 0.45 if size == "large" else 0.3                   # radius, in cell widths
         cx = (cell % 3 + 0.5 + rng.uniform(-0.06, 0.06)) / 3
         cy = (cell // 3 + 0.5 + rng.uniform(-0.06, 0.06)) / 3
         objs.append([shape, color, size, cell, cx - r / 3, cy - r / 3, cx + r / 3, cy + r / 3])
@@ -83,13 +83,13 @@ def render(scene: dict, size: int = 32) -> np.ndarray:
     for shape, color, _, _, x0, y0, x1, y1 in scene["objects"]:
         x0, y0, x1, y1 = (v * size for v in (x0, y0, x1, y1)); c = COLORS[color]
         if shape == "circle": d.ellipse([x0, y0, x1, y1], fill=c)
-        elif shape == "square": d.rectangle([x0 + (x1 - x0) * .1, y0 + (y1 - y0) * .1, x1 - (x1 - x0) * .1, y1 - (y1 - y0) * .1], fill=c)
+        elif shape == "square": d.rectangle([x0, y0, x1, y1], fill=c)
         elif shape == "triangle": d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=c)
         else:
             t = (x1 - x0) / 3
             d.rectangle([x0, y0 + t, x1, y1 - t], fill=c); d.rectangle([x0 + t, y0, x1 - t, y1], fill=c)
     if scene["text"]:
-        arr = np.asarray(img).copy(); k = max(1, size // 32)             # glyph scale
+        arr = np.asarray(img).copy(); k = max(1, size // 16)             # glyph scale: 6×10 pixels at 32×32
         w = (4 * len(scene["text"]) - 1) * k
         x = int((size - w) * scene.get("text_x", 0.5)); y = int(size * 5 / 6 - 2.5 * k)
         for i, ch in enumerate(scene["text"]):
@@ -139,7 +139,7 @@ def write_scene_shards(path: str | Path, n_images: int, shard_size: int = 2048, 
     with ProcessPoolExecutor(workers) as pool: return list(pool.map(_make_shard_args, jobs))
 
 # %% ../../nbs/30_vision_data.ipynb #c017
-DATA_VERSION = 1
+DATA_VERSION = 3
 SCENE_KINDS = {   # kind -> scene options
     "objects": dict(n_objects=(1, 1), text_prob=0.0),
     "scenes": dict(n_objects=(1, 2), text_prob=0.5),

@@ -1,0 +1,67 @@
+"""Dynamic batching (guide.serve.batcher) vs one-at-a-time for the chapter-21 encoder, same requests, one run.
+
+A closed-loop load: `--concurrency` clients each send a request and wait for the answer, `--requests` in all
+(bounded in count and time). One-at-a-time runs each request alone under a lock; dynamic batching goes
+through `DynamicBatcher`. Reported: requests/s, p50/p95 latency, the throughput ratio (target >= 3x) and
+whether p95 is equal or lower. Optionally the same over HTTP against `guide serve` (`--http`).
+
+    python benchmarks/serve_batcher.py
+    python benchmarks/serve_batcher.py --smoke
+"""
+from __future__ import annotations
+
+import argparse, json, os, sys, threading, time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tier", default="tiny"); ap.add_argument("--device", default="cpu"); ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=2000); ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=64); ap.add_argument("--max-queue-delay", type=float, default=0.004)
+    ap.add_argument("--time-limit", type=float, default=120); ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args(argv)
+    from guide.core import environment_info, setup_torch
+    from guide.serve.batcher import DynamicBatcher, closed_loop, encode_texts, encoder_fn, snippets, tiny_encoder
+    setup_torch()
+    enc, tok, summary = tiny_encoder(a.tier, a.seed, device=a.device)
+    fn = encoder_fn(enc, tok.pad_token_id)
+    n = 200 if a.smoke else a.requests
+    texts = snippets("test", 400, seed=a.seed + 1)
+    ids = encode_texts(tok, [t for t, _ in texts])
+    load = [ids[i % len(ids)] for i in range(n)]
+    lock = threading.Lock()
+    def single(x):
+        with lock: return fn([x], len(x))[0]
+    single(load[0])
+    r_single = closed_loop(single, load, a.concurrency, a.time_limit)
+    rows = {}
+    with DynamicBatcher(fn, a.max_batch_size, a.max_queue_delay) as b:
+        r_dyn = closed_loop(lambda x: b.submit(x).result(60), load, a.concurrency, a.time_limit)
+        rows["batcher_stats"] = dict(b.stats)
+    res = dict(benchmark="serve_batcher", env=environment_info(), tier=a.tier, device=a.device, requests=n, concurrency=a.concurrency,
+               max_batch_size=a.max_batch_size, max_queue_delay=a.max_queue_delay, single=r_single, dynamic=r_dyn,
+               throughput_ratio=r_dyn["rps"] / r_single["rps"], p95_ratio=r_dyn["p95_ms"] / r_single["p95_ms"],
+               target_ratio=3.0, mean_batch=rows["batcher_stats"]["items"] / max(1, rows["batcher_stats"]["batches"]))
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    name = "serve_batcher_smoke" if a.smoke else "serve_batcher"
+    tmp = out / f".{name}.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / f"{name}.json")
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].bar(["one at a time", "dynamic"], [r_single["rps"], r_dyn["rps"]]); ax[0].set_ylabel("requests / s")
+    ax[1].bar(["one at a time", "dynamic"], [r_single["p50_ms"], r_dyn["p50_ms"]], label="p50")
+    ax[1].bar(["one at a time", "dynamic"], [r_single["p95_ms"] - r_single["p50_ms"], r_dyn["p95_ms"] - r_dyn["p50_ms"]],
+              bottom=[r_single["p50_ms"], r_dyn["p50_ms"]], alpha=.5, label="p95"); ax[1].set_ylabel("latency (ms)"); ax[1].legend()
+    fig.suptitle(f"encoder, {a.concurrency} clients: {res['throughput_ratio']:.1f}x throughput"); fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=100)
+    print(json.dumps({k: res[k] for k in ("throughput_ratio", "p95_ratio", "mean_batch", "single", "dynamic")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Continuous batching (guide.serve.engine) vs transformers `generate` at static batch 32, same request trace.
+
+Both serve the same trace of requests with mixed prompt and output lengths (greedy; each request stops at
+its own output length), same model, same machine, one run. Reported: useful tokens/s (only the tokens a
+request asked for), TTFT and inter-token latency p50/p95 for an offline burst (all requests arrive at t=0).
+Static batching pads prompts on the left and runs each batch until its longest request is done; the engine
+refills its batch every step.
+
+    python benchmarks/serve_engine.py                       # tiny tier, CPU
+    python benchmarks/serve_engine.py --smoke               # seconds, for tests
+    python benchmarks/serve_engine.py --tier gpu --device cuda --requests 512
+    python benchmarks/serve_engine.py --bandwidth --device cuda   # gpu tier: batch-1 decode vs the HBM ceiling (~1.1B shape)
+"""
+from __future__ import annotations
+
+import argparse, json, os, sys, time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def pct(a, q): return float(np.percentile(a, q)) if len(a) else float("nan")
+
+
+def run_engine(model, trace, batch):
+    from guide.serve.engine import Engine, SamplingParams
+    eng = Engine(model, None, block_size=16, max_batch_size=batch,
+                 num_blocks=batch * (max(len(p) for p, _ in trace) + max(m for _, m in trace)) // 16 + batch)
+    t0 = time.perf_counter()
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in trace]
+    stamps = {r.id: [] for r in reqs}
+    steps = 0
+    while eng.has_unfinished():
+        outs = eng.step(); now = time.perf_counter(); steps += 1
+        for o in outs: stamps[o.request_id].append(now)
+    el = time.perf_counter() - t0
+    toks = sum(len(v) for v in stamps.values())
+    ttft = [v[0] - t0 for v in stamps.values()]
+    itl = [d for v in stamps.values() for d in np.diff(v)]
+    return dict(tokens=toks, seconds=el, tokens_per_s=toks / el, steps=steps, ttft_p50=pct(ttft, 50), ttft_p95=pct(ttft, 95),
+                itl_p50=pct(itl, 50), itl_p95=pct(itl, 95))
+
+
+def run_hf_static(hf, trace, batch, device):
+    "transformers generate, static batches of `batch` in arrival order; a LogitsProcessor timestamps every step."
+    from transformers import LogitsProcessor, LogitsProcessorList
+    class Clock(LogitsProcessor):
+        def __init__(self): self.t = []
+        def __call__(self, input_ids, scores): self.t.append(time.perf_counter()); return scores
+    t0 = time.perf_counter()
+    ttft, itl, toks = [], [], 0
+    for i in range(0, len(trace), batch):
+        chunk = trace[i:i + batch]
+        T = max(len(p) for p, _ in chunk); n = max(m for _, m in chunk)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p, _ in chunk], device=device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in chunk], device=device)
+        clock = Clock()
+        with torch.no_grad():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                        logits_processor=LogitsProcessorList([clock]))
+        # the token of step k is known when step k's logits are processed (sampling itself is negligible)
+        for _, m in chunk:
+            ts = clock.t[:m]; toks += m
+            ttft.append(ts[0] - t0); itl += list(np.diff(ts))
+    el = time.perf_counter() - t0
+    return dict(tokens=toks, seconds=el, tokens_per_s=toks / el, ttft_p50=pct(ttft, 50), ttft_p95=pct(ttft, 95),
+                itl_p50=pct(itl, 50), itl_p95=pct(itl, 95))
+
+
+def bandwidth_ceiling(device, steps=128):
+    "gpu tier: batch-1 greedy decode tokens/s of a ~1.1B Llama shape (bf16) vs the HBM bandwidth ceiling."
+    from guide.model import Llama, ModelConfig
+    from guide.serve.engine import Engine, SamplingParams
+    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048)
+    model = Llama(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device); torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20): x.clone()
+    torch.cuda.synchronize(); bw = 2 * 20 * x.numel() * 2 / (time.perf_counter() - t)        # read + write bytes/s
+    del x
+    eng = Engine(model, None, max_batch_size=1, num_blocks=512)
+    eng.generate([[1] * 16], SamplingParams(max_tokens=16, ignore_eos=True))           # warm up
+    torch.cuda.synchronize(); t = time.perf_counter()
+    eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True)); torch.cuda.synchronize()
+    tps = steps / (time.perf_counter() - t)
+    ceiling = bw / nbytes
+    return dict(params=sum(p.numel() for p in model.parameters()), weight_bytes=nbytes, measured_bandwidth_GBps=bw / 1e9,
+                decode_tokens_per_s=tps, ceiling_tokens_per_s=ceiling, fraction_of_ceiling=tps / ceiling)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tier", default="tiny"); ap.add_argument("--device", default="cpu")
+    ap.add_argument("--requests", type=int, default=128); ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0); ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--bandwidth", action="store_true", help="gpu tier: batch-1 decode vs the memory-bandwidth ceiling")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args(argv)
+    from guide.core import environment_info, setup_torch
+    from guide.model import to_hf
+    from guide.pretrained import tiny_base
+    from guide.serve.engine import make_trace
+    setup_torch()
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    if a.bandwidth:
+        res = bandwidth_ceiling(a.device)
+        (out / "serve_bandwidth.json").write_text(json.dumps(res, indent=1)); print(json.dumps(res, indent=1)); return 0
+    n = 16 if a.smoke else a.requests
+    model, _ = tiny_base(a.tier, a.seed, device=a.device)
+    trace = make_trace(n, model.config.vocab_size, seed=a.seed, short=(4, 12) if a.smoke else (8, 32), long=(24, 40) if a.smoke else (96, 160))
+    hf = to_hf(model)
+    run_engine(model, trace[:4], a.batch); run_hf_static(hf, trace[:4], a.batch, a.device)       # warm up
+    eng = run_engine(model, trace, a.batch)
+    stat = run_hf_static(hf, trace, a.batch, a.device)
+    res = dict(benchmark="serve_engine", env=environment_info(), tier=a.tier, device=a.device, requests=n, batch=a.batch,
+               trace=dict(prompt_mean=float(np.mean([len(p) for p, _ in trace])), output_mean=float(np.mean([m for _, m in trace])),
+                          output_max=max(m for _, m in trace)),
+               continuous=eng, hf_static=stat, tokens_per_s_ratio=eng["tokens_per_s"] / stat["tokens_per_s"], target_ratio=5.0)
+    name = "serve_engine_smoke" if a.smoke else "serve_engine"
+    tmp = out / f".{name}.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / f"{name}.json")
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    labels = ["continuous\n(guide engine)", f"static batch {a.batch}\n(HF generate)"]
+    ax[0].bar(labels, [eng["tokens_per_s"], stat["tokens_per_s"]]); ax[0].set_ylabel("useful tokens / s")
+    ax[1].bar(labels, [eng["ttft_p50"], stat["ttft_p50"]], label="p50"); ax[1].bar(labels, [eng["ttft_p95"] - eng["ttft_p50"], stat["ttft_p95"] - stat["ttft_p50"]],
+                                                                              bottom=[eng["ttft_p50"], stat["ttft_p50"]], alpha=.5, label="p95")
+    ax[1].set_ylabel("TTFT (s)"); ax[1].legend()
+    ax[2].bar(labels, [eng["itl_p50"] * 1e3, stat["itl_p50"] * 1e3]); ax[2].set_ylabel("inter-token p50 (ms)")
+    fig.suptitle(f"{n} requests, {a.device}: {res['tokens_per_s_ratio']:.1f}x tokens/s"); fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=100)
+    print(json.dumps({k: res[k] for k in ("tokens_per_s_ratio", "continuous", "hf_static")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
