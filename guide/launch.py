@@ -123,7 +123,9 @@ def launch_command(args) -> list[str]:
             raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address) and --node-rank on each node")
         return torchrun_cmd("guide.launch", worker_args(args), args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
     if args.launcher == "deepspeed":
-        cmd = ["deepspeed"] + (["--hostfile", args.hostfile] if args.hostfile else ["--num_nodes", str(args.nnodes)])
+        exe = Path(sys.executable).with_name("deepspeed")            # the launcher script of this environment
+        cmd = [str(exe) if exe.exists() else "deepspeed"]
+        cmd += ["--hostfile", args.hostfile] if args.hostfile else ["--num_nodes", str(args.nnodes)]
         cmd += ["--num_gpus", str(args.nproc_per_node), "--no_local_rank", "--module", "guide.launch"]
         return cmd + worker_args(args)
     raise ValueError(f"launcher {args.launcher!r} has no command line")

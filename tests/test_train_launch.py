@@ -31,7 +31,7 @@ def test_commands():
     assert "--nnodes=2" in cmd and "--node-rank=1" in cmd and "--rdzv-endpoint=h:1" in cmd and cmd[-1] == "fsdp2"
     a = build_parser().parse_args(["--launcher", "deepspeed", "--hostfile", "hosts", "--strategy", "zero2"])
     cmd = launch_command(a)
-    assert cmd[:3] == ["deepspeed", "--hostfile", "hosts"] and "--no_local_rank" in cmd
+    assert cmd[0].endswith("deepspeed") and cmd[1:3] == ["--hostfile", "hosts"] and "--no_local_rank" in cmd
     with pytest.raises(SystemExit, match="rdzv-endpoint"): main(["--launcher", "torchrun", "--nnodes", "2"])
     with pytest.raises(ValueError, match="needs a launcher"): main(["--strategy", "ddp", "--steps", "1"])
 

@@ -18,7 +18,7 @@ from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus, split_of
 # %% auto #0
 __all__ = ['ENCODER_RECIPE', 'snippets', 'EncoderLayer', 'TextEncoder', 'pad_batch', 'encode_texts', 'accuracy', 'train_encoder',
            'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn',
-           'closed_loop']
+           'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -232,7 +232,7 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0) -> Callable[[list[list[int]]
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
     "Send `inputs` from `concurrency` threads, each waiting for its answer; stops at `time_limit` s. Returns throughput and latency percentiles."
     lat, lock, it = [], threading.Lock(), iter(inputs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     def worker():
         while time.perf_counter() - t0 < time_limit:
             with lock: x = next(it, None)
@@ -242,6 +242,25 @@ def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concu
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads: t.start()
     for t in threads: t.join()
-    el = time.perf_counter() - t0
+    return _load_summary(lat, time.perf_counter() - t0, time.process_time() - c0)
+
+def closed_loop_async(call, inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
+    "`concurrency` asyncio clients on one event loop, each awaiting `call(x)` (a coroutine) then sending the next."
+    async def run():
+        it, lat = iter(inputs), []
+        t0 = time.perf_counter()
+        async def client():
+            for x in it:
+                if time.perf_counter() - t0 > time_limit: return
+                s = time.perf_counter(); await call(x); lat.append(time.perf_counter() - s)
+        await asyncio.gather(*[client() for _ in range(concurrency)])
+        return lat
+    t0, c0 = time.perf_counter(), time.process_time()
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:       # a fresh loop in its own thread (works inside Jupyter too)
+        lat = ex.submit(asyncio.run, run()).result()
+    return _load_summary(lat, time.perf_counter() - t0, time.process_time() - c0)
+
+def _load_summary(lat: list[float], seconds: float, cpu: float) -> dict:
     a = np.array(lat) * 1000
-    return dict(requests=len(lat), seconds=el, rps=len(lat) / el, p50_ms=float(np.percentile(a, 50)), p95_ms=float(np.percentile(a, 95)))
+    return dict(requests=len(lat), seconds=seconds, rps=len(lat) / seconds, cpu_ms_per_request=cpu * 1000 / max(1, len(lat)),
+                p50_ms=float(np.percentile(a, 50)), p95_ms=float(np.percentile(a, 95)))

@@ -21,10 +21,12 @@ class ModelSpec:
     concurrency: int = 1
     max_queue: int = 32
     memory_bytes: int = 256 << 20
+    cpus: set[int] | None = None         # pin the worker processes to these CPU cores (Linux), like a cgroup cpuset
 
-def _worker_main(loader, budget: int, inq, outq, threads: int = 1):
+def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None):
     import torch
     torch.set_num_threads(threads)
+    if cpus and hasattr(os, "sched_setaffinity"): os.sched_setaffinity(0, cpus)
     try:
         fn, nbytes = loader()
         if nbytes > budget: raise MemoryError(f"model needs {nbytes} bytes, its budget is {budget}")
@@ -43,7 +45,7 @@ class ModelWorker:
     def __init__(self, spec: ModelSpec, start_timeout: float = 60.0):
         self.spec, ctx = spec, mp.get_context("fork")
         self.inq, self.outq = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq), daemon=True)
+        self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq, 1, spec.cpus), daemon=True)
                       for _ in range(spec.concurrency)]
         for p in self.procs: p.start()
         self.nbytes, loaded = 0, 0

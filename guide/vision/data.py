@@ -89,7 +89,7 @@ def render(scene: dict, size: int = 32) -> np.ndarray:
             t = (x1 - x0) / 3
             d.rectangle([x0, y0 + t, x1, y1 - t], fill=c); d.rectangle([x0 + t, y0, x1 - t, y1], fill=c)
     if scene["text"]:
-        arr = np.asarray(img).copy(); k = max(1, size // 16)             # glyph scale: 6×10 pixels at 32×32
+        arr = np.asarray(img).copy(); k = max(1, size // 16)             # glyph scale: 9×15 pixels at 48×48
         w = (4 * len(scene["text"]) - 1) * k
         x = int((size - w) * scene.get("text_x", 0.5)); y = int(size * 5 / 6 - 2.5 * k)
         for i, ch in enumerate(scene["text"]):
@@ -139,14 +139,14 @@ def write_scene_shards(path: str | Path, n_images: int, shard_size: int = 2048, 
     with ProcessPoolExecutor(workers) as pool: return list(pool.map(_make_shard_args, jobs))
 
 # %% ../../nbs/30_vision_data.ipynb #c017
-DATA_VERSION = 3
+DATA_VERSION = 4
 SCENE_KINDS = {   # kind -> scene options
     "objects": dict(n_objects=(1, 1), text_prob=0.0),
     "scenes": dict(n_objects=(1, 2), text_prob=0.5),
 }
 TIER_IMAGES = {   # tier -> image size, train images, test images per split
-    "tiny": dict(image_size=32, train=24_000, test=1000),
-    "gpu": dict(image_size=64, train=200_000, test=2000),
+    "tiny": dict(image_size=48, train=24_000, test=1000),
+    "gpu": dict(image_size=96, train=200_000, test=2000),
 }
 
 def vision_sizes(tier: str = "tiny") -> dict:
