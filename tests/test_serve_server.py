@@ -161,8 +161,8 @@ def test_openai_client_raises_typed_errors(client):
 
 @pytest.fixture(scope="module")
 def slow_server():
-    "A slow engine (--step-delay 0.02 s per step, like a bigger model), a 2 s request timeout, a queue bound of 4."
-    proc, base = start_server("--step-delay", "0.02", "--request-timeout", "2", "--drain-timeout", "20", "--no-encoder",
+    "A slow engine (--step-delay 0.03 s per step, like a bigger model), a 4 s request timeout, a queue bound of 4."
+    proc, base = start_server("--step-delay", "0.03", "--request-timeout", "4", "--drain-timeout", "20", "--no-encoder",
                               "--max-pending", "4")
     try: yield proc, base
     finally: stop(proc)
@@ -207,7 +207,7 @@ def test_disconnect_cancels_and_frees_blocks(server):
 
 def test_timeout_cancels_and_frees_blocks(slow_server):
     proc, base = slow_server
-    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=30)
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 480, "ignore_eos": True}, timeout=30)
     assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
     assert wait_idle(base)
 
@@ -219,7 +219,7 @@ def test_sigterm_drains_in_flight_then_exits_0(slow_server):
     def stream(i):
         texts = []
         with httpx.stream("POST", base + "/v1/completions", timeout=30, json={
-                "model": "tiny-base", "prompt": f"def f{i}(", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}) as r:
+                "model": "tiny-base", "prompt": f"def f{i}(", "max_tokens": 30, "temperature": 0, "stream": True, "ignore_eos": True}) as r:
             it = r.iter_lines()
             first = True
             for line in it:

@@ -58,3 +58,15 @@ def test_azure_dry_run_is_default_and_submit_needs_workspace(tmp_path, monkeypat
     validate_job_yaml(tmp_path / "azure-job.yml")
     with pytest.raises(RuntimeError, match="AZURE_SUBSCRIPTION_ID"):
         main(["--launcher", "azure", "--out", str(tmp_path), "--submit"])
+
+
+def test_deepspeed_launcher_runs_zero2_on_cpu_and_matches_single(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu"); monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["--steps", "3", "--micro-batch", "4", "--out", str(tmp_path / "single")]) == 0
+    rc = main(["--launcher", "deepspeed", "--nproc-per-node", "2", "--strategy", "zero2", "--steps", "3", "--micro-batch", "2",
+               "--out", str(tmp_path / "ds")])
+    assert rc == 0
+    single = json.loads((tmp_path / "single" / "losses.json").read_text())["losses"]
+    ds = json.loads((tmp_path / "ds" / "losses.json").read_text())
+    assert ds["world_size"] == 2 and ds["strategy"] == "zero2"
+    assert max(abs(a - b) for a, b in zip(single, ds["losses"])) < 1e-4

@@ -147,14 +147,15 @@ class Metrics:
 # %% ../../nbs/22_server.ipynb #c012
 class ServerState:
     "What the routes share: models, limits, the drain flag, metrics."
-    def __init__(self, engine: AsyncEngine, tokenizer, model_name: str, encoder: DynamicBatcher | None = None,
+    def __init__(self, engine: AsyncEngine | None, tokenizer, model_name: str, encoder: DynamicBatcher | None = None,
                  encoder_tokenizer=None, encoder_name: str = "tiny-encoder", max_pending: int = 64,
                  request_timeout: float = 60.0, encoder_labels: tuple[str, ...] = ("prose", "code")):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.encoder, self.encoder_tokenizer, self.encoder_name, self.encoder_labels = encoder, encoder_tokenizer, encoder_name, encoder_labels
         self.max_pending, self.request_timeout = max_pending, request_timeout
         self.draining, self.inflight, self.ready = False, 0, False
-        self.metrics = Metrics(); self.metrics.bind_engine(engine.engine)
+        self.metrics = Metrics()
+        if engine is not None: self.metrics.bind_engine(engine.engine)
         self.created = int(time.time())
         end = tokenizer.convert_tokens_to_ids("<|end|>") if tokenizer is not None else None
         self.chat_stop_ids = [end] if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None) else []
@@ -183,7 +184,7 @@ class InflightMiddleware:
 # %% ../../nbs/22_server.ipynb #c013
 def _check_model(st: ServerState, name: str, kind: str = "llm"):
     want = st.model_name if kind == "llm" else st.encoder_name
-    if name != want or (kind == "encoder" and st.encoder is None):
+    if name != want or (kind == "encoder" and st.encoder is None) or (kind == "llm" and st.engine is None):
         raise APIError(400, f"The model `{name}` does not exist or does not serve this route", param="model", code="model_not_found")
 
 def _admit(st: ServerState):
@@ -263,12 +264,12 @@ def build_app(state: ServerState) -> FastAPI:
     "The FastAPI app over `state` (engine and batcher threads start and stop with the app's lifespan)."
     @asynccontextmanager
     async def lifespan(app):
-        state.engine.start()
+        if state.engine: state.engine.start()
         if state.encoder: state.encoder.start()
         state.ready = True
         yield
         state.ready = False
-        state.engine.stop()
+        if state.engine: state.engine.stop()
         if state.encoder: state.encoder.stop()
 
     app = FastAPI(title="guide serve", version="0.1", lifespan=lifespan)
@@ -279,9 +280,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = st.engine._thread is not None and st.engine._thread.is_alive() and st.engine.error is None
-        return JSONResponse({"status": "ok" if ok else "degraded", "engine_error": repr(st.engine.error) if st.engine.error else None},
-                            200 if ok else 503)
+        e = st.engine
+        ok = e is None or (e._thread is not None and e._thread.is_alive() and e.error is None)
+        return JSONResponse({"status": "ok" if ok else "degraded", "engine_error": repr(e.error) if e and e.error else None,
+                             "pid": os.getpid()}, 200 if ok else 503)
 
     @app.get("/ready")
     async def ready():
@@ -294,7 +296,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        data = [dict(id=st.model_name, object="model", created=st.created, owned_by="guide")]
+        data = [dict(id=st.model_name, object="model", created=st.created, owned_by="guide")] if st.engine else []
         if st.encoder: data.append(dict(id=st.encoder_name, object="model", created=st.created, owned_by="guide"))
         return {"object": "list", "data": data}
 
@@ -412,22 +414,25 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
     return server, th, f"http://{host}:{sock.getsockname()[1]}"
 
 # %% ../../nbs/22_server.ipynb #c018
-def build_state(model: str = "tiny-base", encoder: bool = True, tier: str = "tiny", seed: int = 0, device=None,
+def build_state(model: str | None = "tiny-base", encoder: bool = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024) -> ServerState:
-    "Load the models and build the engine, the batcher and the shared state."
+    "Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only)."
     from guide.pretrained import load, tiny_base
     from guide.serve.batcher import tiny_encoder
-    llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
-    engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size),
-                         step_delay=step_delay)
+    engine = tok = None
+    if model is not None:
+        llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
+        engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size),
+                             step_delay=step_delay)
     batcher = enc_tok = None
     if encoder:
         enc, enc_tok, _ = tiny_encoder(tier, seed, device=device)
         fn = encoder_fn(enc, enc_tok.pad_token_id); fn.max_len = enc.max_len
         batcher = DynamicBatcher(fn, encoder_batch_size, encoder_delay, encoder_queue)
-    name = model if model == "tiny-base" else os.path.basename(os.path.normpath(str(model)))
+    if not encoder and model is None: raise ValueError("nothing to serve: no LLM and no encoder")
+    name = "" if model is None else model if model == "tiny-base" else os.path.basename(os.path.normpath(str(model)))
     return ServerState(engine, tok, name, batcher, enc_tok, max_pending=max_pending, request_timeout=request_timeout)
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "(/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /health, /ready, /metrics).")
     ap.add_argument("--model", default="tiny-base", help="'tiny-base' (the cached base of --tier) or a model folder (guide or transformers format)")
     ap.add_argument("--no-encoder", action="store_true", help="do not serve the tiny encoder on /v1/embeddings and /v1/classify")
+    ap.add_argument("--no-llm", action="store_true", help="serve only the encoder (no /v1/completions, /v1/chat/completions)")
+    ap.add_argument("--workers", type=int, default=1, help="server processes sharing the port (pre-fork), each with its own models")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
     ap.add_argument("--tier", default="tiny"); ap.add_argument("--seed", type=int, default=0)
@@ -452,14 +459,50 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {a.host} exposes the server beyond this machine", file=sys.stderr)
+    if a.workers < 1: ap.error("--workers must be >= 1")
+    if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
+    sock = bind_socket(a.host, a.port)
+    url = f"http://{a.host}:{sock.getsockname()[1]}"
+    if a.workers == 1:
+        return _serve_one(a, sock, url)
+    return _prefork(a, sock, url)
+
+def _serve_one(a, sock: socket.socket, url: str) -> int:
+    "Load the models and run one uvicorn server on `sock` until SIGTERM has drained it."
     from guide.core import setup_torch
     setup_torch(a.threads)
-    state = build_state(a.model, not a.no_encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks, a.block_size,
-                        a.max_pending, a.request_timeout, a.step_delay)
-    app = build_app(state)
-    sock = bind_socket(a.host, a.port)
-    server = DrainingServer(uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5), state, a.drain_timeout)
-    print(f"guide serve: {state.model_name} listening on http://{a.host}:{sock.getsockname()[1]}", flush=True)
+    state = build_state(None if a.no_llm else a.model, not a.no_encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
+                        a.block_size, a.max_pending, a.request_timeout, a.step_delay)
+    server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
+                            state, a.drain_timeout)
+    if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
     server.run(sockets=[sock])
-    print("guide serve: stopped", flush=True)
+    if a.workers == 1: print("guide serve: stopped", flush=True)
     return 0
+
+def _prefork(a, sock: socket.socket, url: str) -> int:
+    """Fork `a.workers` processes that accept on one listening socket (the kernel spreads connections), each
+    with its own models, engine and batcher: the HTTP front is not limited to one Python process and its GIL.
+    SIGTERM/SIGINT to the parent is forwarded; each worker drains, then the parent exits."""
+    pids = []
+    for _ in range(a.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try: code = _serve_one(a, sock, url)
+            finally: os._exit(code)
+        pids.append(pid)
+    def forward(sig, frame):
+        for p in pids:
+            try: os.kill(p, sig)
+            except ProcessLookupError: pass
+    signal.signal(signal.SIGTERM, forward); signal.signal(signal.SIGINT, forward)
+    print(f"guide serve: {a.workers} workers listening on {url}", flush=True)
+    codes = []
+    for p in pids:
+        while True:
+            try: codes.append(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])); break
+            except ChildProcessError: codes.append(0); break
+            except InterruptedError: continue
+    print("guide serve: stopped", flush=True)
+    return 0 if all(c == 0 for c in codes) else 1
