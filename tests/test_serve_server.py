@@ -239,3 +239,21 @@ def test_sigterm_drains_in_flight_then_exits_0(slow_server):
     assert len(results) == 3
     for chunks in results.values():                     # every in-flight stream ran to its end
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_prefork_workers_encoder_only():
+    "`guide serve --no-llm --workers 2`: two processes share the port, each answers; SIGTERM stops both, exit 0."
+    proc, base = start_server("--no-llm", "--workers", "2")
+    try:
+        pids, t0 = set(), time.monotonic()
+        while len(pids) < 2 and time.monotonic() - t0 < 60:
+            with httpx.Client() as c: pids.add(c.get(base + "/health").json()["pid"])     # a new connection each time
+        assert len(pids) == 2
+        r = httpx.post(base + "/v1/classify", json={"model": "tiny-encoder", "input": "def f(x):\n    return x + 1"})
+        assert r.status_code == 200 and r.json()["data"][0]["label"] == "code"
+        r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        stop(proc)

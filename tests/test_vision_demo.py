@@ -71,6 +71,11 @@ def test_client_good_and_bad_inputs(server):
     for name, message in [("notes.txt", "not an image"), ("empty.jpg", "empty"), ("huge.png", "megapixels")]:
         with pytest.raises(Exception, match=message): client.predict(handle_file(str(tmp / name)), None, api_name="/analyze")
     with pytest.raises(Exception, match="No image"): client.predict(None, None, api_name="/analyze")
+    # a drawing: the sketchpad sends background, layers and their composite; the white canvas becomes black
+    canvas = np.full((256, 256, 3), 255, np.uint8); canvas[40:120, 40:120] = (220, 50, 50)
+    Image.fromarray(canvas).save(tmp / "drawing.png")
+    sketch = {"background": handle_file(str(tmp / "drawing.png")), "layers": [], "composite": handle_file(str(tmp / "drawing.png"))}
+    assert "white canvas turned black" in client.predict(None, sketch, api_name="/analyze")[4]
     # still serving, and deterministic
     assert client.predict(handle_file(str(tmp / "scene.png")), None, api_name="/analyze")[1] == cap
     assert Path(client.predict(api_name="/random_scene")).exists()

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/23_optimize.ipynb #c003
 from __future__ import annotations
-import hashlib, logging, math, os, shutil, tempfile, time, warnings
+import copy, hashlib, logging, math, os, shutil, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
 def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
     "Export the decode step of `model` to ONNX (cached under GUIDE_CACHE/onnx when `path` is None)."
     from torch.export import Dim
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()        # export a CPU copy; the caller's model stays where it is
     path = Path(path) if path else cache_dir("onnx") / f"decoder-{_weights_key(model, 'dec1')}.onnx"
     if path.exists(): return path
     c = model.config
@@ -88,7 +88,7 @@ def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
 def export_encoder(model: nn.Module, path: str | Path | None = None) -> Path:
     "Export a chapter-21 `TextEncoder` (ids, mask) -> (class_logits, sentence_embedding) to ONNX (cached)."
     from torch.export import Dim
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()
     path = Path(path) if path else cache_dir("onnx") / f"encoder-{_weights_key(model, 'enc1')}.onnx"
     if path.exists(): return path
     B, T = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=model.max_len)

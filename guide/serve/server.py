@@ -399,8 +399,11 @@ class DrainingServer(uvicorn.Server):
 
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     "A listening TCP socket (port 0: the OS picks a free one; read it back with `sock.getsockname()[1]`)."
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and
+    # without it Nagle + delayed ACK add ~40 ms to every response after the first on a keep-alive connection
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port)); sock.listen(2048); sock.set_inheritable(True)
     return sock
 

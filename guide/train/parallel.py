@@ -62,6 +62,7 @@ class MemoryProbe:
     "`probe = MemoryProbe()` before building the model; `probe.bytes(extra)` = tensor bytes created since."
     def __init__(self): gc.collect(); self.base = _storages()
     def bytes(self, extra=()) -> int:
+        gc.collect()                      # unreachable cycles still hold tensors until collected
         now = _storages(extra)
         return sum(n for ptr, n in now.items() if ptr not in self.base)
 

@@ -85,11 +85,20 @@ def parse_boxes(tokens: list[str], n_loc: int) -> list[tuple[str, tuple]]:
 
 # %% ../../nbs/32_vlm.ipynb #c009
 class ViTTower(nn.Module):
-    "Patch features (B, grid², dim) of a chapter-31 `ViT`."
+    """Patch features (B, grid², 2·dim) of a chapter-31 `ViT`: its first hidden state (patch embedding +
+    position) concatenated with its last. Contrastive training only supervises `[CLS]`, so the last patch
+    states keep *what* and *where* but blur plain colour; the first keeps it (multi-layer features, as in
+    several open VLMs)."""
     def __init__(self, vit: ViT):
         super().__init__(); self.vit = vit
-        self.dim, self.grid, self.image_size = vit.config.dim, vit.config.grid, vit.config.image_size
-    def forward(self, x): return self.vit(x)[:, 1:]
+        self.dim, self.grid, self.image_size = 2 * vit.config.dim, vit.config.grid, vit.config.image_size
+    def forward(self, x):
+        v = self.vit
+        if x.ndim != 4 or x.shape[-1] != self.image_size: raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
+        h = torch.cat([v.cls.expand(len(x), -1, -1), v.patch(x).flatten(2).transpose(1, 2)], 1) + v.pos
+        first = h
+        for b in v.blocks: h = b(h)
+        return torch.cat([first, v.norm(h)], -1)[:, 1:]
 
 class HFVisionTower(nn.Module):
     "Patch features (B, grid², dim) of a transformers vision model (SigLIP, CLIP, … vision towers)."
@@ -133,8 +142,8 @@ class Projector(nn.Module):
 # %% ../../nbs/32_vlm.ipynb #c015
 @dataclass
 class VLMConfig:
-    dim: int = 128
-    n_layers: int = 3
+    dim: int = 96
+    n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
     n_loc: int = 32
@@ -217,7 +226,7 @@ def generate(model: VLM, images, task: str, max_new_tokens: int = 24):
     return torch.stack(out, 1)
 
 # %% ../../nbs/32_vlm.ipynb #c021
-VLM_RECIPES = {"tiny": dict(stage1=120, stage2=330, batch_size=32, lr=3e-3),
+VLM_RECIPES = {"tiny": dict(stage1=100, stage2=400, batch_size=32, lr=3e-3),
                "gpu": dict(stage1=1000, stage2=6000, batch_size=128, lr=1e-3)}
 
 def vlm_config(tier: str = "tiny") -> VLMConfig:
