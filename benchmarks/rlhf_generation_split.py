@@ -75,13 +75,14 @@ def main(argv=None):
     name = "rlhf_generation_split" + ("_smoke" if a.smoke else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, (label, g) in enumerate([("guide KV-cache engine", guide_s), ("transformers generate", hf_s)]):
         ax.barh(i, g, color="tab:orange", label="generation" if i == 0 else None)
         ax.barh(i, train_s, left=g, color="tab:blue", label="training" if i == 0 else None)
         ax.text(g + train_s, i, f" {g / (g + train_s):.0%} generating", va="center")
     ax.set_yticks([0, 1], ["guide KV-cache engine", "transformers generate"]); ax.set_xlabel("seconds per GRPO step")
-    ax.set_title(f"GRPO step, {prompts.shape[0]} completions ({dev.type})"); ax.legend(loc="lower right")
+    ax.set_xlim(0, 1.45 * max(guide_s, hf_s) + 1.45 * train_s)
+    ax.set_title(f"GRPO step, {prompts.shape[0]} completions ({dev.type})"); ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     fig.tight_layout(); fig.savefig(out / f"{name}.png", dpi=120)
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
     return res

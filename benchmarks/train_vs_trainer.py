@@ -67,7 +67,8 @@ def main(argv=None):
         def on_log(self, a, s, c, logs=None, **k):
             if logs and "loss" in logs: self.losses.append(logs["loss"])
 
-    targs = TrainingArguments(output_dir=str(Path(args.out) / "_trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+    import tempfile
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="guide-trainer-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
                               learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="cosine", weight_decay=0.1,
                               adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
                               report_to="none", use_cpu=dev.type != "cuda", bf16=dev.type == "cuda", dataloader_num_workers=0,

@@ -89,6 +89,8 @@ def test_vlm_trains_generates_and_round_trips(shards, tmp_path):
     ids, tgt = make_batch(m.tok, [scene] * len(TASKS), list(TASKS))
     assert ((tgt != -100).sum(1) == torch.tensor([len(m.tok.target(scene, t)) + 1 for t in TASKS])).all()
     assert len(parse_boxes(m.tok.target(scene, "<OD>"), 32)) == 2
+    (x0, y0, x1, y1), = [b for _, b in parse_boxes(["cross", "<loc_20>", "<loc_3>", "<loc_4>", "<loc_30>"], 32)]
+    assert x0 < x1 and y0 < y1                                              # swapped corners come back ordered
 
 
 @pytest.mark.parametrize("kind", ["siglip", "clip"])

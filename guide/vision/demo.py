@@ -85,6 +85,7 @@ def annotate(img: np.ndarray, boxes: list[tuple[str, tuple]], scale: int = 8) ->
     big = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST)
     d = ImageDraw.Draw(big); W, H = big.size
     for label, (x0, y0, x1, y1) in boxes:
+        x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)      # whatever order the model wrote
         d.rectangle([x0 * W, y0 * H, x1 * W, y1 * H], outline=(255, 255, 255), width=2)
         d.text((x0 * W + 2, max(0, y0 * H - 11)), label, fill=(255, 255, 255))
     return np.asarray(big)

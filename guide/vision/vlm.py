@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..core import Timer, cache_dir, get_tier, pick_device, progress, seed_everything
 from ..data import file_lock
 from ..model import Llama, ModelConfig
-from .clip import ViT, ClipConfig, clip_config, pretrained_clip
+from .clip import ViT, ClipConfig, clip_config, clip_dir, pretrained_clip
 from .data import ALPHABET, SHAPES, SceneLoader, caption, scene_dataset, vision_sizes
 
 # %% auto #0
@@ -79,7 +79,8 @@ def parse_boxes(tokens: list[str], n_loc: int) -> list[tuple[str, tuple]]:
     while i + 4 < len(tokens):
         label, locs = tokens[i], tokens[i + 1:i + 5]
         if label in SHAPES and all(t.startswith("<loc_") for t in locs):
-            out.append((label, tuple(float(dequantize(int(t[5:-1]), n_loc)) for t in locs))); i += 5
+            x0, y0, x1, y1 = (float(dequantize(int(t[5:-1]), n_loc)) for t in locs)
+            out.append((label, (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))); i += 5   # corners in order
         else: i += 1
     return out
 
@@ -226,7 +227,7 @@ def generate(model: VLM, images, task: str, max_new_tokens: int = 24):
     return torch.stack(out, 1)
 
 # %% ../../nbs/32_vlm.ipynb #c021
-VLM_RECIPES = {"tiny": dict(stage1=100, stage2=400, batch_size=32, lr=3e-3),
+VLM_RECIPES = {"tiny": dict(stage1=80, stage2=560, batch_size=32, lr=3e-3),
                "gpu": dict(stage1=1000, stage2=6000, batch_size=128, lr=1e-3)}
 
 def vlm_config(tier: str = "tiny") -> VLMConfig:
@@ -348,7 +349,8 @@ def load_vlm(path: str | Path, device=None) -> VLM:
 def vlm_dir(tier: str = "tiny", seed: int = 0) -> Path:
     "Cache folder of the tier's trained VLM (may not exist yet)."
     name = get_tier(tier).name
-    key = json.dumps([VLM_VERSION, asdict(vlm_config(name)), VLM_RECIPES.get(name, VLM_RECIPES["gpu"]), seed])
+    key = json.dumps([VLM_VERSION, asdict(vlm_config(name)), VLM_RECIPES.get(name, VLM_RECIPES["gpu"]), seed,
+                      clip_dir(name, seed).name, scene_dataset("scenes", name, seed)["train"].parent.name])
     return cache_dir("models") / f"vlm-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 def pretrained_vlm(tier: str = "tiny", seed: int = 0, device=None, model: VLM | None = None) -> VLM:
