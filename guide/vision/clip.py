@@ -150,7 +150,7 @@ def caption_positives(captions: list[str]) -> torch.Tensor:
     return (k[:, None] == k[None]).float()
 
 # %% ../../nbs/31_clip.ipynb #c017
-CLIP_RECIPES = {"tiny": dict(steps=350, batch_size=128, lr=3e-3), "gpu": dict(steps=4000, batch_size=512, lr=1e-3)}
+CLIP_RECIPES = {"tiny": dict(steps=400, batch_size=128, lr=3e-3), "gpu": dict(steps=4000, batch_size=512, lr=1e-3)}
 
 def clip_config(tier: str = "tiny") -> ClipConfig:
     "The CLIP shape of a tier."
