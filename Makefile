@@ -53,7 +53,7 @@ tour: $(STAMP)
 # The test command (.ci/run calls exactly this).
 test: $(STAMP)
 	$(VENV)/bin/guide pretrain --tier tiny --threads $(JOBS)
-	$(PY) -m pytest tests -n $(JOBS) --dist loadgroup -p no:cacheprovider
+	$(PY) -m pytest tests -n $(JOBS) --dist worksteal --timeout 1200 --durations 25 -p no:cacheprovider
 
 clean-artifacts:
 	rm -rf artifacts
