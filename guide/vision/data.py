@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..core import cache_dir, get_tier
 from ..data import file_lock
+from ..train.checkpoint import atomic_write   # temp file, fsync, rename
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'PLACES', 'FONT', 'ALPHABET', 'COMBOS', 'SPLIT_IDS', 'DATA_VERSION', 'SCENE_KINDS',
@@ -107,11 +108,6 @@ def caption(scene: dict) -> str:
 # %% ../../nbs/30_vision_data.ipynb #c014
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "test_held": 3}
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: write(tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
 
 def make_shard(path: str | Path, index: int, n: int, image_size: int = 32, seed: int = 0, split: str = "train",
                n_objects: tuple[int, int] = (1, 3), text_prob: float = 0.5, held_frac: float = 0.14) -> Path:
@@ -125,8 +121,8 @@ def make_shard(path: str | Path, index: int, n: int, image_size: int = 32, seed:
     for s in scenes: s["text_x"] = float(rng.random())
     pixels = np.stack([render(s, image_size) for s in scenes])
     for s in scenes: s["caption"] = caption(s)
-    _atomic_write(path / f"shard_{index:05d}.npy", lambda t: np.save(open(t, "wb"), pixels))
-    _atomic_write(path / f"shard_{index:05d}.json", lambda t: t.write_text(json.dumps(scenes)))
+    atomic_write(path / f"shard_{index:05d}.npy", lambda t: np.save(open(t, "wb"), pixels))
+    atomic_write(path / f"shard_{index:05d}.json", lambda t: t.write_text(json.dumps(scenes)))
     return path / f"shard_{index:05d}.npy"
 
 def _make_shard_args(a): return make_shard(*a[0], **a[1])
