@@ -56,25 +56,30 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
 def train(model: torch.nn.Module, train_loader, val_loader=None, *, steps: int, lr: float = 3e-3, warmup: int = 20,
           accum: int = 1, dtype: torch.dtype = torch.float32, clip: float | None = 1.0, weight_decay: float = 0.1,
           eval_every: int = 0, eval_batches: int = 10, min_lr_ratio: float = 0.1, peak_flops: float | None = None,
-          opt: torch.optim.Optimizer | None = None, start_step: int = 0, on_step=None, desc: str = "train") -> list[dict]:
+          opt: torch.optim.Optimizer | None = None, start_step: int = 0, on_step=None, compile: bool = False,
+          desc: str = "train") -> list[dict]:
     """Train `model` for steps `start_step..steps-1` with `accum` micro-batches per step (each a
     `train_loader.next_batch()`), autocast in `dtype`, clipping, warmup + cosine LR, and evaluation on
-    `val_loader` every `eval_every` steps. `on_step(step, record)` is called after each step (checkpointing
-    hooks in here). Returns one record per step: step, lr, loss, grad_norm, tokens_per_s, mfu[, val_loss]."""
+    `val_loader` every `eval_every` steps. `compile=True` runs the forward/backward through `torch.compile`
+    (the first step pays the compilation). The default optimizer is AdamW with the fused kernel.
+    `on_step(step, record)` is called after each step (checkpointing hooks in here).
+    Returns one record per step: step, lr, loss, grad_norm, tokens_per_s, mfu[, val_loss]."""
     if steps <= 0 or accum <= 0: raise ValueError(f"steps and accum must be positive, got {steps}, {accum}")
     dev = next(model.parameters()).device
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                                   fused=dev.type in ("cpu", "cuda"))
     scaler = make_scaler(dev, dtype)
-    peak = peak_flops or measure_matmul_flops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    peak = peak_flops or measure_matmul_flops(dev, dtype)
     fpt = model.flops_per_token(train_loader.block_size) if hasattr(model, "flops_per_token") else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     history, model = [], model.train()
+    forward = torch.compile(model) if compile else model   # parameters stay shared with `model`
     bar = progress(range(start_step, steps), desc=desc)
     for step in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups: g["lr"] = lr_at(step, lr, warmup, steps, min_lr_ratio)
         batches = [train_loader.next_batch() for _ in range(accum)]
-        loss = accumulate(model, batches, dtype, scaler)
+        loss = accumulate(forward, batches, dtype, scaler)
         norm = optimizer_step(model, opt, clip, scaler)
         sync(); dt = time.perf_counter() - t0
         tokens = sum(x.numel() for x, _ in batches)
