@@ -70,3 +70,27 @@ def test_deepspeed_launcher_runs_zero2_on_cpu_and_matches_single(tmp_path, monke
     ds = json.loads((tmp_path / "ds" / "losses.json").read_text())
     assert ds["world_size"] == 2 and ds["strategy"] == "zero2"
     assert max(abs(a - b) for a, b in zip(single, ds["losses"])) < 1e-4
+
+
+def test_two_node_torchrun_rendezvous_on_loopback(tmp_path):
+    """Multi-node for real: two `guide train --launcher torchrun --nnodes 2` agents (one process each) meet at a
+    c10d rendezvous on 127.0.0.1, train DDP together, and match one process with the combined batch."""
+    import os, socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    assert main(["--steps", "3", "--micro-batch", "4", "--out", str(tmp_path / "single")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, "-m", "guide.launch", "--launcher", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--strategy", "ddp", "--steps", "3", "--micro-batch", "2",
+              "--out", str(tmp_path / "two-nodes")]
+    nodes = [subprocess.Popen(common + ["--node-rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None: p.kill()
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-2000:] for o in outs)
+    single = json.loads((tmp_path / "single" / "losses.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two-nodes" / "losses.json").read_text())
+    assert two["world_size"] == 2 and two["strategy"] == "ddp"
+    assert max(abs(a - b) for a, b in zip(single, two["losses"])) < 1e-4
