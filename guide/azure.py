@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .core import atomic_write
+
 # %% auto #0
 __all__ = ['IMAGE', 'WORKSPACE_VARS', 'environment', 'compute_cluster', 'training_job', 'write_job_yaml', 'validate_job_yaml',
            'ml_client', 'job_from_args']
@@ -49,7 +51,7 @@ def write_job_yaml(job, path: str | Path, code_root: str | Path, relative_to: st
     spec["code"] = os.path.relpath(Path(code_root).resolve(), Path(relative_to or path.parent).resolve())
     spec = {"$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"} | \
            {k: v for k, v in spec.items() if v not in ({}, [], None)}
-    tmp = path.with_suffix(".tmp"); tmp.write_text(yaml.safe_dump(spec, sort_keys=False)); os.replace(tmp, path)
+    atomic_write(path, lambda t: t.write_text(yaml.safe_dump(spec, sort_keys=False)))
     return path
 
 def validate_job_yaml(path: str | Path):

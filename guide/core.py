@@ -2,7 +2,8 @@
 
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
-import json, os, platform, random, subprocess, sys, time
+import json, os, platform, random, shutil, subprocess, sys, tempfile, time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from tqdm import tqdm
 
 # %% auto #0
 __all__ = ['TIERS', 'Tier', 'get_tier', 'pick_device', 'pick_dtype', 'setup_torch', 'seed_everything', 'Timer', 'progress',
-           'measure_matmul_flops', 'cache_dir', 'environment_info', 'Report', 'metrics_table', 'write_report_card']
+           'measure_matmul_flops', 'cache_dir', 'environment_info', 'atomic_write', 'atomic_dir', 'Report',
+           'metrics_table', 'write_report_card']
 
 # %% ../nbs/00_core.ipynb #c006
 @dataclass(frozen=True)
@@ -113,6 +115,41 @@ def environment_info() -> dict:
     return info
 
 # %% ../nbs/00_core.ipynb #c022
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass            # some file systems cannot fsync a folder
+
+def atomic_write(path: str | Path, write) -> Path:
+    "Call `write(tmp_path)`, fsync the file, then rename it to `path`: readers never see a partial file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.replace(tmp, path); _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return path
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    "Yield a fresh temporary folder beside `path`; if the block succeeds it replaces `path`, if it raises it is removed."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh: os.fsync(fh.fileno())
+        if path.exists(): shutil.rmtree(path)
+        os.replace(tmp, path); _fsync_dir(path.parent)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #c025
 class Report:
     "Headline metrics of one notebook run, each checked against its expected range and saved as JSON."
     def __init__(self, notebook: str, out_dir: str | Path = "artifacts", tier: str = "tiny"):
@@ -132,14 +169,12 @@ class Report:
         return value
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(notebook=self.notebook, tier=self.tier, metrics=self.metrics), indent=1))
-        os.replace(tmp, self.path)
+        text = json.dumps(dict(notebook=self.notebook, tier=self.tier, metrics=self.metrics), indent=1)
+        atomic_write(self.path, lambda t: t.write_text(text))
 
     def _repr_markdown_(self): return metrics_table([dict(notebook=self.notebook, metrics=self.metrics)])
 
-# %% ../nbs/00_core.ipynb #c023
+# %% ../nbs/00_core.ipynb #c026
 def _fmt(x): return "" if x is None else f"{x:.4g}"
 
 def metrics_table(records: list[dict]) -> str:

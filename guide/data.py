@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import cache_dir, get_tier, progress
+from .core import atomic_dir, cache_dir, get_tier, progress
 
 # %% auto #0
 __all__ = ['SPLITS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'TOKENIZER_VERSION', 'DATA_VERSION', 'CODE_BYTES', 'split_of',
@@ -122,8 +122,7 @@ def get_tokenizer(tier: str = "tiny"):
     with file_lock(str(path) + ".lock"):
         if not (path / "tokenizer.json").exists():
             tok = train_tokenizer(tokenizer_training_texts(), vocab_size=vocab)
-            tmp = Path(tempfile.mkdtemp(dir=path.parent))
-            tok.save_pretrained(tmp); os.replace(tmp, path)
+            with atomic_dir(path) as tmp: tok.save_pretrained(tmp)
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -150,10 +149,8 @@ def pack(docs, block_size: int, sep_id: int) -> np.ndarray:
 def write_shards(docs_ids, out_dir: str | Path, sep_id: int, shard_tokens: int = 1 << 22) -> Path:
     """Write token ids of documents (iterable of int sequences) to `shard_*.bin` (uint16) with a
     `meta.json`, into `out_dir`, atomically (a temporary folder renamed into place)."""
-    out_dir = Path(out_dir); out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        shards, buf, n_buf = [], [], 0
+    shards, buf, n_buf = [], [], 0
+    with atomic_dir(out_dir) as tmp:
         def flush():
             nonlocal buf, n_buf
             if not n_buf: return
@@ -168,11 +165,7 @@ def write_shards(docs_ids, out_dir: str | Path, sep_id: int, shard_tokens: int =
         flush()
         if not shards: raise ValueError("no documents to write")
         (tmp / "meta.json").write_text(json.dumps(dict(dtype="uint16", sep_id=sep_id, shards=shards), indent=1))
-        if out_dir.exists(): shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 class BlockLoader:
     """Batches of (x, y) token blocks from shards: y is x shifted by one. Walks a seeded permutation of

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .core import Tier, get_tier
+from .core import Tier, atomic_dir, get_tier
 
 # %% auto #0
 __all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope', 'KVCache', 'attend', 'Attention', 'MLP', 'Block',
@@ -251,18 +251,12 @@ def generate(model: Llama, idx, max_new_tokens: int, temperature: float = 0.0, t
 # %% ../nbs/02_model.ipynb #c024
 def save_model(model: Llama, path: str | Path) -> Path:
     "Write `config.json` and `model.safetensors` to the folder `path`, atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.config.tie_embeddings: state.pop("lm_head.weight", None)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings: state.pop("lm_head.weight", None)
+    with atomic_dir(path) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "guide": "Llama"})
         (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=1))
-        if path.exists(): shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Llama:
     "Load a model written by `save_model`."

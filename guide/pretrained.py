@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import Timer, cache_dir, get_tier, pick_device, progress, seed_everything, setup_torch
+from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, setup_torch
 from .data import BlockLoader, file_lock, get_dataset, get_tokenizer
 from .model import Llama, ModelConfig, from_hf, load_model, save_model, to_hf
 
@@ -91,11 +91,9 @@ def train_base(tier: str = "tiny", seed: int = 0, device=None) -> Path:
     summary = dict(tier=tier.name, seed=seed, params=model.num_params(), seconds=t.elapsed,
                    tokens=recipe["steps"] * tier.batch_size * tier.seq_len, val_loss=final_val,
                    unigram_val_loss=unigram_loss(train, val, len(tok)), history=history)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    save_model(model.cpu(), tmp / "model"); tok.save_pretrained(tmp / "tokenizer")
-    (tmp / "train.json").write_text(json.dumps(summary, indent=1))
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_model(model.cpu(), tmp / "model"); tok.save_pretrained(tmp / "tokenizer")
+        (tmp / "train.json").write_text(json.dumps(summary, indent=1))
     return path
 
 def tiny_base(tier: str = "tiny", seed: int = 0, device=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse, json, os, sys, tempfile
 from pathlib import Path
 
-from ..core import Timer, get_tier, seed_everything, setup_torch
+from ..core import Timer, atomic_write, get_tier, seed_everything, setup_torch
 
 # %% auto #0
 __all__ = ['deepspeed_config', 'accelerate_config', 'write_launch_configs', 'main']
@@ -39,10 +39,8 @@ def accelerate_config(num_processes: int, zero_stage: int | None = None, deepspe
 
 def _dump(obj, path: Path) -> Path:
     import yaml
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(obj, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(obj, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(obj, sort_keys=False)
+    return atomic_write(path, lambda t: t.write_text(text))
 
 def write_launch_configs(out: str | Path, num_gpus: int = 8) -> dict[str, Path]:
     "Write zero2/zero3 DeepSpeed JSON, DDP/ZeRO-2/ZeRO-3 Accelerate YAML and a `launch.sh` with the commands to `out`."
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                last_loss=next((h["loss"] for h in reversed(logs) if "loss" in h), None),
                reward=[h["reward"] for h in logs if "reward" in h])
     if rank == 0:
-        tmp = out / "results.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / "results.json")
+        atomic_write(out / "results.json", lambda t: t.write_text(json.dumps(res, indent=1)))
     if dist.is_initialized():
         dist.barrier(); dist.destroy_process_group()
         sys.stdout.flush(); sys.stderr.flush(); os._exit(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core import Timer, cache_dir, get_tier, pick_device, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, seed_everything
 from ..data import file_lock, get_tokenizer
 from ..model import Llama, from_hf, load_model, save_model, to_hf
 from .task import (encode_prompts, flawed, answer_ids, greedy_accuracy, policy_config, sample, score_ids,
@@ -79,11 +79,9 @@ def cached_policy(name: str, key: object, build, tier: str = "tiny", seed: int =
     with file_lock(str(path) + ".lock"):
         if not (path / "summary.json").exists():
             model, summary = build()
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-            save_model(model.cpu(), tmp / "model")
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-            if path.exists(): shutil.rmtree(path)
-            os.replace(tmp, path)
+            with atomic_dir(path) as tmp:
+                save_model(model.cpu(), tmp / "model")
+                (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     return load_model(path / "model", device=pick_device(device)), json.loads((path / "summary.json").read_text())
 
 def sft_policy(tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, object]:

@@ -10,36 +10,17 @@ import torch
 from fastcore.basics import IN_NOTEBOOK
 from safetensors.torch import load_model as st_load_model, save_model as st_save_model
 
-from ..core import get_tier, seed_everything, setup_torch
+from ..core import _fsync_dir, atomic_write, get_tier, seed_everything, setup_torch
 from ..data import BlockLoader, get_dataset, get_tokenizer
 from ..model import Llama, ModelConfig
 from ..pretrained import lr_at
 
 # %% auto #0
-__all__ = ['atomic_write', 'sha256_file', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint', 'list_checkpoints',
+__all__ = ['sha256_file', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint', 'list_checkpoints',
            'verify_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'train_resumable', 'read_losses',
            'dcp_save_worker', 'dcp_load_single', 'main']
 
 # %% ../../nbs/12_checkpoint.ipynb #c006
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass            # some file systems do not support fsync on folders
-
-def atomic_write(path: str | Path, write) -> Path:
-    "Call `write(tmp_path)`, fsync the file, then rename it to `path`: readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
-        os.replace(tmp, path); _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     "Hex SHA-256 of a file."
     h = hashlib.sha256()
