@@ -126,6 +126,50 @@ def test_dynamic_batcher_batches_and_bounds():
     assert should_flush(1, 0.05, 8, 0.05) and not should_flush(7, 0.01, 8, 0.05) and not should_flush(0, 9, 8, 0.05)
 
 
+def test_batched_prefill_and_length_split_decode_match_the_model(base, monkeypatch):
+    "Prefill of prompts of different lengths in one call, and a decode batch split by length, give the model's own logits."
+    from guide.serve import engine as E
+    from guide.serve.engine import PagedKVCache, decode_forward, prefill_batch_forward
+    split = E._split_by_length
+    assert split([1, 1, 1, 12]) == 0 and split([1] * 30 + [12, 12]) == 30
+    monkeypatch.setattr(E, "_split_by_length", lambda lens, overhead=0: split(lens, 0))   # split even this small batch
+    model, _ = base
+    cfg = model.config
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (3, 40, 17, 90, 5)]
+    nxt = [rng.randrange(3, cfg.vocab_size) for _ in prompts]
+    pc = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=64, block_size=8)
+    tabs = [pc.allocator.allocate(pc.blocks_for(len(p) + 1)) for p in prompts]
+    got = prefill_batch_forward(model, pc, prompts, tabs)
+    dec = decode_forward(model, pc, nxt, [len(p) for p in prompts], tabs)      # 90 tokens vs 3..40: two groups
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([p + [nxt[i]]]))[0][0]
+            torch.testing.assert_close(got[i], ref[len(p) - 1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(dec[i], ref[len(p)], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_encoder_and_async_batcher():
+    "The packed encoder forward equals the padded one; asyncio callers get their own answers, one wake-up per batch."
+    import asyncio
+    from guide.serve.batcher import DynamicBatcher, TextEncoder, encoder_fn, length_groups, pad_batch
+    torch.manual_seed(0)
+    enc = TextEncoder(64, dim=32, n_layers=2, n_heads=2, max_len=32).eval()
+    rng = random.Random(0)
+    seqs = [[rng.randrange(64) for _ in range(n)] for n in (1, 7, 32, 5, 5, 20)]
+    with torch.no_grad():
+        for a, b in zip(enc.forward_packed(seqs), enc(*pad_batch(seqs))): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert length_groups([4, 4, 4]) == [(0, 3)] and length_groups([2, 3, 100, 120]) == [(0, 2), (2, 4)]
+    fn = encoder_fn(enc)
+    assert fn.packed
+    async def many(b): return await asyncio.gather(*[b.asubmit(s, timeout=10) for s in seqs * 4])
+    with DynamicBatcher(fn, max_batch_size=8, max_queue_delay=0.02) as b:
+        got = asyncio.run(many(b))
+        assert b.stats["batches"] < len(got)
+    want = fn(seqs, 32) * 4
+    for g, w in zip(got, want): torch.testing.assert_close(torch.tensor(g["probs"]), torch.tensor(w["probs"]), atol=1e-5, rtol=1e-5)
+
+
 def test_onnx_decoder_and_encoder_parity(tmp_path):
     "A small random decoder and encoder: ORT logits match PyTorch, greedy decode is identical, int8 stays close."
     pytest.importorskip("onnxruntime")

@@ -16,9 +16,9 @@ from ..core import cache_dir, seed_everything
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus, split_of
 
 # %% auto #0
-__all__ = ['ENCODER_RECIPE', 'snippets', 'EncoderLayer', 'TextEncoder', 'pad_batch', 'encode_texts', 'accuracy', 'train_encoder',
-           'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn',
-           'closed_loop', 'closed_loop_async']
+__all__ = ['ENCODER_RECIPE', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch', 'encode_texts', 'accuracy',
+           'train_encoder', 'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded',
+           'DynamicBatcher', 'encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -65,6 +65,63 @@ class TextEncoder(nn.Module):
         m = mask[..., None].to(x.dtype)
         emb = (x * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(emb), F.normalize(emb, dim=-1)
+
+    def forward_packed(self, seqs: list[list[int]]):
+        """`forward` for a list of token lists without padding them: the per-token work (embeddings, layer norms,
+        projections, MLP: nearly all the FLOPs) runs on the packed tokens; attention, whose cost grows with the
+        square of the padded length, runs per group of similar lengths (`length_groups`), padded within the group,
+        with no mask where nothing is padded (a single text). Same results as `forward`."""
+        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
+        dev = self.tok.weight.device
+        B = len(seqs)
+        order = sorted(range(B), key=lambda b: len(seqs[b]))        # sorted by length, so a group is a run of rows
+        lens = [len(seqs[b]) for b in order]
+        if lens[-1] > self.max_len: raise ValueError(f"a text has {lens[-1]} tokens, the encoder takes at most {self.max_len}")
+        pos = torch.tensor([p for n in lens for p in range(n)], device=dev)
+        x = self.tok(torch.tensor([t for b in order for t in seqs[b]], device=dev)) + self.pos(pos)      # (N, D), packed
+        groups, start = [], 0                                        # (packed rows, rows in group, padded length, where, mask)
+        for lo, hi in length_groups(lens):
+            n, T = hi - lo, lens[hi - 1]
+            size = sum(lens[lo:hi])
+            if size == n * T: groups.append((slice(start, start + size), n, T, None, None))
+            else:
+                where = torch.tensor([r * T + p for r, m in enumerate(lens[lo:hi]) for p in range(m)], device=dev)
+                keep = torch.arange(T, device=dev)[None] < torch.tensor(lens[lo:hi], device=dev)[:, None]
+                mask = torch.zeros(n, 1, 1, T, device=dev, dtype=x.dtype).masked_fill_(~keep[:, None, None], float("-inf"))
+                groups.append((slice(start, start + size), n, T, where, mask))
+            start += size
+        D = x.shape[-1]
+        for layer in self.layers:
+            H = layer.n_heads
+            qkv = layer.qkv(layer.ln1(x))
+            ys = []
+            for rows, n, T, where, mask in groups:
+                g = qkv[rows] if where is None else qkv.new_zeros(n * T, 3 * D).index_copy_(0, where, qkv[rows])
+                q, k, v = g.view(n, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n * T, D)
+                ys.append(y if where is None else y.index_select(0, where))
+            x = x + layer.proj(ys[0] if len(ys) == 1 else torch.cat(ys))
+            x = x + layer.mlp(layer.ln2(x))
+        x = self.ln(x)
+        if B == 1: emb = x.mean(0, keepdim=True)
+        else:                                                        # mean over each text's tokens, in the caller's order
+            seg = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
+            emb = x.new_zeros(B, D).index_add_(0, seg, x) / torch.tensor(lens, device=dev, dtype=x.dtype)[:, None]
+            emb = emb[torch.tensor(order, device=dev).argsort()]
+        return self.head(emb), F.normalize(emb, dim=-1)
+
+def length_groups(lens: list[int], overhead: int = 8000) -> list[tuple[int, int]]:
+    """Split sorted lengths into runs [lo, hi) for padded attention: minimises sum(rows * longest**2) (the padded
+    attention work) plus `overhead` per extra group (the fixed cost of a call), by dynamic programming."""
+    n = len(lens)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for hi in range(1, n + 1):
+        for lo in range(hi):
+            c = best[lo] + (hi - lo) * lens[hi - 1] ** 2 + overhead
+            if c < best[hi]: best[hi], cut[hi] = c, lo
+    out, hi = [], n
+    while hi: out.append((cut[hi], hi)); hi = cut[hi]
+    return out[::-1]
 
 def pad_batch(seqs: list[list[int]], pad_id: int = 0, length: int | None = None, device=None):
     "Right-pad token lists to `length` (default: the longest): (ids, mask) tensors."
@@ -143,6 +200,30 @@ class QueueFull(RuntimeError):
 class DeadlineExceeded(TimeoutError):
     "The request's deadline passed before it ran."
 
+class _LoopFuture:
+    """The result slot of an `asubmit` call: an asyncio future that the batcher thread settles. The batcher settles
+    all of a batch's slots of one event loop in a single `call_soon_threadsafe` (one wake-up per batch, not per request)."""
+    __slots__ = ("loop", "fut", "outcome")
+    def __init__(self, loop): self.loop, self.fut, self.outcome = loop, loop.create_future(), None
+    def set_running_or_notify_cancel(self) -> bool: return not self.fut.cancelled()
+    def set_result(self, r): self.outcome = (True, r)
+    def set_exception(self, e): self.outcome = (False, e)
+
+def _settle(slots: list[_LoopFuture]):
+    for s in slots:
+        if s.fut.done() or s.outcome is None: continue      # cancelled meanwhile (client gone)
+        ok, v = s.outcome
+        s.fut.set_result(v) if ok else s.fut.set_exception(v)
+
+def _notify(slots: list):
+    "Wake each event loop once for all of its settled `_LoopFuture`s."
+    by_loop: dict = {}
+    for s in slots:
+        if isinstance(s, _LoopFuture): by_loop.setdefault(s.loop, []).append(s)
+    for loop, items in by_loop.items():
+        try: loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError: pass                           # that loop is closed: nobody waits any more
+
 class DynamicBatcher:
     """Group single requests into batches for `fn(list_of_token_lists, pad_length) -> list_of_results`.
     Flush at `max_batch_size` or after `max_queue_delay` s; bucket by length; bounded queue; per-request deadlines."""
@@ -170,8 +251,10 @@ class DynamicBatcher:
 
     def submit(self, ids: list[int], timeout: float | None = None) -> concurrent.futures.Future:
         "Queue one request; its result arrives on the returned future. Raises QueueFull when the queue is at its bound."
+        return self._put(ids, timeout, concurrent.futures.Future())
+
+    def _put(self, ids, timeout, fut):
         if not ids: raise ValueError("empty input")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
         deadline = None if timeout is None else time.monotonic() + timeout
         try: self.queue.put_nowait((time.monotonic(), deadline, list(ids), fut))
         except queue.Full:
@@ -180,8 +263,8 @@ class DynamicBatcher:
         return fut
 
     async def asubmit(self, ids: list[int], timeout: float | None = None):
-        "`submit` for asyncio callers: awaits the result."
-        return await asyncio.wrap_future(self.submit(ids, timeout))
+        "`submit` for asyncio callers: awaits the result (settled on this loop, once per batch)."
+        return await self._put(ids, timeout, _LoopFuture(asyncio.get_running_loop())).fut
 
     def _loop(self):
         pending: list = []
@@ -198,6 +281,10 @@ class DynamicBatcher:
             self._run(batch)
 
     def _run(self, batch):
+        try: self._run_groups(batch)
+        finally: _notify([item[3] for item in batch])
+
+    def _run_groups(self, batch):
         now, live = time.monotonic(), []
         for item in batch:
             if item[1] is not None and now > item[1]:
@@ -205,7 +292,10 @@ class DynamicBatcher:
                 item[3].set_exception(DeadlineExceeded("deadline passed while queued"))
             elif item[3].set_running_or_notify_cancel(): live.append(item)
         groups: dict[int, list] = {}
-        for item in live: groups.setdefault(bucket_of(len(item[2]), self.buckets), []).append(item)
+        if getattr(self.fn, "packed", False):         # the fn does not pad its per-token work: one call, no buckets
+            if live: groups[self.buckets[-1]] = live
+        else:
+            for item in live: groups.setdefault(bucket_of(len(item[2]), self.buckets), []).append(item)
         for L, items in sorted(groups.items()):
             try:
                 seqs = [it[2][:L] for it in items]
@@ -218,14 +308,14 @@ class DynamicBatcher:
 
 # %% ../../nbs/21_batcher.ipynb #c016
 def encoder_fn(model: TextEncoder, pad_id: int = 0) -> Callable[[list[list[int]], int], list[dict]]:
-    "Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text."
-    dev = next(model.parameters()).device
+    """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. It runs the packed
+    forward (no padding in the per-token work), so it is marked `packed` and the batcher skips length buckets."""
     @torch.no_grad()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
-        x, m = pad_batch(seqs, pad_id, length, dev)
-        logits, emb = model(x, m)
+        logits, emb = model.forward_packed([s[:length] for s in seqs])
         probs = logits.softmax(-1).cpu().tolist(); emb = emb.cpu().tolist()
         return [dict(probs=p, embedding=e) for p, e in zip(probs, emb)]
+    fn.packed = True
     return fn
 
 # %% ../../nbs/21_batcher.ipynb #c019

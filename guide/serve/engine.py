@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..model import Llama, apply_rope, from_hf, sample_next
 
 # %% auto #0
-__all__ = ['SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'prefill_forward', 'decode_forward',
-           'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+__all__ = ['SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
+           'prefill_forward', 'decode_forward', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -75,15 +75,18 @@ class BlockAllocator:
 
 # %% ../../nbs/20_engine.ipynb #c012
 class PagedKVCache:
-    "Keys and values of every layer in fixed-size blocks, handed out by a `BlockAllocator`."
+    """Keys and values of every layer in fixed-size blocks, handed out by a `BlockAllocator`. A layer's keys and
+    values share one tensor (num_blocks, block_size, 2 * kv_heads, head_dim), so a write or a gather is one copy;
+    `k[layer]` and `v[layer]` are views of its halves."""
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
                  device=None, dtype=torch.float32):
         if block_size < 1: raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.block_size, self.num_blocks, self.n_kv_heads = block_size, num_blocks, n_kv_heads
+        self.kv = [torch.zeros(num_blocks, block_size, 2 * n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.k = [t[:, :, :n_kv_heads] for t in self.kv]
+        self.v = [t[:, :, n_kv_heads:] for t in self.kv]
         self.allocator = BlockAllocator(num_blocks)
+        self._buf = torch.empty(0, device=device, dtype=dtype)     # gather(reuse=True) copies keys/values here
 
     def blocks_for(self, n_tokens: int) -> int: return math.ceil(n_tokens / self.block_size)
 
@@ -91,68 +94,146 @@ class PagedKVCache:
         "Flat slot index of each position of a request with block table `table`."
         pos = torch.as_tensor(positions, dtype=torch.long)
         t = torch.as_tensor(table, dtype=torch.long)
-        return (t[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.k[0].device)
+        return (t[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.kv[0].device)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        "Store k, v of shape (N, kv_heads, head_dim) at `slots` (N,)."
-        self.k[layer].view(-1, *k.shape[1:])[slots] = k; self.v[layer].view(-1, *v.shape[1:])[slots] = v
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None):
+        "Store k, v of shape (N, kv_heads, head_dim) at `slots` (N,); or, with `v=None`, k = keys and values (N, 2*kv_heads, head_dim)."
+        kv = k if v is None else torch.cat([k, v], 1)
+        self.kv[layer].view(-1, *kv.shape[1:])[slots] = kv
 
-    def gather(self, layer: int, tables: torch.Tensor):
-        "Keys and values of a batch of block tables (B, max_blocks): each (B, kv_heads, max_blocks*bs, head_dim)."
+    def gather(self, layer: int, tables: torch.Tensor, reuse: bool = False):
+        """Keys and values of a batch of block tables (B, max_blocks): each (B, kv_heads, max_blocks*bs, head_dim).
+        `reuse=True` copies into a buffer kept by the cache (overwritten by the next reusing call): a decode step
+        gathers once per layer, and a fresh ~MB allocation each time costs page faults and cold cache lines."""
         B, nb = tables.shape
         flat = tables.reshape(-1)                      # whole blocks at a time: index_select copies contiguous chunks
-        k = self.k[layer].index_select(0, flat).view(B, nb * self.block_size, *self.k[layer].shape[2:])
-        v = self.v[layer].index_select(0, flat).view(B, nb * self.block_size, *self.v[layer].shape[2:])
-        return k.transpose(1, 2), v.transpose(1, 2)
+        src = self.kv[layer]
+        if reuse:
+            n = B * nb * src[0].numel()
+            if self._buf.numel() < n: self._buf = src.new_empty(max(n, 2 * self._buf.numel()))   # grows, never shrinks
+            kv = torch.index_select(src, 0, flat, out=self._buf[:n].view(B * nb, *src.shape[1:]))
+        else: kv = src.index_select(0, flat)
+        kv = kv.view(B, nb * self.block_size, *src.shape[2:]).transpose(1, 2)     # (B, 2*kv_heads, S, head_dim)
+        return kv[:, :self.n_kv_heads], kv[:, self.n_kv_heads:]
 
 # %% ../../nbs/20_engine.ipynb #c015
-def _attn_qkv(layer, h, cos, sin):
-    a = layer.self_attn
-    B, T, _ = h.shape
-    q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-    k = a.k_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    v = a.v_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+def _fused_weights(model: Llama) -> list[tuple]:
+    """Per layer (w_qkv, w_o, w_gate_up, w_down, ln1, ln2), built once and rebuilt when a parameter changes
+    (moved, loaded, trained). `w_qkv` holds the q, k, v rows and then the q, k rows *rotated* as `rotate_half`
+    would rotate their outputs, so one matmul yields both halves that the rotary embedding mixes."""
+    got = model.__dict__.get("_serve_fused")
+    if got is not None and all(p.data_ptr() == d and p._version == v for p, d, v in got[0]): return got[1]
+    params = list(model.parameters())
+    cfg, layers = model.config, []
+    def rot(w, heads):                                     # rows of rotate_half(w @ x), head by head
+        w = w.view(heads, 2, cfg.head_dim // 2, -1)
+        return torch.cat([-w[:, 1], w[:, 0]], 1).reshape(heads * cfg.head_dim, -1)
+    for l in model.layers:
+        a, m = l.self_attn, l.mlp
+        wq, wk = a.q_proj.weight.detach(), a.k_proj.weight.detach()
+        layers.append((torch.cat([wq, wk, a.v_proj.weight.detach(), rot(wq, cfg.n_heads), rot(wk, cfg.n_kv_heads)]),
+                       a.o_proj.weight.detach().t(), torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                       m.down_proj.weight.detach().t(), l.input_layernorm.weight.detach(), l.post_attention_layernorm.weight.detach()))
+    model.__dict__["_serve_fused"] = ([(p, p.data_ptr(), p._version) for p in params], layers)
+    return layers
+
+def _layer_qkv(model, w, x, cos, sin):
+    "x (N, D) -> q (N, H, hd) and kv (N, 2*KV, hd) (keys then values), rotary applied; cos/sin (N, 1, hd). One matmul for all of it."
+    cfg = model.config
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out = F.linear(F.rms_norm(x, (x.shape[-1],), w[4], cfg.norm_eps), w[0])
+    a, b = (H + KV) * hd, (H + 2 * KV) * hd
+    qk = out[:, :a].view(-1, H + KV, hd)
+    torch.addcmul(qk * cos, out[:, b:].view(-1, H + KV, hd), sin, out=qk)      # x*cos + rotate_half(x)*sin, in place
+    return out[:, :H * hd].view(-1, H, hd), out[:, H * hd:b].view(-1, 2 * KV, hd)   # q, and k|v side by side
+
+def _layer_out(model, w, x, y):
+    "Residual + o_proj of the attention output y (N, H*hd), then the SwiGLU MLP block; x (N, D)."
+    x = torch.addmm(x, y, w[1])
+    g, u = F.linear(F.rms_norm(x, (x.shape[-1],), w[5], model.config.norm_eps), w[2]).chunk(2, -1)
+    return torch.addmm(x, F.silu(g).mul_(u), w[3])
+
+def _head(model, x):
+    return model.lm_head(F.rms_norm(x, (x.shape[-1],), model.norm.weight, model.config.norm_eps))
+
+def _split_by_length(nblocks: list[int], overhead: int = 48) -> int:
+    """Rows sorted by block count: the split point k that minimises the blocks gathered and attended to,
+    k * nblocks[k-1] + (B-k) * nblocks[-1], plus `overhead` block-rows for the extra calls when split (0 = no split)."""
+    B, best, k_best = len(nblocks), len(nblocks) * nblocks[-1], 0
+    for k in range(1, B):
+        c = k * nblocks[k - 1] + (B - k) * nblocks[-1] + overhead
+        if c < best: best, k_best = c, k
+    return k_best
 
 @torch.no_grad()
+def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tables: list[list[int]],
+                 tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    """One engine iteration in one pass over the weights: **prefill** the prompts `ids` (block tables `id_tables`)
+    and **decode** token `tokens[b]` at `positions[b]` for the requests with block tables `tables`. Writes every new
+    key/value to its block; returns the next-token logits, prefill rows first then decode rows ((len(ids) + len(tokens), V)).
+
+    The projections and the MLP run on all new tokens packed together (no padding). Attention is per part: the
+    prompts attend causally within themselves, padded to the longest prompt; the decode rows attend to their
+    gathered blocks with a padding mask, and since keys are padded to the longest row, with long-tailed lengths
+    the rows are sorted by length and, where it saves work, attended in two groups."""
+    Np, B = len(ids), len(tokens)
+    if Np == 0 and B == 0: raise ValueError("nothing to run: no prompts and no decode rows")
+    if len(id_tables) != Np or len(positions) != B or len(tables) != B: raise ValueError("each prompt/token needs its block table (and position)")
+    dev, cfg, bs = model.device, model.config, cache.block_size
+    H, KV, hd, n_rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    order = sorted(range(B), key=lambda b: len(tables[b]))
+    tokens, positions, tables = [tokens[b] for b in order], [positions[b] for b in order], [tables[b] for b in order]
+    lens_p = [len(s) for s in ids]; n_p = sum(lens_p)
+    x = model.embed_tokens(torch.tensor([t for s in ids for t in s] + tokens, device=dev))          # (n_p + B, D), packed
+    pos = torch.tensor([p for n in lens_p for p in range(n)] + positions, device=dev)
+    cos, sin = model.rope_cos[pos][:, None].to(x.dtype), model.rope_sin[pos][:, None].to(x.dtype)
+    slots = torch.tensor([t[p // bs] * bs + p % bs for s, t in zip(ids, id_tables) for p in range(len(s))]
+                         + [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], device=dev)
+    if Np:                                       # prompts: packed row -> padded row, causal mask within each length
+        T = max(lens_p); L = torch.tensor(lens_p, device=dev); ar = torch.arange(T, device=dev)
+        where = torch.tensor([r * T + p for r, n in enumerate(lens_p) for p in range(n)], device=dev)
+        pmask = ((ar[None, :] <= ar[:, None])[None] & (ar[None] < L[:, None])[:, None, :])[:, None]
+    groups, k = [], (_split_by_length([len(t) for t in tables]) if B else 0)
+    for lo, hi in (([(0, k), (k, B)] if k else [(0, B)]) if B else []):
+        nb = len(tables[hi - 1])
+        tab = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in tables[lo:hi]], device=dev)     # pad with a real block id
+        mask = torch.zeros(hi - lo, 1, 1, nb * bs, device=dev, dtype=x.dtype)       # -inf past each row's position
+        mask.masked_fill_(torch.arange(nb * bs, device=dev)[None, None, None] > pos[n_p + lo:n_p + hi, None, None, None], float("-inf"))
+        groups.append((slice(lo, hi), tab, mask))
+    for i, w in enumerate(_fused_weights(model)):
+        q, kv = _layer_qkv(model, w, x, cos, sin)
+        cache.write(i, slots, kv)
+        ys = []
+        if Np:
+            qkv = x.new_zeros(Np * T, H + 2 * KV, hd).index_copy_(0, where, torch.cat([q[:n_p], kv[:n_p]], 1))
+            qkv = qkv.view(Np, T, -1, hd).transpose(1, 2)
+            y = F.scaled_dot_product_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], attn_mask=pmask, enable_gqa=True)
+            ys.append(y.transpose(1, 2).reshape(Np * T, -1).index_select(0, where))
+        if B:
+            qd = q[n_p:].reshape(B, KV, n_rep, hd)                                     # GQA: a group's query heads as its rows
+            for rows, tab, mask in groups:
+                K, V = cache.gather(i, tab, reuse=True)                                # (b, KV, S, hd)
+                ys.append(F.scaled_dot_product_attention(qd[rows], K, V, attn_mask=mask).reshape(rows.stop - rows.start, -1))
+        x = _layer_out(model, w, x, ys[0] if len(ys) == 1 else torch.cat(ys))
+    rows = []
+    if Np: rows.append(L.cumsum(0) - 1)                                               # each prompt's last token
+    if B: rows.append(n_p + torch.tensor(order, device=dev).argsort())                 # decode rows in the caller's order
+    return _head(model, x[rows[0] if len(rows) == 1 else torch.cat(rows)])
+
+def prefill_batch_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], tables: list[list[int]]) -> torch.Tensor:
+    "Prefill several requests at once; writes each one's keys/values to its blocks; returns last logits (N, V)."
+    if not ids or len(ids) != len(tables) or not all(ids): raise ValueError("ids and tables must be non-empty lists of the same length")
+    return step_forward(model, cache, ids, tables, [], [], [])
+
 def prefill_forward(model: Llama, cache: PagedKVCache, ids: list[int], table: list[int]) -> torch.Tensor:
     "Run one request's tokens from position 0, write their keys/values to its blocks; returns the last logits (V,)."
-    dev = model.device
-    x = model.embed_tokens(torch.tensor([ids], device=dev))
-    T = len(ids)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    slots = cache.slots(table, range(T))
-    for i, layer in enumerate(model.layers):
-        h = layer.input_layernorm(x)
-        q, k, v = _attn_qkv(layer, h, cos, sin)
-        cache.write(i, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(1, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x[:, -1]))[0]
+    return prefill_batch_forward(model, cache, [list(ids)], [table])[0]
 
-@torch.no_grad()
 def decode_forward(model: Llama, cache: PagedKVCache, tokens: list[int], positions: list[int],
                    tables: list[list[int]]) -> torch.Tensor:
     "One decode step for a batch: token `tokens[b]` at `positions[b]` of the request with block table `tables[b]`. Returns logits (B, V)."
-    dev, B = model.device, len(tokens)
-    x = model.embed_tokens(torch.tensor(tokens, device=dev))[:, None]           # (B, 1, D)
-    pos = torch.tensor(positions, device=dev)
-    cos, sin = model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None]   # (B, 1, 1, hd)
-    nb = max(len(t) for t in tables)
-    tab = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in tables], device=dev)     # pad with a real block id
-    bs = cache.block_size
-    slots = tab[torch.arange(B, device=dev), pos // bs] * bs + pos % bs
-    mask = (torch.arange(nb * bs, device=dev)[None] <= pos[:, None])[:, None, None]     # (B, 1, 1, S)
-    for i, layer in enumerate(model.layers):
-        h = layer.input_layernorm(x)
-        q, k, v = _attn_qkv(layer, h, cos, sin)
-        cache.write(i, slots, k[:, :, 0], v[:, :, 0])
-        K, V = cache.gather(i, tab)
-        y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-        x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x[:, 0]))
+    if not tokens: raise ValueError("no decode rows")
+    return step_forward(model, cache, [], [], tokens, positions, tables)
 
 # %% ../../nbs/20_engine.ipynb #c019
 @dataclass
@@ -189,6 +270,12 @@ class Request:
     def all_ids(self) -> list[int]: return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int: return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int: return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def finished(self) -> bool: return self.status == "finished"
 
 # %% ../../nbs/20_engine.ipynb #c021
@@ -215,6 +302,8 @@ class Engine:
         self.lock = threading.RLock()
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0)
         self._ids = itertools.count()
+        self.generator = torch.Generator(device=model.device)        # for sampled requests that give no seed
+        self.generator.manual_seed(random.getrandbits(62))
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -276,7 +365,7 @@ class Engine:
         alloc, admitted, budget = self.cache.allocator, [], self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            n = len(req.all_ids)
+            n = req.num_tokens
             need = self.cache.blocks_for(n + 1)
             if need > alloc.num_free or (admitted and n > budget): break
             self.waiting.popleft()
@@ -284,7 +373,7 @@ class Engine:
             self.running.append(req); admitted.append(req); budget -= n
         for req in list(self.running):                    # decode rows: the slot for position len(all_ids)-1
             if req in admitted or req not in self.running: continue
-            while len(req.table) < self.cache.blocks_for(len(req.all_ids)):
+            while len(req.table) < self.cache.blocks_for(req.num_tokens):
                 if alloc.num_free: req.table += alloc.allocate(1); continue
                 victim = self.running[-1]                   # the latest admitted gives way
                 self._preempt(victim)
@@ -298,30 +387,33 @@ class Engine:
         with self.lock:
             admitted = self._schedule()
             decode = [r for r in self.running if r not in admitted]
-            rows, logits = [], []
-            for req in admitted:
-                ids = req.all_ids
-                logits.append(prefill_forward(self.model, self.cache, ids, req.table)[None])
-                rows.append(req); self.stats["prefill_tokens"] += len(ids)
-            if decode:
-                logits.append(decode_forward(self.model, self.cache, [r.all_ids[-1] for r in decode],
-                                             [len(r.all_ids) - 1 for r in decode], [r.table for r in decode]))
-                rows += decode; self.stats["decode_tokens"] += len(decode)
+            rows = admitted + decode
             if not rows: return []
+            ids = [req.all_ids for req in admitted]              # prefill and decode in one pass over the weights
+            logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
+                                  [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+            self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
             self.stats["steps"] += 1
-            tokens = self._sample(rows, torch.cat(logits))
+            tokens = self._sample(rows, logits)
             outs = [self._append(req, t) for req, t in zip(rows, tokens)]
         for req, out in zip(rows, outs):
             if req.callback: req.callback(out)
         return outs
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
-        greedy = logits.argmax(-1).tolist()
-        out = []
+        """Greedy rows take the argmax; sampled rows without a seed that share temperature/top-k/top-p are sampled
+        together in one call from the engine's generator; a seeded row uses its own generator (same text whatever
+        else shares the batch)."""
+        out = logits.argmax(-1).tolist()
+        groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(rows):
             p = req.params
-            if p.temperature < 1e-4: out.append(greedy[i])      # dividing by ~0 would overflow: the limit is greedy
-            else: out.append(int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, req.generator)[0]))
+            if p.temperature < 1e-4: continue                    # dividing by ~0 would overflow: the limit is greedy
+            if p.seed is not None: out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, req.generator)[0])
+            else: groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (t, k, tp), idx in groups.items():
+            toks = sample_next(logits[idx], t, k, tp, self.generator).tolist()
+            for i, tok in zip(idx, toks): out[i] = tok
         return out
 
     def _append(self, req: Request, token: int) -> RequestOutput:
@@ -436,12 +528,16 @@ class AsyncEngine:
             if not req.finished: self.abort(req.id)
 
 # %% ../../nbs/20_engine.ipynb #c034
-def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), short=(8, 32), long=(96, 160),
-               long_frac: float = 0.15) -> list[tuple[list[int], int]]:
-    "A synthetic request trace: (prompt token ids, output length) pairs, mostly short outputs and a few long."
+def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
+               output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
+    """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
+    `prompt_range`; output lengths are log-normal (median `output_median`, log-space sigma `output_sigma`, clipped
+    to `output_range`): long-tailed like chat traffic, where most answers are short and a few run very long."""
+    if n < 1 or output_median <= 0 or output_sigma < 0: raise ValueError("need n >= 1, output_median > 0, output_sigma >= 0")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         p = [rng.randrange(3, vocab_size) for _ in range(rng.randint(*prompt_range))]
-        out.append((p, rng.randint(*(long if rng.random() < long_frac else short))))
+        m = round(rng.lognormvariate(math.log(output_median), output_sigma))
+        out.append((p, min(max(m, output_range[0]), output_range[1])))
     return out

@@ -6,6 +6,8 @@ import collections, concurrent.futures, itertools, multiprocessing as mp, os, qu
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from .batcher import QueueFull
 
 # %% auto #0
@@ -22,11 +24,14 @@ class ModelSpec:
     max_queue: int = 32
     memory_bytes: int = 256 << 20
     cpus: set[int] | None = None         # pin the worker processes to these CPU cores (Linux), like a cgroup cpuset
+    nice: int = 0                        # CPU priority of the workers (0..19, higher = yields more), like a cgroup cpu.weight
+    threads: int = 1                     # torch threads per worker process: its share of the cores
 
-def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None):
+def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None, nice: int = 0):
     import torch
     torch.set_num_threads(threads)
     if cpus and hasattr(os, "sched_setaffinity"): os.sched_setaffinity(0, cpus)
+    if nice: os.nice(nice)
     try:
         fn, nbytes = loader()
         if nbytes > budget: raise MemoryError(f"model needs {nbytes} bytes, its budget is {budget}")
@@ -45,7 +50,7 @@ class ModelWorker:
     def __init__(self, spec: ModelSpec, start_timeout: float = 60.0):
         self.spec, ctx = spec, mp.get_context("fork")
         self.inq, self.outq = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq, 1, spec.cpus), daemon=True)
+        self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq, spec.threads, spec.cpus, spec.nice), daemon=True)
                       for _ in range(spec.concurrency)]
         for p in self.procs: p.start()
         self.nbytes, loaded = 0, 0
