@@ -22,6 +22,15 @@ def test_scenes_are_deterministic_and_labels_match_pixels():
         assert caption(s).count(" and ") == len(s["objects"]) - 1
 
 
+def test_distinct_pairs_differ_in_colour_shape_and_column(tmp_path):
+    make_shard(tmp_path / "p", 0, 200, seed=0, split="test_held", n_objects=(2, 2), text_prob=0.0, distinct=True)
+    held = held_out_combos(0.14, 0)
+    for s in json.loads((tmp_path / "p" / "shard_00000.json").read_text()):
+        a, b = s["objects"]
+        assert a[0] != b[0] and a[1] != b[1] and a[3] % 3 != b[3] % 3 and not s["text"]
+        assert tuple(a[:4]) in held or tuple(b[:4]) in held
+
+
 def test_shards_do_not_depend_on_worker_count(tmp_path):
     write_scene_shards(tmp_path / "a", 300, shard_size=100, workers=1, seed=1)
     write_scene_shards(tmp_path / "b", 300, shard_size=100, workers=2, seed=1)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from guide.core import seed_everything
-from guide.vision.clip import (CLIP, ClipConfig, ViT, caption_positives, encode_captions, infonce_loss, load_clip, save_clip,
-                               siglip_loss, train_clip)
+from guide.vision.clip import (CLIP, ClipConfig, ViT, caption_positives, clip_caption, encode_captions, infonce_loss, load_clip,
+                               pair_binding_accuracy, pair_negatives, relation_caption, save_clip, siglip_loss, swapped_captions,
+                               train_clip)
 from guide.vision.data import SceneLoader, sample_scene, write_scene_shards
 from guide.vision.vlm import (TASKS, VLM, HFVisionTower, VLMConfig, ViTTower, dequantize, generate, generate_naive,
                               load_vision_tower, load_vlm, make_batch, parse_boxes, pixel_shuffle, quantize, save_vlm, train_vlm)
@@ -17,6 +18,7 @@ def shards(tmp_path_factory):
     path = tmp_path_factory.mktemp("scenes")
     write_scene_shards(path / "objects", 256, shard_size=128, workers=1, n_objects=(1, 1), text_prob=0.0)
     write_scene_shards(path / "scenes", 256, shard_size=128, workers=1)
+    write_scene_shards(path / "pairs", 128, shard_size=128, workers=1, n_objects=(2, 2), text_prob=0.0, distinct=True)
     return path
 
 
@@ -39,13 +41,45 @@ def test_losses_match_definitions_and_handle_duplicates():
     with pytest.raises(ValueError, match="not in the vocabulary"): encode_captions(["a tiny dog"])
 
 
+def test_hard_negative_texts_extend_both_losses():
+    seed_everything(0)
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    neg = F.normalize(torch.randn(3, 8), dim=-1); allt = torch.cat([txt, neg])
+    y = torch.arange(4)
+    ref = (F.cross_entropy(5 * img @ allt.T, y) + F.cross_entropy(5 * txt @ img.T, y)) / 2   # negatives: image→text only
+    assert torch.allclose(infonce_loss(img, allt, 5.0), ref, atol=1e-6)
+    labels = torch.cat([2 * torch.eye(4) - 1, -torch.ones(4, 3)], 1)                            # SigLIP: −1 on every extra
+    assert torch.allclose(siglip_loss(img, allt, 5.0, -2.0), -F.logsigmoid(labels * (5 * img @ allt.T - 2)).sum() / 4, atol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"): infonce_loss(img, txt[:3], 1.0)     # fewer texts than images
+    assert caption_positives(["x", "y"], ["x", "y", "x"]).tolist() == [[1, 0, 1], [0, 1, 0]]
+
+
+def test_relation_captions_and_their_swaps():
+    objs = [["triangle", "green", "small", 5], ["cross", "cyan", "large", 6]]                     # columns 2 and 0
+    assert relation_caption(objs) == "a cyan cross left of a green triangle"
+    assert relation_caption(objs, left_first=False) == "a green triangle right of a cyan cross"
+    assert pair_negatives(objs) == {"true": "a cyan cross left of a green triangle", "color_swap": "a green cross left of a cyan triangle",
+                                    "left_right": "a cyan cross right of a green triangle"}
+    col, rel = swapped_captions("a green triangle right of a cyan cross")
+    bag = lambda c: sorted(c.split())
+    assert bag(col) == bag("a green triangle right of a cyan cross")        # same words, other meaning
+    assert bag(rel) == bag("a cyan cross left of a green triangle")         # the words of the other true phrasing
+    assert swapped_captions("a small red circle at the center") == []
+    assert {clip_caption({"objects": objs}, np.random.default_rng(i)) for i in range(20)} == {relation_caption(objs), relation_caption(objs, False)}
+    encode_captions([relation_caption(objs)])                                                     # every word is in the vocabulary
+    with pytest.raises(ValueError, match="different grid columns"): relation_caption([objs[0], objs[0]])
+
+
 def test_clip_trains_and_round_trips(shards, tmp_path):
     seed_everything(0)
     m = CLIP(ClipConfig(dim=32, n_layers=1, embed_dim=32))
     hist = train_clip(m, SceneLoader(shards / "objects", 32, seed=0), steps=30, lr=3e-3)
     assert np.mean(hist[-5:]) < np.mean(hist[:5])
-    hist = train_clip(CLIP(ClipConfig(dim=32, n_layers=1, embed_dim=32)), SceneLoader(shards / "objects", 32), 5, 3e-3, loss="siglip")
+    m2 = CLIP(ClipConfig(dim=32, n_layers=1, embed_dim=32))
+    hist = train_clip(m2, SceneLoader(shards / "objects", 32), 5, 3e-3, loss="siglip", pair_loader=SceneLoader(shards / "pairs", 8))
     assert all(np.isfinite(hist))
+    acc = pair_binding_accuracy(m2, shards / "pairs")
+    assert set(acc) == {"color_swap", "left_right"} and all(0 <= v <= 1 for v in acc.values())
     with pytest.raises(ValueError, match="loss must be"): train_clip(m, None, 1, 1e-3, loss="triplet")
     save_clip(m, tmp_path / "clip")
     m2 = load_clip(tmp_path / "clip"); x = torch.randn(2, 3, 32, 32)

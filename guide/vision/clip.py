@@ -17,13 +17,14 @@ from ..data import file_lock
 from .data import COLORS, COMBOS, PLACES, SHAPES, SIZES, SceneLoader, scene_dataset, vision_sizes
 
 # %% auto #0
-__all__ = ['WORDS', 'WORD_ID', 'PAD', 'EOS', 'CLIP_RECIPES', 'CLIP_VERSION', 'encode_captions', 'combo_caption', 'Block',
-           'ClipConfig', 'ViT', 'TextEncoder', 'CLIP', 'infonce_loss', 'siglip_loss', 'caption_positives',
-           'clip_config', 'train_clip', 'embed_split', 'embed_texts', 'recall_at_k', 'zero_shot', 'retrieval_metrics',
-           'hard_negatives', 'hard_negative_accuracy', 'save_clip', 'load_clip', 'clip_dir', 'pretrained_clip']
+__all__ = ['WORDS', 'WORD_ID', 'PAD', 'EOS', 'SCALE_LR_MULT', 'CLIP_RECIPES', 'CLIP_VERSION', 'encode_captions', 'combo_caption',
+           'relation_caption', 'swapped_captions', 'clip_caption', 'Block', 'ClipConfig', 'ViT', 'TextEncoder', 'CLIP',
+           'infonce_loss', 'siglip_loss', 'caption_positives', 'clip_config', 'train_clip', 'embed_split',
+           'embed_texts', 'recall_at_k', 'zero_shot', 'retrieval_metrics', 'hard_negatives', 'hard_negative_accuracy',
+           'pair_negatives', 'pair_binding_accuracy', 'save_clip', 'load_clip', 'clip_dir', 'pretrained_clip']
 
 # %% ../../nbs/31_clip.ipynb #c006
-WORDS = ("<pad>", "<eos>", "a", "at", "the", "and", *SIZES, *COLORS, *SHAPES, "top", "middle", "bottom", "left", "right", "center")
+WORDS = ("<pad>", "<eos>", "a", "at", "the", "and", *SIZES, *COLORS, *SHAPES, "top", "middle", "bottom", "left", "right", "center", "of")
 WORD_ID = {w: i for i, w in enumerate(WORDS)}
 PAD, EOS = 0, 1
 
@@ -41,6 +42,29 @@ def combo_caption(combo: tuple) -> str:
     "The caption of one (shape, colour, size, cell) combination."
     shape, color, size, cell = combo
     return f"a {size} {color} {shape} at the {PLACES[cell]}"
+
+def relation_caption(objects: list, left_first: bool = True) -> str:
+    """Caption of a two-object scene (objects in different grid columns): "a red circle left of a blue square",
+    or with `left_first=False` the same fact from the other side, "a blue square right of a red circle"."""
+    if len(objects) != 2 or objects[0][3] % 3 == objects[1][3] % 3:
+        raise ValueError("relation_caption needs two objects in different grid columns")
+    a, b = sorted(objects, key=lambda o: o[3] % 3)
+    return f"a {a[1]} {a[0]} left of a {b[1]} {b[0]}" if left_first else f"a {b[1]} {b[0]} right of a {a[1]} {a[0]}"
+
+def swapped_captions(caption: str) -> list[str]:
+    """The binding negatives of a relation caption — its two colours swapped, and left/right swapped — or []
+    for any other caption. Each holds the same words as a true caption of the scene (this one, or its other
+    phrasing), so only word order separates them."""
+    w = caption.split()
+    if len(w) != 8 or w[4] != "of": return []
+    col = w.copy(); col[1], col[6] = w[6], w[1]
+    rel = w.copy(); rel[3] = {"left": "right", "right": "left"}[w[3]]
+    return [" ".join(col), " ".join(rel)]
+
+def clip_caption(label: dict, rng: np.random.Generator | None = None) -> str:
+    "The training caption of a scene: its own caption for one object, a relation caption (random phrasing) for two."
+    if len(label["objects"]) == 1: return label["caption"]
+    return relation_caption(label["objects"], rng is None or bool(rng.random() < 0.5))
 
 # %% ../../nbs/31_clip.ipynb #c009
 class Block(nn.Module):
@@ -126,31 +150,42 @@ class CLIP(nn.Module):
     def num_params(self) -> int: return sum(p.numel() for p in self.parameters())
 
 # %% ../../nbs/31_clip.ipynb #c014
+def _check_embeddings(img, txt):
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or len(txt) < len(img):
+        raise ValueError(f"image and text embeddings differ in shape: {tuple(img.shape)} vs {tuple(txt.shape)} "
+                         "(text needs the B captions, then any extra negatives)")
+
 def infonce_loss(img: torch.Tensor, txt: torch.Tensor, scale, positives: torch.Tensor | None = None) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE on normalized embeddings (B, D). `positives` (B, B) marks pairs that match
-    (default: the diagonal); targets spread evenly over each row's matches."""
-    if img.shape != txt.shape: raise ValueError(f"image and text embeddings differ in shape: {tuple(img.shape)} vs {tuple(txt.shape)}")
-    logits = scale * img @ txt.T
-    if positives is None: positives = torch.eye(len(img), device=img.device)
+    """CLIP's symmetric InfoNCE on normalized embeddings: images (B, D), texts (M, D) = the B captions, then
+    M - B extra hard-negative captions that compete in the image→text direction only. `positives` (B, M)
+    marks pairs that match (default: the diagonal); targets spread evenly over each row's matches."""
+    _check_embeddings(img, txt)
+    B = len(img); logits = scale * img @ txt.T
+    if positives is None: positives = torch.eye(B, len(txt), device=img.device)
+    t2i, pt = logits[:, :B].T, positives[:, :B].T
     return (F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
-            + F.cross_entropy(logits.T, positives.T / positives.T.sum(1, keepdim=True))) / 2
+            + F.cross_entropy(t2i, pt / pt.sum(1, keepdim=True))) / 2
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, scale, bias, positives: torch.Tensor | None = None) -> torch.Tensor:
     """SigLIP: every image-text pair is its own binary question "do these match?", answered by
-    sigmoid(scale · cos + bias); summed over pairs, averaged over images."""
-    if img.shape != txt.shape: raise ValueError(f"image and text embeddings differ in shape: {tuple(img.shape)} vs {tuple(txt.shape)}")
-    if positives is None: positives = torch.eye(len(img), device=img.device)
+    sigmoid(scale · cos + bias) with label +1 where `positives` (B, M; default the diagonal) is 1, else −1;
+    summed over all pairs, divided by the batch size B. Extra texts (M > B) are more negatives."""
+    _check_embeddings(img, txt)
+    if positives is None: positives = torch.eye(len(img), len(txt), device=img.device)
     logits = scale * img @ txt.T + bias
     return -F.logsigmoid((2 * positives - 1) * logits).sum() / len(img)
 
-def caption_positives(captions: list[str]) -> torch.Tensor:
-    "(B, B) float matrix: 1 where two captions of the batch are the same string."
-    ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
-    k = torch.tensor([ids[c] for c in captions])
-    return (k[:, None] == k[None]).float()
+def caption_positives(captions: list[str], texts: list[str] | None = None) -> torch.Tensor:
+    "(B, M) float matrix: 1 where caption i of the batch is the same string as text j (`texts` default: `captions`)."
+    texts = captions if texts is None else texts
+    ids = {c: k for k, c in enumerate(dict.fromkeys(captions + texts))}
+    a, b = torch.tensor([ids[c] for c in captions]), torch.tensor([ids[c] for c in texts])
+    return (a[:, None] == b[None]).float()
 
 # %% ../../nbs/31_clip.ipynb #c017
-CLIP_RECIPES = {"tiny": dict(steps=400, batch_size=128, lr=3e-3), "gpu": dict(steps=4000, batch_size=512, lr=1e-3)}
+SCALE_LR_MULT = 1.0   # learning-rate multiplier of the temperature and bias (10, 30, 100 measured no better)
+CLIP_RECIPES = {"tiny": dict(steps=400, batch_size=128, pair_batch=16, lr=3e-3, scale_lr_mult=SCALE_LR_MULT),
+                "gpu": dict(steps=4000, batch_size=512, pair_batch=128, lr=1e-3, scale_lr_mult=SCALE_LR_MULT)}
 
 def clip_config(tier: str = "tiny") -> ClipConfig:
     "The CLIP shape of a tier."
@@ -158,19 +193,30 @@ def clip_config(tier: str = "tiny") -> ClipConfig:
     if get_tier(tier).name == "tiny": return ClipConfig(image_size=size)
     return ClipConfig(image_size=size, patch=8, dim=256, n_layers=6, n_heads=8, embed_dim=256)
 
-def train_clip(model: CLIP, loader: SceneLoader, steps: int, lr: float, loss: str = "infonce", warmup: int = 30) -> list[float]:
-    "Train `model` with `loss` ('infonce' or 'siglip') on batches of `loader`; returns the loss per step."
+def train_clip(model: CLIP, loader: SceneLoader, steps: int, lr: float, loss: str = "infonce", warmup: int = 30,
+               pair_loader: SceneLoader | None = None, scale_lr_mult: float = SCALE_LR_MULT, swap_negatives: bool = True,
+               seed: int = 0) -> list[float]:
+    """Train `model` with `loss` ('infonce' or 'siglip') on batches of `loader` (plus, each step, a batch of
+    two-object scenes from `pair_loader` when given, whose swapped captions join the batch as extra negative
+    texts when `swap_negatives`); returns the loss per step."""
     if loss not in ("infonce", "siglip"): raise ValueError(f"loss must be 'infonce' or 'siglip', got {loss!r}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    dev, history = next(model.parameters()).device, []
+    scalars = [model.logit_scale, model.logit_bias]
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.05, "mult": 1.0},
+              {"params": [p for p in model.parameters() if p.ndim < 2 and all(p is not q for q in scalars)], "weight_decay": 0.0, "mult": 1.0},
+              {"params": scalars, "weight_decay": 0.0, "mult": scale_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    dev, history, rng = next(model.parameters()).device, [], np.random.default_rng(seed)
     model.train()
     for step in progress(range(steps), desc=f"clip ({loss})"):
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = g["mult"] * lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, labels = loader.next_batch()
-        caps = [l["caption"] for l in labels]
-        img, txt = model.encode_image(x), model.encode_text(encode_captions(caps, model.config.max_text).to(dev))
-        pos = caption_positives(caps).to(dev)
+        if pair_loader is not None:
+            x2, labels2 = pair_loader.next_batch(); x, labels = torch.cat([x, x2]), labels + labels2
+        caps = [clip_caption(l, rng) for l in labels]
+        texts = caps + ([n for c in caps for n in swapped_captions(c)] if swap_negatives else [])
+        img, txt = model.encode_image(x), model.encode_text(encode_captions(texts, model.config.max_text).to(dev))
+        pos = caption_positives(caps, texts).to(dev)
         if loss == "infonce": l = infonce_loss(img, txt, model.logit_scale.exp().clamp(max=100), pos)
         else: l = siglip_loss(img, txt, model.logit_scale.exp().clamp(max=100), model.logit_bias, pos)
         opt.zero_grad(set_to_none=True); l.backward(); opt.step()
@@ -241,8 +287,21 @@ def hard_negative_accuracy(model: CLIP, path) -> dict:
             wins.setdefault(name, []).append(float(txt[combo] @ e > txt[neg] @ e))
     return {k: float(np.mean(v)) for k, v in wins.items()}
 
+def pair_negatives(objects: list) -> dict[str, str]:
+    "The true relation caption of a two-object scene and its two binding negatives: colours swapped, left/right swapped."
+    true = relation_caption(objects)
+    return dict(zip(("true", "color_swap", "left_right"), [true, *swapped_captions(true)]))
+
+def pair_binding_accuracy(model: CLIP, path) -> dict:
+    "On two-object scenes: share whose true relation caption outscores each binding negative (chance 0.5)."
+    img, labels = embed_split(model, path)
+    caps = [pair_negatives(l["objects"]) for l in labels]
+    txt = {k: embed_texts(model, [c[k] for c in caps]) for k in caps[0]}
+    score = {k: (img * e).sum(1) for k, e in txt.items()}
+    return {k: (score["true"] > score[k]).float().mean().item() for k in ("color_swap", "left_right")}
+
 # %% ../../nbs/31_clip.ipynb #c026
-CLIP_VERSION = 1
+CLIP_VERSION = 2
 
 def save_clip(model: CLIP, path: str | Path) -> Path:
     "Write `config.json` and `model.safetensors` to the folder `path`, atomically."
@@ -279,6 +338,8 @@ def pretrained_clip(tier: str = "tiny", seed: int = 0, device=None, model: CLIP 
                 seed_everything(seed); dev = pick_device(device)
                 model = CLIP(clip_config(tier)).to(dev)
                 loader = SceneLoader(scene_dataset("objects", tier, seed)["train"], recipe["batch_size"], seed=seed, device=dev)
-                train_clip(model, loader, recipe["steps"], recipe["lr"], "infonce")
+                pair_loader = SceneLoader(scene_dataset("pairs", tier, seed)["train"], recipe["pair_batch"], seed=seed + 1, device=dev)
+                train_clip(model, loader, recipe["steps"], recipe["lr"], "infonce", pair_loader=pair_loader,
+                           scale_lr_mult=recipe["scale_lr_mult"], seed=seed)
             save_clip(model, path)
     return load_clip(path, device)

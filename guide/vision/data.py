@@ -47,10 +47,12 @@ def held_out_combos(frac: float = 0.14, seed: int = 0) -> frozenset:
 
 # %% ../../nbs/30_vision_data.ipynb #c009
 def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 3), text_prob: float = 0.5,
-                 held: frozenset = frozenset(), mode: str = "train") -> dict:
+                 held: frozenset = frozenset(), mode: str = "train", distinct: bool = False) -> dict:
     """One scene description: `objects` as [shape, colour, size, cell, x0, y0, x1, y1] (box normalized) in
     reading order, and `text` ('' when none). `mode`: 'train' avoids the `held` combinations, 'seen' too
-    (a test scene of seen combinations), 'held' makes the first object a held-out combination."""
+    (a test scene of seen combinations), 'held' makes the first object a held-out combination. `distinct`:
+    every object differs from the others in colour, shape and grid column (so "left of" is defined and
+    swapping two objects' colours changes the scene)."""
     if mode not in ("train", "seen", "held"): raise ValueError(f"mode must be train, seen or held, got {mode!r}")
     if mode == "held" and not held: raise ValueError("mode='held' needs a non-empty set of held-out combinations")
     text = ""
@@ -68,7 +70,10 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 3), 
                 shape, color, size = SHAPES[rng.integers(4)], list(COLORS)[rng.integers(6)], SIZES[rng.integers(2)]
                 cell = free[int(rng.integers(len(free)))]
                 if (shape, color, size, cell) in held: continue
+            if distinct and any(o[0] == shape or o[1] == color or o[3] % 3 == cell % 3 for o in objs): continue
             break
+        if distinct and any(o[0] == shape or o[1] == color or o[3] % 3 == cell % 3 for o in objs):
+            raise ValueError(f"cannot place {n} distinct objects")
         free.remove(cell)
         r = 0.45 if size == "large" else 0.3                   # radius, in cell widths
         cx = (cell % 3 + 0.5 + rng.uniform(-0.06, 0.06)) / 3
@@ -110,14 +115,15 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "test_held": 3}
 
 
 def make_shard(path: str | Path, index: int, n: int, image_size: int = 32, seed: int = 0, split: str = "train",
-               n_objects: tuple[int, int] = (1, 3), text_prob: float = 0.5, held_frac: float = 0.14) -> Path:
+               n_objects: tuple[int, int] = (1, 3), text_prob: float = 0.5, held_frac: float = 0.14,
+               distinct: bool = False) -> Path:
     "Render `n` scenes into `path/shard_{index:05d}.npy` and `.json`; deterministic from (seed, split, index)."
     if split not in SPLIT_IDS: raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     held = held_out_combos(held_frac, seed)
     mode = {"train": "train", "val": "train", "test": "seen", "test_held": "held"}[split]
-    scenes = [sample_scene(rng, n_objects, text_prob, held, mode) for _ in range(n)]
+    scenes = [sample_scene(rng, n_objects, text_prob, held, mode, distinct) for _ in range(n)]
     for s in scenes: s["text_x"] = float(rng.random())
     pixels = np.stack([render(s, image_size) for s in scenes])
     for s in scenes: s["caption"] = caption(s)
@@ -139,6 +145,7 @@ DATA_VERSION = 4
 SCENE_KINDS = {   # kind -> scene options
     "objects": dict(n_objects=(1, 1), text_prob=0.0),
     "scenes": dict(n_objects=(1, 2), text_prob=0.5),
+    "pairs": dict(n_objects=(2, 2), text_prob=0.0, distinct=True),
 }
 TIER_IMAGES = {   # tier -> image size, train images, test images per split
     "tiny": dict(image_size=48, train=24_000, test=1000),
