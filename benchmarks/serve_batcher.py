@@ -6,7 +6,8 @@ single text pays for no padding and no mask) on one model thread with one torch 
 request to that thread alone (`run_in_executor`), dynamic batching goes through `DynamicBatcher`. The two
 alternate `--repeats` times and the best run of each is reported (the machine may be shared; all runs are in
 the JSON). Reported: requests/s, CPU-ms per request, p50/p95 latency, the throughput ratio (target >= 3x) and
-whether p95 is equal or lower.
+whether p95 is equal or lower, and the model alone (no serving): CPU-ms per text one at a time vs in a batch,
+the part of the gain that batching the model itself can give on this machine.
 
     python benchmarks/serve_batcher.py
     python benchmarks/serve_batcher.py --smoke
@@ -43,6 +44,16 @@ def main(argv=None):
     one_worker = concurrent.futures.ThreadPoolExecutor(1)          # one-at-a-time: a single model thread, no batching
     async def single(x): return await asyncio.get_running_loop().run_in_executor(one_worker, lambda: fn([x], len(x))[0])
     fn([load[0]], len(load[0])); fn(load[:a.max_batch_size], 128)        # warm up both shapes
+    # the model alone, no serving: CPU-ms per text run one at a time vs in batches of max_batch_size. When the model
+    # is compute-bound per token (this CPU, this encoder) this ratio, plus the per-request overhead that batching
+    # also removes, bounds what dynamic batching can gain.
+    def cpu_ms(calls):
+        c0 = time.process_time()
+        for f in calls: f()
+        return (time.process_time() - c0) * 1000
+    k = 64 if a.smoke else 512
+    alone_ms = cpu_ms([lambda x=x: fn([x], len(x)) for x in load[:k]]) / k
+    batched_ms = cpu_ms([lambda i=i: fn(load[i:i + a.max_batch_size], 128) for i in range(0, k, a.max_batch_size)]) / k
     rows, singles, dyns = {}, [], []
     load_avg = os.getloadavg()[0]
     for _ in range(1 if a.smoke else a.repeats):
@@ -61,6 +72,7 @@ def main(argv=None):
                dynamic_thread_clients=r_dyn_threads, clients="asyncio (one event loop)",
                throughput_ratio=r_dyn["rps"] / r_single["rps"],
                cpu_per_request_ratio=r_single["cpu_ms_per_request"] / r_dyn["cpu_ms_per_request"], p95_ratio=r_dyn["p95_ms"] / r_single["p95_ms"],
+               model_only=dict(cpu_ms_per_text_alone=alone_ms, cpu_ms_per_text_batched=batched_ms, ratio=alone_ms / batched_ms),
                target_ratio=3.0, mean_batch=rows["batcher_stats"]["items"] / max(1, rows["batcher_stats"]["batches"]))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     name = "serve_batcher_smoke" if a.smoke else "serve_batcher"
@@ -73,7 +85,7 @@ def main(argv=None):
               bottom=[r_single["p50_ms"], r_dyn["p50_ms"]], alpha=.5, label="p95"); ax[1].set_ylabel("latency (ms)"); ax[1].legend()
     fig.suptitle(f"encoder, {a.concurrency} clients: {res['throughput_ratio']:.1f}x throughput"); fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=100)
-    print(json.dumps({k: res[k] for k in ("load_avg_1min", "throughput_ratio", "cpu_per_request_ratio", "p95_ratio", "mean_batch", "single", "dynamic")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("load_avg_1min", "model_only", "throughput_ratio", "cpu_per_request_ratio", "p95_ratio", "mean_batch", "single", "dynamic")}, indent=1))
     return 0
 
 
