@@ -360,7 +360,8 @@ def pretrained_vlm(tier: str = "tiny", seed: int = 0, device=None, model: VLM | 
         if not (path / "model.safetensors").exists():
             if model is None:
                 recipe = VLM_RECIPES.get(get_tier(tier).name, VLM_RECIPES["gpu"]); dev = pick_device(device)
-                seed_everything(seed)
+                pretrained_clip(tier, seed, dev)   # build the encoder first if it is not cached: training it must not move the RNG below
+                seed_everything(seed)              # so the VLM starts from the same state as in this notebook, whichever runs first
                 model = VLM(ViTTower(pretrained_clip(tier, seed, dev).vision), vlm_config(tier)).to(dev)
                 loader = SceneLoader(scene_dataset("scenes", tier, seed)["train"], recipe["batch_size"], seed=seed, device=dev)
                 train_vlm(model, loader, recipe["stage1"], recipe["lr"], freeze_vision=True, desc="stage 1")
