@@ -2,7 +2,7 @@
 
 # %% ../nbs/03_pretrained.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, os, shutil, tempfile
+import hashlib, json, math, tempfile
 from dataclasses import asdict
 from pathlib import Path
 

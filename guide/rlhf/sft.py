@@ -2,7 +2,7 @@
 
 # %% ../../nbs/51_sft.ipynb #c003
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile
+import hashlib, json, os, tempfile
 from dataclasses import asdict
 from pathlib import Path
 
