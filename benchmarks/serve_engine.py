@@ -14,7 +14,7 @@ alternate `--repeats` times and the best run of each is reported (all runs are i
     python benchmarks/serve_engine.py                       # tiny tier, CPU
     python benchmarks/serve_engine.py --smoke               # seconds, for tests
     python benchmarks/serve_engine.py --tier gpu --device cuda --requests 512
-    python benchmarks/serve_engine.py --bandwidth --device cuda   # gpu tier: batch-1 decode vs the HBM ceiling (~1.1B shape)
+    python benchmarks/serve_engine.py --gpu-decode --device cuda  # gpu tier: batch-1 decode vs the HBM ceiling (~1.1B shape)
 """
 from __future__ import annotations
 
@@ -82,26 +82,86 @@ def run_hf_static(hf, trace, batch, device):
                 itl_p50=pct(itl, 50), itl_p95=pct(itl, 95))
 
 
-def bandwidth_ceiling(device, steps=128):
-    "gpu tier: batch-1 greedy decode tokens/s of a ~1.1B Llama shape (bf16) vs the HBM bandwidth ceiling."
-    from guide.model import Llama, ModelConfig
-    from guide.serve.engine import Engine, SamplingParams
-    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048)
-    model = Llama(cfg).to(device=device, dtype=torch.bfloat16).eval()
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device); torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20): x.clone()
-    torch.cuda.synchronize(); bw = 2 * 20 * x.numel() * 2 / (time.perf_counter() - t)        # read + write bytes/s
-    del x
-    eng = Engine(model, None, max_batch_size=1, num_blocks=512)
-    eng.generate([[1] * 16], SamplingParams(max_tokens=16, ignore_eos=True))           # warm up
+def hbm_bandwidth(nbytes, device, n=20):
+    "Measured (copy, read) bandwidth in bytes/s on a bf16 tensor of `nbytes`: clone (bytes read + written) and a sum."
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    def timed(fn):
+        fn(); torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(n): fn()
+        torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+    return 2 * x.numel() * 2 / timed(lambda: x.clone()), x.numel() * 2 / timed(lambda: x.sum(dtype=torch.float32))
+
+
+def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results"):
+    """gpu tier: greedy decode of a ~1.1B Llama shape (bf16, random weights: speed does not depend on them).
+    Batch 1 tokens/s vs the memory-bandwidth ceiling (bytes read per token / measured HBM bandwidth), with and
+    without CUDA graphs, and transformers `generate` (eager, dynamic cache) on the same shape; then batched
+    decode throughput of the engine. Writes serve_gpu_decode.{json,png}."""
+    from transformers import LlamaForCausalLM
+    from guide.core import atomic_write, environment_info
+    from guide.model import Llama, ModelConfig, hf_config
+    from guide.serve.engine import DecodeGraphs, Engine, SamplingParams
+    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048,
+                      tie_embeddings=False)                                    # TinyLlama-1.1B's shape
+    with torch.device(device): model = Llama(cfg).to(torch.bfloat16).eval()
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    read_bytes = weight_bytes - (0 if cfg.tie_embeddings else model.embed_tokens.weight.numel() * 2)   # one embedding row is read
+    copy_bw, read_bw = hbm_bandwidth(weight_bytes, device)
+    bw = max(copy_bw, read_bw)
+    ceiling = bw / read_bytes
+    def engine_tps(graphs, batch, n_steps):
+        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=graphs)
+        prompts = [[1 + b] * 16 for b in range(batch)]
+        eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
+        torch.cuda.synchronize(); t = time.perf_counter()
+        eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True)); torch.cuda.synchronize()
+        return batch * n_steps / (time.perf_counter() - t)
+    res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
+               bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
+               ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
+    res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)
+    # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
+    eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
+    eng.graphs = DecodeGraphs(model, eng.cache, 1, compile=True, block_buckets=[16])
+    t = time.perf_counter(); eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True))
+    res["compile_seconds"] = time.perf_counter() - t
     torch.cuda.synchronize(); t = time.perf_counter()
     eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True)); torch.cuda.synchronize()
-    tps = steps / (time.perf_counter() - t)
-    ceiling = bw / nbytes
-    return dict(params=sum(p.numel() for p in model.parameters()), weight_bytes=nbytes, measured_bandwidth_GBps=bw / 1e9,
-                decode_tokens_per_s=tps, ceiling_tokens_per_s=ceiling, fraction_of_ceiling=tps / ceiling)
+    res["batch1_compiled_graphs_tokens_per_s"] = steps / (time.perf_counter() - t)
+    graph = eng.graphs.graphs[(1, 16)][0]                      # the GPU alone: replay the step back to back, no engine
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(200): graph.replay()
+    torch.cuda.synchronize(); res["batch1_compiled_replay_only_tokens_per_s"] = 200 / (time.perf_counter() - t)
+    del eng, graph; torch.cuda.empty_cache()
+    res["fraction_of_ceiling_compiled"] = res["batch1_compiled_graphs_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_replay_only"] = res["batch1_compiled_replay_only_tokens_per_s"] / ceiling
+    res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))
+    res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_eager"] = res["batch1_eager_tokens_per_s"] / ceiling
+    print(json.dumps(res, indent=1), flush=True)
+    with torch.device(device): hf = LlamaForCausalLM(hf_config(cfg)).to(torch.bfloat16).eval()
+    ids = torch.ones(1, 16, dtype=torch.long, device=device)
+    hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch.cuda.synchronize(); t = time.perf_counter()
+    hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False); torch.cuda.synchronize()
+    res["batch1_hf_generate_tokens_per_s"] = 64 / (time.perf_counter() - t)
+    res["fraction_of_ceiling_hf"] = res["batch1_hf_generate_tokens_per_s"] / ceiling
+    del hf; torch.cuda.empty_cache()
+    res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
+    atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
+    names = ["ceiling", "GPU only\n(replay)", "guide\ncompile+graphs", "guide\ngraphs", "guide\neager", "HF\ngenerate"]
+    vals = [ceiling, res["batch1_compiled_replay_only_tokens_per_s"], res["batch1_compiled_graphs_tokens_per_s"],
+            res["batch1_graphs_tokens_per_s"], res["batch1_eager_tokens_per_s"], res["batch1_hf_generate_tokens_per_s"]]
+    ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
+    ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling_compiled']:.0%} of the bandwidth ceiling")
+    ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-")
+    ax[1].set_xscale("log", base=2); ax[1].set_xlabel("requests decoded together"); ax[1].set_ylabel("tokens / s")
+    fig.suptitle(res["env"]["device"]); fig.tight_layout(); fig.savefig(out / "serve_gpu_decode.png", dpi=100)
+    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
+    return res
 
 
 def main(argv=None):
@@ -110,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=128); ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times; report the best of each")
-    ap.add_argument("--bandwidth", action="store_true", help="gpu tier: batch-1 decode vs the memory-bandwidth ceiling")
+    ap.add_argument("--gpu-decode", action="store_true", help="gpu tier: batch-1 decode of a ~1.1B shape vs the memory-bandwidth ceiling, and batched")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
     from guide.core import environment_info, setup_torch
@@ -119,9 +179,8 @@ def main(argv=None):
     from guide.serve.engine import make_trace
     setup_torch()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    if a.bandwidth:
-        res = bandwidth_ceiling(a.device)
-        (out / "serve_bandwidth.json").write_text(json.dumps(res, indent=1)); print(json.dumps(res, indent=1)); return 0
+    if a.gpu_decode:
+        gpu_decode(a.device, out=out); return 0
     n = 16 if a.smoke else a.requests
     model, _ = tiny_base(a.tier, a.seed, device=a.device)
     trace = make_trace(n, model.config.vocab_size, seed=a.seed, output_median=6 if a.smoke else 24, output_range=(2, 40) if a.smoke else (2, 192))

@@ -6,7 +6,7 @@ Reported per W: requests/s, p50/p95/p99 latency, errors. gpu-tier target (issue)
 p95 < 50 ms for a MiniLM-L6-sized classifier, which no single Python process can front: hence --workers.
 
     python benchmarks/serve_http.py --workers 1 2 --requests 2000              # tiny tier, CPU (a smoke of the setup)
-    python benchmarks/serve_http.py --device cuda --workers 1 8 --clients 6 --concurrency 384 --requests 200000
+    python benchmarks/serve_http.py --tier gpu --device cuda --workers 1 8 --clients 6 --concurrency 384 --requests 200000
 """
 from __future__ import annotations
 
@@ -51,15 +51,17 @@ def _client(base, texts, n, concurrency, time_limit, q):
     q.put(asyncio.run(run()))
 
 
-def start(workers, device, threads):
-    cmd = [str(Path(sys.executable).parent / "guide"), "serve", "--no-llm", "--workers", str(workers), "--port", "0",
+def start(workers, device, threads, tier):
+    cmd = [sys.executable, "-c", "import sys; from guide.serve.server import main; sys.exit(main(sys.argv[1:]))",   # = `guide serve`
+           "--no-llm", "--workers", str(workers), "--port", "0", "--tier", tier,
            "--threads", str(threads), "--log-level", "error"] + (["--device", device] if device else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    base = None
+    base, said = None, []
     for line in proc.stdout:
+        said.append(line)
         if "listening on" in line: base = line.strip().rsplit(" ", 1)[-1]; break
-    if base is None: raise RuntimeError("server did not start")
+    if base is None: raise RuntimeError("server did not start; it said:\n" + "".join(said[-40:]))
     import httpx
     pids, t0 = set(), time.monotonic()
     while len(pids) < workers and time.monotonic() - t0 < 300:      # every worker loaded and answering
@@ -79,13 +81,15 @@ def main(argv=None):
     ap.add_argument("--concurrency", type=int, default=64, help="connections in flight, all clients together")
     ap.add_argument("--requests", type=int, default=2000); ap.add_argument("--time-limit", type=float, default=120)
     ap.add_argument("--threads", type=int, default=1); ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--tier", default="tiny", help="encoder size: tiny (64 wide, 2 layers) or gpu (MiniLM-L6-sized: 384 wide, 6 layers)")
     a = ap.parse_args(argv)
-    from guide.core import environment_info
-    from guide.serve.batcher import snippets
+    from guide.core import atomic_write, environment_info
+    from guide.serve.batcher import snippets, tiny_encoder
+    encoder = tiny_encoder(a.tier, device=a.device)[0]                 # train and cache it once, before the workers load it
     texts = [t for t, _ in snippets("test", 400, seed=1)]
     runs = {}
     for w in a.workers:
-        proc, base = start(w, a.device, a.threads)
+        proc, base = start(w, a.device, a.threads, a.tier)
         try:
             q = mp.get_context("spawn").Queue()
             per = a.requests // a.clients
@@ -103,10 +107,10 @@ def main(argv=None):
             proc.send_signal(signal.SIGTERM)
             try: proc.wait(60)
             except subprocess.TimeoutExpired: proc.kill()
-    res = dict(benchmark="serve_http", env=environment_info(), device=a.device or "cpu", clients=a.clients, concurrency=a.concurrency,
-               runs=runs, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
+    res = dict(benchmark="serve_http", env=environment_info(), device=a.device or "cpu", tier=a.tier, encoder=encoder.config,
+               encoder_params=sum(p.numel() for p in encoder.parameters()), clients=a.clients, concurrency=a.concurrency, runs=runs, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".serve_http.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / "serve_http.json")
+    atomic_write(out / "serve_http.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ws = [str(w) for w in runs]

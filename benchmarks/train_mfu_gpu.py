@@ -11,12 +11,12 @@ benchmarks/results/train_mfu_gpu.{json,png}. Budget: under 8 minutes including c
     python benchmarks/train_mfu_gpu.py                # needs CUDA; exits 0 with a message otherwise
     python benchmarks/train_mfu_gpu.py --only gpt2    # one shape
 """
-import argparse, json, math, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 import torch
 
-from guide.core import environment_info, measure_matmul_flops, seed_everything, setup_torch
+from guide.core import atomic_write, environment_info, measure_matmul_flops, seed_everything, setup_torch
 from guide.model import Llama, ModelConfig
 from guide.train.loop import accumulate, mfu
 
@@ -33,7 +33,7 @@ A100_BF16 = 312e12
 
 def bench(name: str, spec: dict, peak: float, steps: int = 30, warmup: int = 8) -> dict:
     seed_everything(0)
-    model = Llama(ModelConfig(**spec["cfg"])).cuda()
+    with torch.device("cuda"): model = Llama(ModelConfig(**spec["cfg"]))     # initialised on the GPU: seconds, not a minute
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     cmodel = torch.compile(model)
     B, T = spec["batch"], spec["seq"]
@@ -78,7 +78,7 @@ def main(argv=None):
               f"(target {r['target']:.0%}); 1B×14B tokens on 8×A100 ≈ {r['projected_hours_1b_14b_8xa100']:.0f} h", flush=True)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     res = dict(env=environment_info(), peak_bf16_flops=peak, results=results)
-    (out / "train_mfu_gpu.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "train_mfu_gpu.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([r["shape"] for r in results], [r["mfu"] for r in results], label="guide (compiled, bf16)")

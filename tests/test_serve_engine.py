@@ -206,3 +206,42 @@ def test_tensorrt_engine_matches_onnx(tmp_path):
     out = TrtRunner(plan)({"input_ids": xb.cuda(), "attention_mask": mb.cuda()})
     with torch.no_grad(): ref = enc(xb, mb)[0]
     torch.testing.assert_close(out["class_logits"].cpu(), ref, atol=1e-3, rtol=1e-3)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (the gpu tier runs this)")
+
+
+def _peaky_model(device):
+    "A random-weight Llama whose logits have wide gaps (scaled head), so greedy argmax is stable across kernel choices."
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(ModelConfig(vocab_size=512, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=256)).eval()
+    with torch.no_grad(): model.lm_head.weight.mul_(20)
+    return model
+
+
+@needs_cuda
+def test_cuda_graph_decode_equals_eager_engine():
+    model = _peaky_model("cuda")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 60))] for _ in range(12)]
+    lens = [rng.randint(1, 120) for _ in prompts]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
+    graphed = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5)
+    assert graphed.graphs is not None
+    eager = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, cuda_graphs=False)
+    got, want = graphed.generate(prompts, params), eager.generate(prompts, params)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    assert len(graphed.graphs.graphs) >= 3                     # several (batch, blocks) buckets were captured and replayed
+    assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
+    with torch.no_grad(): model.lm_head.weight.mul_(1.01)      # changed weights: the graphs are recaptured, not stale
+    again = graphed.generate(prompts[:2], params[:2])
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in eager.generate(prompts[:2], params[:2])]
+
+
+def test_cuda_graphs_refuse_a_cpu_model():
+    from guide.serve.engine import DecodeGraphs, PagedKVCache
+    model = _peaky_model("cpu")
+    cache = PagedKVCache(3, 2, 32, num_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="CUDA device"): DecodeGraphs(model, cache, 4)
+    assert Engine(model, None, num_blocks=8).graphs is None    # CPU: the engine runs every step eagerly

@@ -2,8 +2,7 @@
 
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
-import asyncio, concurrent.futures, hashlib, json, math, os, queue, random, shutil, tempfile, threading, time
-from pathlib import Path
+import asyncio, concurrent.futures, hashlib, json, math, queue, random, threading, time
 from typing import Any, Callable
 
 import torch
@@ -12,13 +11,13 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from ..core import cache_dir, seed_everything
-from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus, split_of
+from ..core import atomic_dir, cache_dir, get_tier, seed_everything
+from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
-__all__ = ['ENCODER_RECIPE', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch', 'encode_texts', 'accuracy',
-           'train_encoder', 'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded',
-           'DynamicBatcher', 'encoder_fn', 'closed_loop', 'closed_loop_async']
+__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
+           'encode_texts', 'accuracy', 'train_encoder', 'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull',
+           'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -133,6 +132,8 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0, length: int | None = None,
 
 # %% ../../nbs/21_batcher.ipynb #c008
 ENCODER_RECIPE = dict(version=1, dim=64, n_layers=2, n_heads=4, max_len=128, steps=300, batch=32, lr=2e-3, n_train=6000)
+# the gpu tier serves a MiniLM-L6-sized encoder (384 wide, 6 layers, 12 heads; ~14M parameters with this vocabulary)
+ENCODER_RECIPES = {"tiny": ENCODER_RECIPE, "gpu": ENCODER_RECIPE | dict(dim=384, n_layers=6, n_heads=12, lr=5e-4)}
 
 def encode_texts(tok, texts: list[str], max_len: int = 128) -> list[list[int]]:
     "Token ids of each text, cut to `max_len` (an empty text becomes one pad token)."
@@ -166,19 +167,17 @@ def train_encoder(tok, recipe: dict = ENCODER_RECIPE, seed: int = 0, device=None
     return model.eval(), dict(test_accuracy=acc, final_loss=loss.item())
 
 def tiny_encoder(tier: str = "tiny", seed: int = 0, device=None) -> tuple[TextEncoder, Any, dict]:
-    "The cached prose/code encoder `(model, tokenizer, summary)`: trained on first use (~30 s on one core)."
+    "The cached prose/code encoder of `tier` `(model, tokenizer, summary)`: trained on first use (~30 s on one core in the tiny tier)."
     tok = get_tokenizer(tier)
-    key = hashlib.sha256(json.dumps([ENCODER_RECIPE, tier, seed, len(tok)]).encode()).hexdigest()[:12]
+    recipe = ENCODER_RECIPES.get(get_tier(tier).name, ENCODER_RECIPES["gpu"])
+    key = hashlib.sha256(json.dumps([recipe, tier, seed, len(tok)]).encode()).hexdigest()[:12]
     path = cache_dir("models") / f"encoder-{tier}-{key}"
     with file_lock(str(path) + ".lock"):
         if not (path / "summary.json").exists():
-            model, summary = train_encoder(tok, seed=seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-            torch.save(model.state_dict(), tmp / "model.pt")
-            (tmp / "summary.json").write_text(json.dumps(summary | dict(config=model.config)))
-            if path.exists(): shutil.rmtree(path)
-            os.replace(tmp, path)
+            model, summary = train_encoder(tok, recipe, seed=seed, device=device)
+            with atomic_dir(path) as tmp:
+                torch.save(model.state_dict(), tmp / "model.pt")
+                (tmp / "summary.json").write_text(json.dumps(summary | dict(config=model.config)))
     summary = json.loads((path / "summary.json").read_text())
     model = TextEncoder(**summary["config"])
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
@@ -262,9 +261,10 @@ class DynamicBatcher:
             raise QueueFull(f"queue is full ({self.queue.maxsize} waiting)") from None
         return fut
 
-    async def asubmit(self, ids: list[int], timeout: float | None = None):
-        "`submit` for asyncio callers: awaits the result (settled on this loop, once per batch)."
-        return await self._put(ids, timeout, _LoopFuture(asyncio.get_running_loop())).fut
+    def asubmit(self, ids: list[int], timeout: float | None = None) -> asyncio.Future:
+        """`submit` for asyncio callers: queues now (QueueFull raises here) and returns an asyncio future to await,
+        settled on this loop once per batch (not one thread-safe wake-up per request, as `wrap_future` would be)."""
+        return self._put(ids, timeout, _LoopFuture(asyncio.get_running_loop())).fut
 
     def _loop(self):
         pending: list = []

@@ -10,11 +10,12 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..model import Llama, apply_rope, from_hf, sample_next
+from ..model import Llama, from_hf, sample_next
 
 # %% auto #0
 __all__ = ['SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
-           'prefill_forward', 'decode_forward', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'prefill_forward', 'decode_forward', 'decode_static', 'DecodeGraphs', 'RequestOutput', 'Request', 'Engine',
+           'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -82,7 +83,8 @@ class PagedKVCache:
                  device=None, dtype=torch.float32):
         if block_size < 1: raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.num_blocks, self.n_kv_heads = block_size, num_blocks, n_kv_heads
-        self.kv = [torch.zeros(num_blocks, block_size, 2 * n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.null_block = num_blocks            # one more block that no request owns: padding rows of a fixed-shape step use it
+        self.kv = [torch.zeros(num_blocks + 1, block_size, 2 * n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
         self.k = [t[:, :, :n_kv_heads] for t in self.kv]
         self.v = [t[:, :, n_kv_heads:] for t in self.kv]
         self.allocator = BlockAllocator(num_blocks)
@@ -144,7 +146,7 @@ def _layer_qkv(model, w, x, cos, sin):
     out = F.linear(F.rms_norm(x, (x.shape[-1],), w[4], cfg.norm_eps), w[0])
     a, b = (H + KV) * hd, (H + 2 * KV) * hd
     qk = out[:, :a].view(-1, H + KV, hd)
-    torch.addcmul(qk * cos, out[:, b:].view(-1, H + KV, hd), sin, out=qk)      # x*cos + rotate_half(x)*sin, in place
+    qk.mul_(cos).addcmul_(out[:, b:].view(-1, H + KV, hd), sin)                # x*cos + rotate_half(x)*sin, in place
     return out[:, :H * hd].view(-1, H, hd), out[:, H * hd:b].view(-1, 2 * KV, hd)   # q, and k|v side by side
 
 def _layer_out(model, w, x, y):
@@ -236,6 +238,75 @@ def decode_forward(model: Llama, cache: PagedKVCache, tokens: list[int], positio
     return step_forward(model, cache, [], [], tokens, positions, tables)
 
 # %% ../../nbs/20_engine.ipynb #c019
+@torch.no_grad()
+def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                  tables: torch.Tensor, weights: list[tuple] | None = None) -> torch.Tensor:
+    """One decode step with every shape fixed by its inputs and no host round trip (capturable as a CUDA graph):
+    `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
+    `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling)."""
+    cfg, bs = model.config, cache.block_size
+    (B, NB), KV, hd = tables.shape, cfg.n_kv_heads, cfg.head_dim
+    x = model.embed_tokens(tokens)
+    cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+    mask = torch.zeros(B, 1, 1, NB * bs, device=x.device, dtype=x.dtype)
+    mask.masked_fill_(torch.arange(NB * bs, device=x.device)[None, None, None] > positions[:, None, None, None], float("-inf"))
+    for i, w in enumerate(_fused_weights(model) if weights is None else weights):
+        q, kv = _layer_qkv(model, w, x, cos, sin)
+        cache.write(i, slots, kv)
+        K, V = cache.gather(i, tables)
+        y = F.scaled_dot_product_attention(q.reshape(B, KV, -1, hd), K, V, attn_mask=mask)
+        x = _layer_out(model, w, x, y.reshape(B, -1))
+    return _head(model, x)
+
+def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
+
+class DecodeGraphs:
+    """Decode steps replayed from CUDA graphs, one per (batch bucket, block-count bucket), captured on first use.
+    `graphs(tokens, positions, tables)` takes what `decode_forward` takes and returns its logits (B, V): a view of
+    the graph's output buffer, valid until the next call. `compile=True` first compiles the step with
+    `torch.compile` (Inductor fuses the norms, rotary, masking and activations into a few kernels), once per
+    bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds."""
+    def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
+                 block_buckets: list[int] | None = None):
+        if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+        self.model, self.cache = model, cache
+        self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size] + [max_batch_size]
+        most = cache.blocks_for(model.config.max_seq_len)
+        self.block_sizes = sorted({min(b, most) for b in block_buckets or (2 ** i for i in range(20))} | {most})
+        self.step = torch.compile(decode_static, dynamic=False) if compile else decode_static
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool, self._weights = None, None
+
+    def _capture(self, B: int, NB: int):
+        inp = torch.full((B, 2 + NB), self.cache.null_block, dtype=torch.long, device=self.model.device)
+        inp[:, :2] = 0                                                   # token 0 at position 0 of the null block
+        run = lambda: self.step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights)
+        side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                    # warm up (cuBLAS handles, workspaces) off the capture
+            for _ in range(2): run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool): out = run()
+        self.pool = graph.pool()                                         # all graphs share one memory pool
+        return graph, inp, out
+
+    def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        B, nb = len(tokens), max(map(len, tables))
+        if B > self.batch_sizes[-1] or nb > self.block_sizes[-1]: raise ValueError(f"{B} rows of {nb} blocks exceed the captured sizes")
+        weights = _fused_weights(self.model)
+        if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
+        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes))
+        if key not in self.graphs: self.graphs[key] = self._capture(*key)
+        graph, inp, out = self.graphs[key]
+        null = self.cache.null_block
+        rows = [[t, p] + tab + [null] * (key[1] - len(tab)) for t, p, tab in zip(tokens, positions, tables)]
+        rows += [[0, 0] + [null] * key[1]] * (key[0] - B)
+        inp.copy_(torch.tensor(rows))                                    # one host-to-device copy of all inputs
+        graph.replay()
+        return out[:B]
+
+# %% ../../nbs/20_engine.ipynb #c023
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -278,12 +349,15 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c021
+# %% ../../nbs/20_engine.ipynb #c025
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
-    transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread."""
+    transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
+    `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
+    compiled first with `compile_decode=True`."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
-                 max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None):
+                 max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
+                 cuda_graphs: bool | None = None, compile_decode: bool = False):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) != "llama":
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama model, got {type(model).__name__}")
@@ -295,6 +369,8 @@ class Engine:
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
+        if cuda_graphs is None: cuda_graphs = model.device.type == "cuda"
+        self.graphs = DecodeGraphs(model, self.cache, max_batch_size, compile_decode) if cuda_graphs else None   # decode-only steps
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -390,8 +466,10 @@ class Engine:
             rows = admitted + decode
             if not rows: return []
             ids = [req.all_ids for req in admitted]              # prefill and decode in one pass over the weights
-            logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
-                                  [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+            if self.graphs is not None and not admitted:
+                logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+            else: logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
+                                        [r.num_tokens - 1 for r in decode], [r.table for r in decode])
             self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
             self.stats["steps"] += 1
             tokens = self._sample(rows, logits)
@@ -458,7 +536,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c031
+# %% ../../nbs/20_engine.ipynb #c035
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -527,7 +605,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c034
+# %% ../../nbs/20_engine.ipynb #c038
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

@@ -355,29 +355,32 @@ def build_app(state: ServerState) -> FastAPI:
         if not texts or len(texts) > 256: raise APIError(400, "input must be a text or a list of 1 to 256 texts", param="input")
         tok, max_len = st.encoder_tokenizer, st.encoder.fn.max_len if hasattr(st.encoder.fn, "max_len") else 128
         ids = [tok.encode(t)[:max_len] or [tok.pad_token_id] for t in texts]
-        try: futs = [st.encoder.submit(x, timeout=st.request_timeout) for x in ids]
+        futs = []
+        try:
+            for x in ids: futs.append(st.encoder.asubmit(x, timeout=st.request_timeout))
         except QueueFull:
+            for f in futs: f.cancel()                    # the ones already queued are skipped when their batch runs
             st.metrics.rejected.labels("overload").inc()
             raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
-        try: res = await asyncio.gather(*[asyncio.wrap_future(f) for f in futs])
+        try: res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
         except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
         return ids, res
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         ids, res = await _encode(body)
-        n = sum(map(len, ids))
-        return {"object": "list", "model": st.encoder_name, "usage": {"prompt_tokens": n, "total_tokens": n},
-                "data": [{"object": "embedding", "index": i, "embedding": _encode_vector(r["embedding"], body.encoding_format)}
-                         for i, r in enumerate(res)]}
+        n = sum(map(len, ids))                 # JSONResponse directly: FastAPI's jsonable_encoder pass over the floats is slow
+        return JSONResponse({"object": "list", "model": st.encoder_name, "usage": {"prompt_tokens": n, "total_tokens": n},
+                             "data": [{"object": "embedding", "index": i, "embedding": _encode_vector(r["embedding"], body.encoding_format)}
+                                      for i, r in enumerate(res)]})
 
     @app.post("/v1/classify")
     async def classify(body: EmbeddingRequest):
         ids, res = await _encode(body)
         labels = st.encoder_labels
-        return {"object": "list", "model": st.encoder_name,
-                "data": [{"index": i, "label": labels[max(range(len(r["probs"])), key=r["probs"].__getitem__)],
-                          "probs": dict(zip(labels, r["probs"]))} for i, r in enumerate(res)]}
+        return JSONResponse({"object": "list", "model": st.encoder_name,
+                             "data": [{"index": i, "label": labels[max(range(len(r["probs"])), key=r["probs"].__getitem__)],
+                                       "probs": dict(zip(labels, r["probs"]))} for i, r in enumerate(res)]})
 
     return app
 
