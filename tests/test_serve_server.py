@@ -1,4 +1,5 @@
 """Chapter 20 (serving): `guide serve` as a live process on 127.0.0.1, driven by the official openai client."""
+import asyncio
 import concurrent.futures as cf
 import json
 import os
@@ -253,7 +254,42 @@ def test_prefork_workers_encoder_only():
         assert r.status_code == 200 and r.json()["data"][0]["label"] == "code"
         r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        # the encoder lives in one model process shared by both workers: many requests at once all come back right
+        texts = [f"def f{i}(x):\n    return x + {i}" if i % 2 else f"The statement number {i} is explained here." for i in range(64)]
+        async def many():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                return await asyncio.gather(*[c.post("/v1/classify", json={"model": "tiny-encoder", "input": t}) for t in texts])
+        rs = asyncio.run(many())
+        assert all(r.status_code == 200 for r in rs)
+        from guide.data import get_tokenizer
+        from guide.serve.batcher import load_encoder_fn
+        direct = load_encoder_fn("tiny")([get_tokenizer("tiny").encode(t) for t in texts], 128)     # each answer is its own text's
+        for r, d in zip(rs, direct):
+            assert abs(r.json()["data"][0]["probs"]["code"] - d["probs"][1]) < 1e-4
+        children = _children(proc.pid)
+        assert len(children) >= 3, children        # two workers, the encoder process (and multiprocessing's resource tracker)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        time.sleep(0.5)
+        assert not [p for p in children if _alive(p)], "a worker or the encoder process outlived the server"
     finally:
         stop(proc)
+
+
+def _alive(pid: int) -> bool:
+    "Running (not gone, not a zombie left for init to reap)."
+    try:
+        with open(f"/proc/{pid}/stat") as f: return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError: return False
+
+
+def _children(pid: int) -> list[int]:
+    "Process ids whose parent is `pid` (from /proc)."
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f: stat = f.read()
+            except OSError: continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid: out.append(int(d))
+    return out

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
-import asyncio, concurrent.futures, hashlib, json, math, queue, random, threading, time
+import asyncio, concurrent.futures, hashlib, itertools, json, math, os, queue, random, threading, time
 from typing import Any, Callable
 
 import torch
@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from ..core import atomic_dir, cache_dir, get_tier, seed_everything
+from ..core import atomic_dir, cache_dir, get_tier, seed_everything, setup_torch
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
 __all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
-           'encode_texts', 'accuracy', 'train_encoder', 'tiny_encoder', 'should_flush', 'bucket_of', 'QueueFull',
-           'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn', 'closed_loop', 'closed_loop_async']
+           'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush', 'bucket_of',
+           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn', 'batcher_process', 'RemoteBatcher',
+           'load_encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -166,10 +167,14 @@ def train_encoder(tok, recipe: dict = ENCODER_RECIPE, seed: int = 0, device=None
     acc = accuracy(model, encode_texts(tok, [t for t, _ in test], r["max_len"]), [y for _, y in test])
     return model.eval(), dict(test_accuracy=acc, final_loss=loss.item())
 
+def encoder_recipe(tier: str = "tiny") -> dict:
+    "The encoder recipe of `tier` (bigger tiers than `gpu` use the gpu recipe)."
+    return ENCODER_RECIPES.get(get_tier(tier).name, ENCODER_RECIPES["gpu"])
+
 def tiny_encoder(tier: str = "tiny", seed: int = 0, device=None) -> tuple[TextEncoder, Any, dict]:
     "The cached prose/code encoder of `tier` `(model, tokenizer, summary)`: trained on first use (~30 s on one core in the tiny tier)."
     tok = get_tokenizer(tier)
-    recipe = ENCODER_RECIPES.get(get_tier(tier).name, ENCODER_RECIPES["gpu"])
+    recipe = encoder_recipe(tier)
     key = hashlib.sha256(json.dumps([recipe, tier, seed, len(tok)]).encode()).hexdigest()[:12]
     path = cache_dir("models") / f"encoder-{tier}-{key}"
     with file_lock(str(path) + ".lock"):
@@ -215,13 +220,24 @@ def _settle(slots: list[_LoopFuture]):
         s.fut.set_result(v) if ok else s.fut.set_exception(v)
 
 def _notify(slots: list):
-    "Wake each event loop once for all of its settled `_LoopFuture`s."
-    by_loop: dict = {}
+    "Wake each event loop once for all of its settled `_LoopFuture`s; send each front process one reply for its `_ReplySlot`s."
+    by_loop, by_reply = {}, {}
     for s in slots:
         if isinstance(s, _LoopFuture): by_loop.setdefault(s.loop, []).append(s)
+        elif isinstance(s, _ReplySlot): by_reply.setdefault(id(s.replies), (s.replies, []))[1].append((s.rid, *s.outcome))
     for loop, items in by_loop.items():
         try: loop.call_soon_threadsafe(_settle, items)
         except RuntimeError: pass                           # that loop is closed: nobody waits any more
+    for replies, items in by_reply.values(): replies.put(items)
+
+class _ReplySlot:
+    "The result slot of a request from another process (`batcher_process`): its outcome goes back on that process's queue."
+    __slots__ = ("replies", "rid", "outcome")
+    def __init__(self, replies, rid: int): self.replies, self.rid, self.outcome = replies, rid, None
+    def set_running_or_notify_cancel(self) -> bool: return True
+    def set_result(self, r): self.outcome = (True, r)
+    def set_exception(self, e):                             # must cross a process boundary: keep only picklable types
+        self.outcome = (False, e if isinstance(e, (DeadlineExceeded, QueueFull)) else RuntimeError(f"{type(e).__name__}: {e}"))
 
 class DynamicBatcher:
     """Group single requests into batches for `fn(list_of_token_lists, pad_length) -> list_of_results`.
@@ -319,6 +335,80 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0) -> Callable[[list[list[int]]
     return fn
 
 # %% ../../nbs/21_batcher.ipynb #c019
+def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, ready=None, max_batch_size: int = 32,
+                    max_queue_delay: float = 0.005, max_queue_size: int = 1024):
+    """The model process: `load_fn()` builds the batcher function (loads the model here); then it batches the
+    requests of every front process. `requests` carries `(front index, [(request id, token ids, timeout), ...])`,
+    `replies[i]` gets `[(request id, ok, result or exception), ...]` per batch; `None` on `requests` stops it."""
+    parent = os.getppid()
+    batcher = DynamicBatcher(load_fn(), max_batch_size, max_queue_delay, max_queue_size).start()
+    if ready is not None: ready.set()
+    while True:
+        try: msg = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent: break                # the server died without telling us
+            continue
+        if msg is None: break
+        front, items = msg
+        refused = []
+        for rid, ids, timeout in items:
+            try: batcher._put(ids, timeout, _ReplySlot(replies[front], rid))
+            except (QueueFull, ValueError) as e: refused.append((rid, False, e))
+        if refused: replies[front].put(refused)
+    batcher.stop()
+
+class RemoteBatcher:
+    """A front process's handle on a `batcher_process`: `asubmit(ids, timeout)` returns an asyncio future, like
+    `DynamicBatcher.asubmit`, but a full queue or a passed deadline arrive on the future (as QueueFull /
+    DeadlineExceeded), not at the call. Call `start()` on the event loop that will submit."""
+    def __init__(self, front: int, requests, replies, max_len: int = 128):
+        self.front, self.requests, self.replies = front, requests, replies
+        self.fn = type("RemoteFn", (), {"max_len": max_len})()      # what the server reads off a batcher's function
+        self.loop, self._pending, self._outbox, self._ids, self._thread = None, {}, [], itertools.count(), None
+        self.stats = dict(requests=0, messages_sent=0, replies=0)
+
+    def start(self) -> "RemoteBatcher":
+        self.loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._read, name="guide-remote-batcher", daemon=True); self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None: self.replies.put(None); self._thread.join(5); self._thread = None
+        for fut in self._pending.values():
+            if not fut.done(): fut.set_exception(RuntimeError("the batcher was stopped"))
+        self._pending.clear()
+
+    def asubmit(self, ids: list[int], timeout: float | None = None) -> asyncio.Future:
+        if not ids: raise ValueError("empty input")
+        rid, fut = next(self._ids), self.loop.create_future()
+        self._pending[rid] = fut; self.stats["requests"] += 1
+        if not self._outbox: self.loop.call_soon(self._flush)         # once per event-loop tick
+        self._outbox.append((rid, list(ids), timeout))
+        return fut
+
+    def _flush(self):
+        out, self._outbox = self._outbox, []
+        self.requests.put((self.front, out)); self.stats["messages_sent"] += 1
+
+    def _read(self):
+        while (msg := self.replies.get()) is not None:
+            self.loop.call_soon_threadsafe(self._settle, msg)
+
+    def _settle(self, msg):
+        self.stats["replies"] += 1
+        for rid, ok, value in msg:
+            fut = self._pending.pop(rid, None)
+            if fut is None or fut.done(): continue              # cancelled meanwhile (client gone)
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int = 1) -> Callable:
+    "The batcher function of the cached encoder of `tier`, with its `max_len` (what a model process loads)."
+    setup_torch(threads)
+    enc, tok, _ = tiny_encoder(tier, seed, device=device)
+    fn = encoder_fn(enc, tok.pad_token_id); fn.max_len = enc.max_len
+    return fn
+
+# %% ../../nbs/21_batcher.ipynb #c023
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
     "Send `inputs` from `concurrency` threads, each waiting for its answer; stops at `time_limit` s. Returns throughput and latency percentiles."
     lat, lock, it = [], threading.Lock(), iter(inputs)

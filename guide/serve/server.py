@@ -2,7 +2,8 @@
 
 # %% ../../nbs/22_server.ipynb #c003
 from __future__ import annotations
-import argparse, asyncio, base64, json, os, signal, socket, sys, threading, time, uuid
+import argparse, asyncio, base64, json, multiprocessing, os, signal, socket, sys, threading, time, uuid
+from functools import partial
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -15,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull, encoder_fn
+from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encoder_fn,
+                                 encoder_recipe, load_encoder_fn)
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
@@ -364,6 +366,9 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
         try: res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
         except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
+        except QueueFull:                                # a shared model process (RemoteBatcher) refuses on the future
+            st.metrics.rejected.labels("overload").inc()
+            raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}) from None
         return ids, res
 
     @app.post("/v1/embeddings")
@@ -420,12 +425,14 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
     return server, th, f"http://{host}:{sock.getsockname()[1]}"
 
 # %% ../../nbs/22_server.ipynb #c018
-def build_state(model: str | None = "tiny-base", encoder: bool = True, tier: str = "tiny", seed: int = 0, device=None,
+def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024) -> ServerState:
-    "Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only)."
+    """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
+    `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
+    from guide.data import get_tokenizer
     from guide.serve.batcher import tiny_encoder
     engine = tok = None
     if model is not None:
@@ -433,7 +440,8 @@ def build_state(model: str | None = "tiny-base", encoder: bool = True, tier: str
         engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size),
                              step_delay=step_delay)
     batcher = enc_tok = None
-    if encoder:
+    if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
+    elif encoder:
         enc, enc_tok, _ = tiny_encoder(tier, seed, device=device)
         fn = encoder_fn(enc, enc_tok.pad_token_id); fn.max_len = enc.max_len
         batcher = DynamicBatcher(fn, encoder_batch_size, encoder_delay, encoder_queue)
@@ -473,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_one(a, sock, url)
     return _prefork(a, sock, url)
 
-def _serve_one(a, sock: socket.socket, url: str) -> int:
-    "Load the models and run one uvicorn server on `sock` until SIGTERM has drained it."
+def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) -> int:
+    """Load the models and run one uvicorn server on `sock` until SIGTERM has drained it. `remote`: (worker index,
+    requests queue, replies queue) of a shared encoder process, instead of loading the encoder here."""
     from guide.core import setup_torch
     setup_torch(a.threads)
-    state = build_state(None if a.no_llm else a.model, not a.no_encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
+    encoder = False if a.no_encoder else RemoteBatcher(*remote, max_len=encoder_recipe(a.tier)["max_len"]) if remote else True
+    state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
@@ -487,15 +497,26 @@ def _serve_one(a, sock: socket.socket, url: str) -> int:
     return 0
 
 def _prefork(a, sock: socket.socket, url: str) -> int:
-    """Fork `a.workers` processes that accept on one listening socket (the kernel spreads connections), each
-    with its own models, engine and batcher: the HTTP front is not limited to one Python process and its GIL.
-    SIGTERM/SIGINT to the parent is forwarded; each worker drains, then the parent exits."""
+    """Fork `a.workers` processes that accept on one listening socket (the kernel spreads connections): the HTTP
+    front is not limited to one Python process and its GIL. The encoder lives in one model process (spawned
+    before the fork) that batches the requests of all workers; each worker loads its own LLM engine.
+    SIGTERM/SIGINT to the parent is forwarded; each worker drains, then the parent stops the model process and exits."""
+    remote, model_proc = [None] * a.workers, None
+    if not a.no_encoder:
+        ctx = multiprocessing.get_context("spawn")
+        requests, replies, ready = ctx.Queue(), [ctx.Queue() for _ in range(a.workers)], ctx.Event()
+        model_proc = ctx.Process(target=batcher_process, name="guide-encoder", daemon=True,
+                                 args=(partial(load_encoder_fn, a.tier, a.seed, a.device, a.threads), requests, replies, ready))
+        model_proc.start()
+        while not ready.wait(0.5):
+            if not model_proc.is_alive(): print("guide serve: the encoder process failed to start", file=sys.stderr, flush=True); return 1
+        remote = [(i, requests, replies[i]) for i in range(a.workers)]
     pids = []
-    for _ in range(a.workers):
+    for i in range(a.workers):
         pid = os.fork()
         if pid == 0:
             code = 1
-            try: code = _serve_one(a, sock, url)
+            try: code = _serve_one(a, sock, url, remote[i])
             finally: os._exit(code)
         pids.append(pid)
     def forward(sig, frame):
@@ -510,5 +531,8 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
             try: codes.append(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])); break
             except ChildProcessError: codes.append(0); break
             except InterruptedError: continue
+    if model_proc is not None:
+        requests.put(None); model_proc.join(10)
+        if model_proc.is_alive(): model_proc.terminate()
     print("guide serve: stopped", flush=True)
     return 0 if all(c == 0 for c in codes) else 1
