@@ -51,10 +51,10 @@ def _client(base, texts, n, concurrency, time_limit, q):
     q.put(asyncio.run(run()))
 
 
-def start(workers, device, threads, tier):
+def start(workers, device, threads, tier, shared_encoder=False):
     cmd = [sys.executable, "-c", "import sys; from guide.serve.server import main; sys.exit(main(sys.argv[1:]))",   # = `guide serve`
            "--no-llm", "--workers", str(workers), "--port", "0", "--tier", tier,
-           "--threads", str(threads), "--log-level", "error"] + (["--device", device] if device else [])
+           "--threads", str(threads), "--log-level", "error"] + (["--device", device] if device else []) + (["--shared-encoder"] if shared_encoder else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     base, said = None, []
@@ -81,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--concurrency", type=int, default=64, help="connections in flight, all clients together")
     ap.add_argument("--requests", type=int, default=2000); ap.add_argument("--time-limit", type=float, default=120)
     ap.add_argument("--threads", type=int, default=1); ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--shared-encoder", action="store_true", help="workers share one encoder process (guide serve --shared-encoder)")
     ap.add_argument("--tier", default="tiny", help="encoder size: tiny (64 wide, 2 layers) or gpu (MiniLM-L6-sized: 384 wide, 6 layers)")
     a = ap.parse_args(argv)
     from guide.core import atomic_write, environment_info
@@ -89,7 +90,7 @@ def main(argv=None):
     texts = [t for t, _ in snippets("test", 400, seed=1)]
     runs = {}
     for w in a.workers:
-        proc, base = start(w, a.device, a.threads, a.tier)
+        proc, base = start(w, a.device, a.threads, a.tier, a.shared_encoder)
         try:
             q = mp.get_context("spawn").Queue()
             per = a.requests // a.clients
@@ -108,7 +109,7 @@ def main(argv=None):
             try: proc.wait(60)
             except subprocess.TimeoutExpired: proc.kill()
     res = dict(benchmark="serve_http", env=environment_info(), device=a.device or "cpu", tier=a.tier, encoder=encoder.config,
-               encoder_params=sum(p.numel() for p in encoder.parameters()), clients=a.clients, concurrency=a.concurrency, runs=runs, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
+               encoder_params=sum(p.numel() for p in encoder.parameters()), shared_encoder=a.shared_encoder, clients=a.clients, concurrency=a.concurrency, runs=runs, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "serve_http.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt

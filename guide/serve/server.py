@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-encoder", action="store_true", help="do not serve the tiny encoder on /v1/embeddings and /v1/classify")
     ap.add_argument("--no-llm", action="store_true", help="serve only the encoder (no /v1/completions, /v1/chat/completions)")
     ap.add_argument("--workers", type=int, default=1, help="server processes sharing the port (pre-fork), each with its own models")
+    ap.add_argument("--shared-encoder", action="store_true", help="with --workers > 1: one model process holds the encoder and "
+                    "batches the requests of all workers (one copy of the model, bigger batches; for a small encoder the per-worker "
+                    "copies measured faster: benchmarks/results/serve_http_gpu*_h200.json)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
     ap.add_argument("--tier", default="tiny"); ap.add_argument("--seed", type=int, default=0)
@@ -498,11 +501,12 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
 
 def _prefork(a, sock: socket.socket, url: str) -> int:
     """Fork `a.workers` processes that accept on one listening socket (the kernel spreads connections): the HTTP
-    front is not limited to one Python process and its GIL. The encoder lives in one model process (spawned
-    before the fork) that batches the requests of all workers; each worker loads its own LLM engine.
+    front is not limited to one Python process and its GIL. Each worker loads its own models, or, with
+    `--shared-encoder`, the encoder lives in one model process (spawned before the fork) that batches the
+    requests of all workers.
     SIGTERM/SIGINT to the parent is forwarded; each worker drains, then the parent stops the model process and exits."""
     remote, model_proc = [None] * a.workers, None
-    if not a.no_encoder:
+    if a.shared_encoder and not a.no_encoder:
         ctx = multiprocessing.get_context("spawn")
         requests, replies, ready = ctx.Queue(), [ctx.Queue() for _ in range(a.workers)], ctx.Event()
         model_proc = ctx.Process(target=batcher_process, name="guide-encoder", daemon=True,
