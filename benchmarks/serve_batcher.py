@@ -14,10 +14,9 @@ the part of the gain that batching the model itself can give on this machine.
 """
 from __future__ import annotations
 
-import argparse, json, os, sys, threading, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times; report the best of each")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
-    from guide.core import environment_info, setup_torch
+    from guide.core import atomic_write, environment_info, setup_torch
     from guide.serve.batcher import DynamicBatcher, closed_loop, closed_loop_async, encode_texts, encoder_fn, snippets, tiny_encoder
     setup_torch()
     enc, tok, summary = tiny_encoder(a.tier, a.seed, device=a.device)
@@ -76,7 +75,7 @@ def main(argv=None):
                target_ratio=3.0, mean_batch=rows["batcher_stats"]["items"] / max(1, rows["batcher_stats"]["batches"]))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     name = "serve_batcher_smoke" if a.smoke else "serve_batcher"
-    tmp = out / f".{name}.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / f"{name}.json")
+    atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ax[0].bar(["one at a time", "dynamic"], [r_single["rps"], r_dyn["rps"]]); ax[0].set_ylabel("requests / s")

@@ -173,7 +173,7 @@ def main(argv=None):
     ap.add_argument("--gpu-decode", action="store_true", help="gpu tier: batch-1 decode of a ~1.1B shape vs the memory-bandwidth ceiling, and batched")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
-    from guide.core import environment_info, setup_torch
+    from guide.core import atomic_write, environment_info, setup_torch
     from guide.model import to_hf
     from guide.pretrained import tiny_base
     from guide.serve.engine import make_trace
@@ -200,7 +200,7 @@ def main(argv=None):
                continuous=eng, hf_static=stat, tokens_per_s_ratio=eng["tokens_per_s"] / stat["tokens_per_s"],
                tokens_per_cpu_s_ratio=eng["tokens_per_cpu_s"] / stat["tokens_per_cpu_s"], target_ratio=5.0)
     name = "serve_engine_smoke" if a.smoke else "serve_engine"
-    tmp = out / f".{name}.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / f"{name}.json")
+    atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     labels = ["continuous\n(guide engine)", f"static batch {a.batch}\n(HF generate)"]

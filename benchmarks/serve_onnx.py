@@ -8,7 +8,7 @@ Targets from the issue: int8 latency ratio >= 2x vs eager, accuracy drop <= 1%.
 """
 from __future__ import annotations
 
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ def main(argv=None):
     ap.add_argument("--tier", default="tiny"); ap.add_argument("--device", default="cpu"); ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true"); ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
-    from guide.core import environment_info, setup_torch
+    from guide.core import atomic_write, environment_info, setup_torch
     from guide.serve.batcher import encode_texts, pad_batch, snippets, tiny_encoder
     from guide.serve.optimize import OrtEncoder, export_encoder, ort_session, quantize_int8
     setup_torch()
@@ -59,7 +59,7 @@ def main(argv=None):
     res["targets"] = dict(int8_speedup=2.0, int8_accuracy_drop=0.01)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     name = "serve_onnx_smoke" if a.smoke else "serve_onnx"
-    tmp = out / f".{name}.json.tmp"; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out / f"{name}.json")
+    atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
     for i, b in enumerate((1, 32)):

@@ -13,7 +13,7 @@ Writes benchmarks/results/train_vs_trainer.{json,png}.
     python benchmarks/train_vs_trainer.py            # ~3 minutes on one CPU core
     python benchmarks/train_vs_trainer.py --steps 5  # smoke run
 """
-import argparse, copy, json, os, sys, time
+import argparse, copy, json, os, time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,14 +2,14 @@
 
 # %% ../../nbs/23_optimize.ipynb #c003
 from __future__ import annotations
-import copy, hashlib, logging, math, os, shutil, tempfile, time, warnings
+import copy, hashlib, logging, math, os, time, warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core import cache_dir
+from ..core import atomic_write, cache_dir
 from ..model import Llama, apply_rope
 from .batcher import pad_batch
 
@@ -61,15 +61,12 @@ def _weights_key(module: nn.Module, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module, args, str(tmp), dynamo=True, external_data=False, verbose=False,
-                          input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes)
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: torch.onnx.export(
+            module, args, str(tmp), dynamo=True, external_data=False, verbose=False,
+            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes))
 
 def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
     "Export the decode step of `model` to ONNX (cached under GUIDE_CACHE/onnx when `path` is None)."
@@ -136,11 +133,8 @@ def quantize_int8(src: str | Path, dst: str | Path | None = None) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     src = Path(src); dst = Path(dst) if dst else src.with_name(src.stem + ".int8.onnx")
     if dst.exists(): return dst
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     logging.getLogger().setLevel(logging.ERROR)     # quantize_dynamic suggests pre-processing through the root logger
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-    os.replace(tmp, dst)
-    return dst
+    return atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8))
 
 class OrtEncoder:
     "Run an exported encoder: `(ids, mask)` tensors or arrays -> (class_logits, sentence_embedding) arrays."
@@ -178,8 +172,7 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path | None = Non
         config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None: raise RuntimeError("TensorRT engine build failed")
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp"); tmp.write_bytes(bytes(blob)); os.replace(tmp, engine_path)
-    return engine_path
+    return atomic_write(engine_path, lambda tmp: tmp.write_bytes(bytes(blob)))
 
 class TrtRunner:
     "Run a serialized TensorRT engine on CUDA torch tensors: `runner({name: tensor}) -> {output name: tensor}`."

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import IN_NOTEBOOK
 
-from ..core import get_tier, seed_everything, setup_torch
+from ..core import atomic_write, get_tier, seed_everything, setup_torch
 from ..data import BlockLoader, get_dataset
 from ..model import Llama, ModelConfig
 
@@ -216,8 +216,7 @@ def worker_main(argv: list[str] | None = None):
                 results.append(dict(r, bytes_per_rank=[g["bytes"] for g in gathered], seconds=max(g["seconds"] for g in gathered)))
             dist.barrier()
         if dist.get_rank() == 0:
-            out = Path(args.out); tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dict(world_size=dist.get_world_size(), results=results), indent=1)); os.replace(tmp, out)
+            atomic_write(args.out, lambda t: t.write_text(json.dumps(dict(world_size=dist.get_world_size(), results=results), indent=1)))
     except Exception:
         import traceback; traceback.print_exc(); code = 1
     shutdown(code)

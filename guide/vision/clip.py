@@ -2,7 +2,7 @@
 
 # %% ../../nbs/31_clip.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, os, shutil, tempfile
+import hashlib, json, math, tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, cache_dir, get_tier, pick_device, progress, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything
 from ..data import file_lock
 from .data import COLORS, COMBOS, PLACES, SHAPES, SIZES, SceneLoader, scene_dataset, vision_sizes
 
@@ -305,13 +305,10 @@ CLIP_VERSION = 2
 
 def save_clip(model: CLIP, path: str | Path) -> Path:
     "Write `config.json` and `model.safetensors` to the folder `path`, atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    (tmp / "config.json").write_text(json.dumps(asdict(model.config)))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(asdict(model.config)))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    return Path(path)
 
 def load_clip(path: str | Path, device=None) -> CLIP:
     "A CLIP saved by `save_clip`."

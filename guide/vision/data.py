@@ -2,7 +2,7 @@
 
 # %% ../../nbs/30_vision_data.ipynb #c003
 from __future__ import annotations
-import hashlib, itertools, json, os, shutil, tempfile
+import hashlib, itertools, json, shutil, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..core import cache_dir, get_tier
+from ..core import atomic_dir, atomic_write, cache_dir, get_tier
 from ..data import file_lock
-from ..train.checkpoint import atomic_write   # temp file, fsync, rename
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'PLACES', 'FONT', 'ALPHABET', 'COMBOS', 'SPLIT_IDS', 'DATA_VERSION', 'SCENE_KINDS',
@@ -114,6 +113,9 @@ def caption(scene: dict) -> str:
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "test_held": 3}
 
 
+def _save_npy(path: Path, array: np.ndarray):
+    with open(path, "wb") as f: np.save(f, array)     # a file object: np.save would add ".npy" to a temp file's name
+
 def make_shard(path: str | Path, index: int, n: int, image_size: int = 32, seed: int = 0, split: str = "train",
                n_objects: tuple[int, int] = (1, 3), text_prob: float = 0.5, held_frac: float = 0.14,
                distinct: bool = False) -> Path:
@@ -127,7 +129,7 @@ def make_shard(path: str | Path, index: int, n: int, image_size: int = 32, seed:
     for s in scenes: s["text_x"] = float(rng.random())
     pixels = np.stack([render(s, image_size) for s in scenes])
     for s in scenes: s["caption"] = caption(s)
-    atomic_write(path / f"shard_{index:05d}.npy", lambda t: np.save(open(t, "wb"), pixels))
+    atomic_write(path / f"shard_{index:05d}.npy", lambda t: _save_npy(t, pixels))
     atomic_write(path / f"shard_{index:05d}.json", lambda t: t.write_text(json.dumps(scenes)))
     return path / f"shard_{index:05d}.npy"
 
@@ -165,13 +167,11 @@ def scene_dataset(kind: str = "scenes", tier: str = "tiny", seed: int = 0, worke
     splits = {"train": sz["train"], "val": sz["test"], "test": sz["test"], "test_held": sz["test"]}
     with file_lock(str(root) + ".lock"):
         if not (root / "done").exists():
-            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-            for split, n in splits.items():
-                write_scene_shards(tmp / split, n, shard_size=4096, workers=workers, image_size=sz["image_size"],
-                                   seed=seed, split=split, **SCENE_KINDS[kind])
-            (tmp / "done").write_text(key)
-            if root.exists(): shutil.rmtree(root)
-            os.replace(tmp, root)
+            with atomic_dir(root) as tmp:
+                for split, n in splits.items():
+                    write_scene_shards(tmp / split, n, shard_size=4096, workers=workers, image_size=sz["image_size"],
+                                       seed=seed, split=split, **SCENE_KINDS[kind])
+                (tmp / "done").write_text(key)
     return {s: root / s for s in splits}
 
 # %% ../../nbs/30_vision_data.ipynb #c020

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/33_vision_demo.ipynb #c003
 from __future__ import annotations
-import argparse, os, socket, sys, tempfile
+import argparse, os, socket, tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported: no calls home
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from ..core import pick_device, seed_everything
 from .data import MEAN, STD, render, sample_scene
 from .vlm import TASKS, VLM, generate, load_vlm, parse_boxes, pretrained_vlm
 
