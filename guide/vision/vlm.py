@@ -2,7 +2,7 @@
 
 # %% ../../nbs/32_vlm.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, os, shutil, tempfile
+import hashlib, json, math, shutil, tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, cache_dir, get_tier, pick_device, progress, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything
 from ..data import file_lock
 from ..model import Llama, ModelConfig
-from .clip import ViT, ClipConfig, clip_config, clip_dir, pretrained_clip
+from .clip import ViT, ClipConfig, clip_dir, pretrained_clip
 from .data import ALPHABET, SHAPES, SceneLoader, caption, scene_dataset, vision_sizes
 
 # %% auto #0
@@ -86,20 +86,23 @@ def parse_boxes(tokens: list[str], n_loc: int) -> list[tuple[str, tuple]]:
 
 # %% ../../nbs/32_vlm.ipynb #c009
 class ViTTower(nn.Module):
-    """Patch features (B, grid², 2·dim) of a chapter-31 `ViT`: its first hidden state (patch embedding +
-    position) concatenated with its last. Contrastive training only supervises `[CLS]`, so the last patch
-    states keep *what* and *where* but blur plain colour; the first keeps it (multi-layer features, as in
-    several open VLMs)."""
+    """Patch features (B, grid², (n_layers+1)·dim) of a chapter-31 `ViT`: every hidden state (the patch embedding +
+    position, then each block's output, the last one normed), side by side. Contrastive training supervises only
+    `[CLS]`, so what the *last* patch states keep depends on how the encoder was trained: they may blur plain colour
+    (the first state keeps it) or, measured below, shape (a middle state keeps it). Multi-layer features, as in
+    several open VLMs, make the VLM robust to that."""
     def __init__(self, vit: ViT):
         super().__init__(); self.vit = vit
-        self.dim, self.grid, self.image_size = 2 * vit.config.dim, vit.config.grid, vit.config.image_size
+        self.dim = (len(vit.blocks) + 1) * vit.config.dim
+        self.grid, self.image_size = vit.config.grid, vit.config.image_size
     def forward(self, x):
         v = self.vit
         if x.ndim != 4 or x.shape[-1] != self.image_size: raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
         h = torch.cat([v.cls.expand(len(x), -1, -1), v.patch(x).flatten(2).transpose(1, 2)], 1) + v.pos
-        first = h
-        for b in v.blocks: h = b(h)
-        return torch.cat([first, v.norm(h)], -1)[:, 1:]
+        states = [h]
+        for b in v.blocks: h = b(h); states.append(h)
+        states[-1] = v.norm(h)
+        return torch.cat(states, -1)[:, 1:]
 
 class HFVisionTower(nn.Module):
     "Patch features (B, grid², dim) of a transformers vision model (SigLIP, CLIP, … vision towers)."
@@ -195,7 +198,7 @@ def make_batch(tok: VLMTokenizer, scenes: list[dict], tasks: list[str], device=N
         ids[i, :len(s)] = torch.tensor(s); tgt[i, :len(s) - 1] = torch.tensor(s[1:])
     return ids.to(device), tgt.to(device)
 
-# %% ../../nbs/32_vlm.ipynb #c018
+# %% ../../nbs/32_vlm.ipynb #c019
 @torch.no_grad()
 def generate_naive(model: VLM, images, task: str, max_new_tokens: int = 24):
     "Not used in practice, but a good start: greedy decoding that re-runs the full sequence per token."
@@ -226,8 +229,8 @@ def generate(model: VLM, images, task: str, max_new_tokens: int = 24):
         logits = model.run_decoder(model.decoder.embed_tokens(nxt[:, None]), cache, pos); pos += 1
     return torch.stack(out, 1)
 
-# %% ../../nbs/32_vlm.ipynb #c021
-VLM_RECIPES = {"tiny": dict(stage1=80, stage2=560, batch_size=32, lr=5e-3),
+# %% ../../nbs/32_vlm.ipynb #c022
+VLM_RECIPES = {"tiny": dict(stage1=80, stage2=900, batch_size=32, lr=5e-3),
                "gpu": dict(stage1=1000, stage2=6000, batch_size=128, lr=1e-3)}
 
 def vlm_config(tier: str = "tiny") -> VLMConfig:
@@ -258,7 +261,7 @@ def train_vlm(model: VLM, loader: SceneLoader, steps: int, lr: float, freeze_vis
     for p in model.tower.parameters(): p.requires_grad_(True)
     return history
 
-# %% ../../nbs/32_vlm.ipynb #c024
+# %% ../../nbs/32_vlm.ipynb #c025
 def token_f1(pred: list[str], gold: list[str]) -> float:
     "Bag-of-tokens F1 between two token lists."
     common = sum((Counter(pred) & Counter(gold)).values())
@@ -287,7 +290,7 @@ def char_accuracy(pred: str, gold: str) -> float:
     n = max(len(pred), len(gold))
     return 1.0 if n == 0 else sum(a == b for a, b in zip(pred, gold)) / n
 
-# %% ../../nbs/32_vlm.ipynb #c026
+# %% ../../nbs/32_vlm.ipynb #c027
 @torch.no_grad()
 def evaluate_vlm(model: VLM, path, max_scenes: int = 500, batch_size: int = 250) -> dict:
     "Caption EM / token F1, box mIoU, OCR character accuracy and count accuracy on the scenes of a shard folder."
@@ -322,20 +325,17 @@ def baseline_metrics(train_path, test_path, max_scenes: int = 500) -> dict:
             "ocr_char_acc": np.mean([char_accuracy(top_text, s["text"]) for s in test if s["text"]]),
             "count_acc": np.mean([len(s["objects"]) == top_count for s in test])}
 
-# %% ../../nbs/32_vlm.ipynb #c033
-VLM_VERSION = 1
+# %% ../../nbs/32_vlm.ipynb #c034
+VLM_VERSION = 2      # 2: ViTTower passes every hidden state
 
 def save_vlm(model: VLM, path: str | Path) -> Path:
     "Write the VLM (our ViT tower) as `config.json` + `model.safetensors`, atomically."
     if not isinstance(model.tower, ViTTower): raise TypeError("save_vlm stores VLMs with a ViTTower; save a transformers tower with save_pretrained")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    (tmp / "config.json").write_text(json.dumps({"vlm": asdict(model.config), "vit": asdict(model.tower.vit.config)}))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "decoder.lm_head.weight"}
-    save_file(state, tmp / "model.safetensors")
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps({"vlm": asdict(model.config), "vit": asdict(model.tower.vit.config)}))
+        save_file(state, tmp / "model.safetensors")
+    return Path(path)
 
 def load_vlm(path: str | Path, device=None) -> VLM:
     "A VLM saved by `save_vlm`."
