@@ -230,7 +230,7 @@ def generate(model: VLM, images, task: str, max_new_tokens: int = 24):
     return torch.stack(out, 1)
 
 # %% ../../nbs/32_vlm.ipynb #c022
-VLM_RECIPES = {"tiny": dict(stage1=80, stage2=900, batch_size=32, lr=5e-3),
+VLM_RECIPES = {"tiny": dict(stage1=80, stage2=1200, batch_size=32, lr=5e-3),
                "gpu": dict(stage1=1000, stage2=6000, batch_size=128, lr=1e-3)}
 
 def vlm_config(tier: str = "tiny") -> VLMConfig:
