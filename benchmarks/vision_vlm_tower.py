@@ -1,15 +1,16 @@
 """Which patch features should the VLM read from its image encoder? Measured on two encoders, one run.
 
 The chapter-32 VLM reads patch features of the chapter-31 ViT. Contrastive training supervises only `[CLS]`, so
-what the patch states keep depends on how the encoder was trained. This trains the tiny-tier VLM recipe four
+what the patch states keep depends on how the encoder was trained. This trains the tiny-tier VLM recipe six
 times: {the chapter's CLIP (trained with two-object pair batches), the same CLIP recipe without the pair batches}
-× {first + last hidden state (guide's ViTTower before VLM_VERSION 2), every hidden state (ViTTower now)}, and
-reports caption exact match / token F1, box mIoU, OCR character accuracy on seen and held-out combinations, and
-which caption slots go wrong. Writes benchmarks/results/vision_vlm_tower.{json,png}. About 8 minutes on 2 cores.
+× {first + last hidden state with 2×2 pixel shuffle (guide before VLM_VERSION 2), every hidden state with the
+shuffle, every hidden state with all 36 patch tokens (guide now)}, and reports caption exact match / token F1,
+box mIoU, OCR character accuracy on seen and held-out combinations, and which caption slots go wrong.
+Writes benchmarks/results/vision_vlm_tower.{json,png}. About 14 minutes on 2 idle cores.
 
     python benchmarks/vision_vlm_tower.py
 """
-import argparse, json, sys, time
+import argparse, dataclasses, json, sys, time
 from collections import Counter
 from pathlib import Path
 
@@ -61,12 +62,13 @@ def main(argv=None):
 
     recipe, ds = VLM_RECIPES[tier], scene_dataset("scenes", tier, seed)
     encoders = {"with pairs (chapter 31)": lambda: pretrained_clip(tier, seed), "without pairs": clip_without_pairs}
-    towers = {"first+last": FirstLastTower, "every state": ViTTower}
+    towers = {"first+last, 3x3 tokens": (FirstLastTower, 2), "every state, 3x3 tokens": (ViTTower, 2),
+              "every state, 6x6 tokens (guide)": (ViTTower, 1)}
     runs = []
     for enc_name, make_clip in encoders.items():
-        for tower_name, Tower in towers.items():
+        for tower_name, (Tower, shuffle) in towers.items():
             clip = make_clip(); seed_everything(seed)
-            model = VLM(Tower(clip.vision), vlm_config(tier))
+            model = VLM(Tower(clip.vision), dataclasses.replace(vlm_config(tier), shuffle=shuffle))
             loader = SceneLoader(ds["train"], recipe["batch_size"], seed=seed)
             t = time.perf_counter()
             train_vlm(model, loader, recipe["stage1"], recipe["lr"], freeze_vision=True, desc="stage 1")
@@ -81,7 +83,7 @@ def main(argv=None):
     res = dict(benchmark="vision_vlm_tower", env=environment_info(), recipe=recipe, runs=runs)
     out = Path(a.out); atomic_write(out / "vision_vlm_tower.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 3.8))
     labels = [f"{r['encoder']}\n{r['tower']}" for r in runs]
     for k, (metric, title) in enumerate([("caption_em", "caption exact match"), ("box_miou", "box mIoU"), ("ocr_char_acc", "OCR char accuracy")]):
         ax[k].bar(range(len(runs)), [r["held_out"][metric] for r in runs]); ax[k].set_title(f"{title} (held-out)")
