@@ -31,10 +31,27 @@ def wrong_slots(pred: list[str], gold: list[str]) -> list[str]:
     return out
 
 
+def plot(res: dict, path: Path):
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    runs = res["runs"]
+    labels = [f"{r['encoder']}: {r['tower']}" for r in runs]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.6), sharey=True)
+    for k, (metric, title) in enumerate([("caption_em", "caption exact match"), ("box_miou", "box mIoU"), ("ocr_char_acc", "OCR char accuracy")]):
+        ax[k].barh(range(len(runs)), [r["held_out"][metric] for r in runs]); ax[k].set_title(f"{title} (held-out)")
+        ax[k].set_xlim(0, 1)
+        if metric != "ocr_char_acc": ax[k].axvline(0.8, color="red", lw=0.8)
+    ax[0].set_yticks(range(len(runs)), labels, fontsize=8); ax[0].invert_yaxis()
+    fig.suptitle(f"tiny-tier VLM, stage 2 = {res['recipe']['stage2']} steps (red: the chapter's bound)"); fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON in --out, train nothing")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        plot(json.loads((Path(a.out) / "vision_vlm_tower.json").read_text()), Path(a.out) / "vision_vlm_tower.png"); return 0
     from guide.core import atomic_write, cache_dir, environment_info, seed_everything, setup_torch
     from guide.vision.clip import CLIP, CLIP_RECIPES, clip_config, load_clip, pretrained_clip, save_clip, train_clip
     from guide.vision.data import SceneLoader, caption, scene_dataset
@@ -82,13 +99,7 @@ def main(argv=None):
             print(json.dumps(run), flush=True); runs.append(run)
     res = dict(benchmark="vision_vlm_tower", env=environment_info(), recipe=recipe, runs=runs)
     out = Path(a.out); atomic_write(out / "vision_vlm_tower.json", lambda p: p.write_text(json.dumps(res, indent=1)))
-    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(16, 3.8))
-    labels = [f"{r['encoder']}\n{r['tower']}" for r in runs]
-    for k, (metric, title) in enumerate([("caption_em", "caption exact match"), ("box_miou", "box mIoU"), ("ocr_char_acc", "OCR char accuracy")]):
-        ax[k].bar(range(len(runs)), [r["held_out"][metric] for r in runs]); ax[k].set_title(f"{title} (held-out)")
-        ax[k].set_xticks(range(len(runs)), labels, fontsize=7); ax[k].set_ylim(0, 1)
-    fig.tight_layout(); fig.savefig(out / "vision_vlm_tower.png", dpi=100)
+    plot(res, out / "vision_vlm_tower.png")
     return 0
 
 
