@@ -3,6 +3,7 @@
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
 import asyncio, concurrent.futures, hashlib, itertools, json, math, os, queue, random, threading, time
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -331,7 +332,7 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0) -> Callable[[list[list[int]]
         logits, emb = model.forward_packed([s[:length] for s in seqs])
         probs = logits.softmax(-1).cpu().tolist(); emb = emb.cpu().tolist()
         return [dict(probs=p, embedding=e) for p, e in zip(probs, emb)]
-    fn.packed = True
+    fn.packed, fn.max_len = True, model.max_len
     return fn
 
 # %% ../../nbs/21_batcher.ipynb #c019
@@ -363,7 +364,7 @@ class RemoteBatcher:
     DeadlineExceeded), not at the call. Call `start()` on the event loop that will submit."""
     def __init__(self, front: int, requests, replies, max_len: int = 128):
         self.front, self.requests, self.replies = front, requests, replies
-        self.fn = type("RemoteFn", (), {"max_len": max_len})()      # what the server reads off a batcher's function
+        self.fn = SimpleNamespace(max_len=max_len)                  # what the server reads off a batcher's function
         self.loop, self._pending, self._outbox, self._ids, self._thread = None, {}, [], itertools.count(), None
         self.stats = dict(requests=0, messages_sent=0, replies=0)
 
@@ -405,8 +406,7 @@ def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int
     "The batcher function of the cached encoder of `tier`, with its `max_len` (what a model process loads)."
     setup_torch(threads)
     enc, tok, _ = tiny_encoder(tier, seed, device=device)
-    fn = encoder_fn(enc, tok.pad_token_id); fn.max_len = enc.max_len
-    return fn
+    return encoder_fn(enc, tok.pad_token_id)
 
 # %% ../../nbs/21_batcher.ipynb #c023
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:

@@ -158,6 +158,11 @@ def _layer_out(model, w, x, y):
 def _head(model, x):
     return model.lm_head(F.rms_norm(x, (x.shape[-1],), model.norm.weight, model.config.norm_eps))
 
+def _past_mask(positions: torch.Tensor, S: int, dtype) -> torch.Tensor:
+    "Additive attention mask (B, 1, 1, S) of decode rows: 0 up to each row's position, -inf past it."
+    mask = torch.zeros(len(positions), 1, 1, S, device=positions.device, dtype=dtype)
+    return mask.masked_fill_(torch.arange(S, device=positions.device) > positions[:, None, None, None], float("-inf"))
+
 def _split_by_length(nblocks: list[int], overhead: int = 48) -> int:
     """Rows sorted by block count: the split point k that minimises the blocks gathered and attended to,
     k * nblocks[k-1] + (B-k) * nblocks[-1], plus `overhead` block-rows for the extra calls when split (0 = no split)."""
@@ -199,8 +204,7 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
     for lo, hi in (([(0, k), (k, B)] if k else [(0, B)]) if B else []):
         nb = len(tables[hi - 1])
         tab = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in tables[lo:hi]], device=dev)     # pad with a real block id
-        mask = torch.zeros(hi - lo, 1, 1, nb * bs, device=dev, dtype=x.dtype)       # -inf past each row's position
-        mask.masked_fill_(torch.arange(nb * bs, device=dev)[None, None, None] > pos[n_p + lo:n_p + hi, None, None, None], float("-inf"))
+        mask = _past_mask(pos[n_p + lo:n_p + hi], nb * bs, x.dtype)
         groups.append((slice(lo, hi), tab, mask))
     for i, w in enumerate(_fused_weights(model)):
         q, kv = _layer_qkv(model, w, x, cos, sin)
@@ -249,8 +253,7 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
     x = model.embed_tokens(tokens)
     cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
     slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-    mask = torch.zeros(B, 1, 1, NB * bs, device=x.device, dtype=x.dtype)
-    mask.masked_fill_(torch.arange(NB * bs, device=x.device)[None, None, None] > positions[:, None, None, None], float("-inf"))
+    mask = _past_mask(positions, NB * bs, x.dtype)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         q, kv = _layer_qkv(model, w, x, cos, sin)
         cache.write(i, slots, kv)

@@ -355,7 +355,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_model(st, body.model, "encoder")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > 256: raise APIError(400, "input must be a text or a list of 1 to 256 texts", param="input")
-        tok, max_len = st.encoder_tokenizer, st.encoder.fn.max_len if hasattr(st.encoder.fn, "max_len") else 128
+        tok, max_len = st.encoder_tokenizer, getattr(st.encoder.fn, "max_len", 128)
         ids = [tok.encode(t)[:max_len] or [tok.pad_token_id] for t in texts]
         futs = []
         try:
@@ -443,7 +443,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
         enc, enc_tok, _ = tiny_encoder(tier, seed, device=device)
-        fn = encoder_fn(enc, enc_tok.pad_token_id); fn.max_len = enc.max_len
+        fn = encoder_fn(enc, enc_tok.pad_token_id)
         batcher = DynamicBatcher(fn, encoder_batch_size, encoder_delay, encoder_queue)
     if not encoder and model is None: raise ValueError("nothing to serve: no LLM and no encoder")
     name = "" if model is None else model if model == "tiny-base" else os.path.basename(os.path.normpath(str(model)))
