@@ -358,17 +358,14 @@ def build_app(state: ServerState) -> FastAPI:
         tok, max_len = st.encoder_tokenizer, getattr(st.encoder.fn, "max_len", 128)
         ids = [tok.encode(t)[:max_len] or [tok.pad_token_id] for t in texts]
         futs = []
-        try:
+        try:          # a full queue raises at the call (DynamicBatcher) or on the future (shared model process)
             for x in ids: futs.append(st.encoder.asubmit(x, timeout=st.request_timeout))
+            res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
         except QueueFull:
             for f in futs: f.cancel()                    # the ones already queued are skipped when their batch runs
             st.metrics.rejected.labels("overload").inc()
-            raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
-        try: res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
-        except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
-        except QueueFull:                                # a shared model process (RemoteBatcher) refuses on the future
-            st.metrics.rejected.labels("overload").inc()
             raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}) from None
+        except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
         return ids, res
 
     @app.post("/v1/embeddings")
