@@ -245,3 +245,42 @@ def test_cuda_graphs_refuse_a_cpu_model():
     cache = PagedKVCache(3, 2, 32, num_blocks=4, block_size=8)
     with pytest.raises(ValueError, match="CUDA device"): DecodeGraphs(model, cache, 4)
     assert Engine(model, None, num_blocks=8).graphs is None    # CPU: the engine runs every step eagerly
+
+
+def _small_encoder(device):
+    from guide.serve.batcher import TextEncoder
+    torch.manual_seed(0)
+    return TextEncoder(64, dim=32, n_layers=2, n_heads=2, max_len=40).to(device).eval()
+
+
+def test_bucketed_encoder_equals_packed_and_refuses_bad_input():
+    "The bucketed padded forward (run from CUDA graphs on a GPU, eagerly here) gives the packed forward's answers."
+    from guide.serve.batcher import GraphedEncoder
+    enc = _small_encoder("cpu")
+    rng = random.Random(0)
+    seqs = [[rng.randrange(1, 64) for _ in range(rng.randint(1, 40))] for _ in range(11)]
+    bucketed = GraphedEncoder(enc, max_batch_size=4, lengths=(8, 16), cuda_graphs=False)
+    assert bucketed.batch_sizes == (1, 2, 4) and bucketed.lengths == (8, 16, 40)
+    probs, emb = bucketed(seqs)                                # 11 texts > 4: run in parts, answers in order
+    with torch.no_grad(): logits, want = enc.forward_packed(seqs)
+    torch.testing.assert_close(torch.tensor(probs), logits.softmax(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(emb), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most 40"): bucketed([[1] * 41])
+    with pytest.raises(ValueError, match="non-empty"): bucketed([[1], []])
+    with pytest.raises(ValueError, match="CUDA device"): GraphedEncoder(enc, cuda_graphs=True)
+
+
+@needs_cuda
+def test_cuda_graph_encoder_equals_packed():
+    "On CUDA `encoder_fn` replays captured graphs; every bucket answers like the packed eager forward."
+    from guide.serve.batcher import encoder_fn
+    enc = _small_encoder("cuda")
+    fn = encoder_fn(enc)
+    assert fn.graphed is not None and fn.graphed.cuda_graphs
+    rng = random.Random(1)
+    for n in (1, 3, 32, 45):
+        seqs = [[rng.randrange(1, 64) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+        got = fn(seqs, 40)
+        with torch.no_grad(): logits, emb = enc.forward_packed(seqs)
+        torch.testing.assert_close(torch.tensor([g["probs"] for g in got]), logits.softmax(-1).cpu(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor([g["embedding"] for g in got]), emb.cpu(), atol=1e-4, rtol=1e-4)

@@ -191,6 +191,22 @@ def test_overload_gets_429_with_retry_after(slow_server):
     assert r.status_code == 200
 
 
+def test_encoder_queue_full_gets_429_with_retry_after():
+    "The encoder's bounded queue (--encoder-queue 2): a request of 50 texts overflows it and gets 429; the ones queued are dropped, the worker lives on."
+    proc, base = start_server("--no-llm", "--encoder-queue", "2", "--encoder-batch-size", "1", "--encoder-delay", "0")
+    try:
+        r = httpx.post(base + "/v1/classify", json={"model": "tiny-encoder", "input": [f"def f{i}(): pass" for i in range(50)]}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "overloaded"
+        assert metric(base, "guide_rejected_total", '{reason="overload"}') >= 1
+        r = httpx.post(base + "/v1/classify", json={"model": "tiny-encoder", "input": "import os"}, timeout=30)
+        assert r.status_code == 200 and r.json()["data"][0]["label"] in ("prose", "code")
+        assert httpx.get(base + "/health").json()["status"] == "ok"
+    finally: stop(proc)
+    bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
+
+
 def test_disconnect_cancels_and_frees_blocks(server):
     before = metric(server, "guide_cancelled_total", '{reason="disconnect"}') if 'guide_cancelled_total{reason="disconnect"}' in \
         httpx.get(server + "/metrics").text else 0.0

@@ -18,8 +18,8 @@ from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 # %% auto #0
 __all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
            'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush', 'bucket_of',
-           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'encoder_fn', 'batcher_process', 'RemoteBatcher',
-           'load_encoder_fn', 'closed_loop', 'closed_loop_async']
+           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder', 'encoder_fn', 'batcher_process',
+           'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -138,8 +138,12 @@ ENCODER_RECIPE = dict(version=1, dim=64, n_layers=2, n_heads=4, max_len=128, ste
 ENCODER_RECIPES = {"tiny": ENCODER_RECIPE, "gpu": ENCODER_RECIPE | dict(dim=384, n_layers=6, n_heads=12, lr=5e-4)}
 
 def encode_texts(tok, texts: list[str], max_len: int = 128) -> list[list[int]]:
-    "Token ids of each text, cut to `max_len` (an empty text becomes one pad token)."
-    return [(tok.encode(t)[:max_len] or [tok.pad_token_id]) for t in texts]
+    """Token ids of each text, cut to `max_len` (an empty text becomes one pad token). A fast (Rust) tokenizer
+    encodes the list in one call of its backend: the same ids as `tok.encode` per text, at a fraction of the
+    per-call overhead of the Python wrapper (which a server pays on every request)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    ids = [e.ids for e in backend.encode_batch(texts)] if backend is not None else [tok.encode(t) for t in texts]
+    return [x[:max_len] or [tok.pad_token_id] for x in ids]
 
 @torch.no_grad()
 def accuracy(model: TextEncoder, ids: list[list[int]], labels: list[int], batch: int = 64) -> float:
@@ -324,18 +328,76 @@ class DynamicBatcher:
             self.stats["batches"] += 1; self.stats["items"] += len(items)
 
 # %% ../../nbs/21_batcher.ipynb #c016
-def encoder_fn(model: TextEncoder, pad_id: int = 0) -> Callable[[list[list[int]], int], list[dict]]:
-    """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. It runs the packed
-    forward (no padding in the per-token work), so it is marked `packed` and the batcher skips length buckets."""
+class GraphedEncoder:
+    """`model`'s padded forward at fixed shapes: the batch and its longest text rounded up to buckets, inputs and
+    outputs in static buffers, each bucket replayed from a CUDA graph captured at construction (`cuda_graphs=None`:
+    when the model is on CUDA). `encoder(seqs) -> (probs, embeddings)` as nested lists, in the order of `seqs`."""
+    def __init__(self, model: TextEncoder, pad_id: int = 0, max_batch_size: int = 32, lengths: tuple[int, ...] = (16, 32, 64, 128),
+                 cuda_graphs: bool | None = None):
+        self.model, self.pad_id, self.device = model, pad_id, model.tok.weight.device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        self.batch_sizes = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
+        self.lengths = tuple(sorted({min(L, model.max_len) for L in lengths} | {model.max_len}))
+        self.pool = None
+        self.slots = {(B, L): self._slot(B, L) for B in self.batch_sizes for L in self.lengths}
+
+    def _forward(self, inp):                       # inp: (2, B, L) = token ids and attention mask
+        logits, emb = self.model(inp[0], inp[1])
+        return torch.cat([logits.softmax(-1), emb], -1)
+
+    @torch.no_grad()
+    def _slot(self, B: int, L: int):
+        inp = torch.full((2, B, L), self.pad_id, dtype=torch.long, device=self.device)
+        inp[1] = 0; inp[1, :, 0] = 1                # a padding row attends to its first position (no all-masked softmax)
+        if not self.cuda_graphs: return None, inp, None
+        side = torch.cuda.Stream(self.device); side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):               # warm up (cuBLAS handles, workspaces) off the capture
+            for _ in range(2): self._forward(inp)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()              # thread_local: another thread (an LLM engine) may use the GPU meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"): out = self._forward(inp)
+        self.pool = graph.pool()                    # all buckets share one memory pool
+        return graph, inp, out
+
+    @torch.no_grad()
+    def __call__(self, seqs: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
+        most = self.batch_sizes[-1]
+        if len(seqs) > most:
+            parts = [self(seqs[i:i + most]) for i in range(0, len(seqs), most)]
+            return [p for ps, _ in parts for p in ps], [e for _, es in parts for e in es]
+        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
+        T = max(map(len, seqs))
+        if T > self.lengths[-1]: raise ValueError(f"a text has {T} tokens, the encoder takes at most {self.lengths[-1]}")
+        B, L = bucket_of(len(seqs), self.batch_sizes), bucket_of(T, self.lengths)
+        graph, inp, out = self.slots[B, L]
+        pad = self.pad_id
+        ids = [s + [pad] * (L - len(s)) for s in seqs] + [[pad] * L] * (B - len(seqs))
+        mask = [[1] * len(s) + [0] * (L - len(s)) for s in seqs] + [[1] + [0] * (L - 1)] * (B - len(seqs))
+        inp.copy_(torch.tensor([ids, mask]))        # one host-to-device copy of all inputs
+        if graph is None: out = self._forward(inp)
+        else: graph.replay()
+        res = out[:len(seqs)].cpu()                 # one device-to-host copy of all outputs
+        C = self.model.config["n_classes"]
+        return res[:, :C].tolist(), res[:, C:].tolist()
+
+def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None) -> Callable[[list[list[int]], int], list[dict]]:
+    """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. On CUDA (`cuda_graphs=None`)
+    it runs a `GraphedEncoder`, elsewhere the packed forward; neither needs the batcher's length buckets (the packed
+    one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`."""
+    graphed = GraphedEncoder(model, pad_id, cuda_graphs=cuda_graphs) if cuda_graphs or (cuda_graphs is None and model.tok.weight.device.type == "cuda") else None
     @torch.no_grad()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
-        logits, emb = model.forward_packed([s[:length] for s in seqs])
-        probs = logits.softmax(-1).cpu().tolist(); emb = emb.cpu().tolist()
+        seqs = [s[:length] for s in seqs]
+        if graphed is not None: probs, emb = graphed(seqs)
+        else:
+            logits, emb = model.forward_packed(seqs)
+            probs, emb = logits.softmax(-1).cpu().tolist(), emb.cpu().tolist()
         return [dict(probs=p, embedding=e) for p, e in zip(probs, emb)]
-    fn.packed, fn.max_len = True, model.max_len
+    fn.packed, fn.max_len, fn.graphed = True, model.max_len, graphed
     return fn
 
-# %% ../../nbs/21_batcher.ipynb #c019
+# %% ../../nbs/21_batcher.ipynb #c020
 def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, ready=None, max_batch_size: int = 32,
                     max_queue_delay: float = 0.005, max_queue_size: int = 1024):
     """The model process: `load_fn()` builds the batcher function (loads the model here); then it batches the
@@ -408,7 +470,7 @@ def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int
     enc, tok, _ = tiny_encoder(tier, seed, device=device)
     return encoder_fn(enc, tok.pad_token_id)
 
-# %% ../../nbs/21_batcher.ipynb #c023
+# %% ../../nbs/21_batcher.ipynb #c024
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
     "Send `inputs` from `concurrency` threads, each waiting for its answer; stops at `time_limit` s. Returns throughput and latency percentiles."
     lat, lock, it = [], threading.Lock(), iter(inputs)

@@ -290,7 +290,7 @@ class DecodeGraphs:
             for _ in range(2): run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool): out = run()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"): out = run()   # other threads may use the GPU
         self.pool = graph.pool()                                         # all graphs share one memory pool
         return graph, inp, out
 

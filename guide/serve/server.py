@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encoder_fn,
+from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encode_texts, encoder_fn,
                                  encoder_recipe, load_encoder_fn)
 from .engine import AsyncEngine, Engine, SamplingParams
 
@@ -356,7 +356,7 @@ def build_app(state: ServerState) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > 256: raise APIError(400, "input must be a text or a list of 1 to 256 texts", param="input")
         tok, max_len = st.encoder_tokenizer, getattr(st.encoder.fn, "max_len", 128)
-        ids = [tok.encode(t)[:max_len] or [tok.pad_token_id] for t in texts]
+        ids = encode_texts(tok, texts, max_len)
         futs = []
         try:          # a full queue raises at the call (DynamicBatcher) or on the future (shared model process)
             for x in ids: futs.append(st.encoder.asubmit(x, timeout=st.request_timeout))
@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is cancelled")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    ap.add_argument("--encoder-batch-size", type=int, default=32, help="most texts the encoder runs together")
+    ap.add_argument("--encoder-delay", type=float, default=0.005, help="seconds the first text of a batch may wait for more")
+    ap.add_argument("--encoder-queue", type=int, default=1024, help="texts waiting for the encoder before answering 429")
     ap.add_argument("--step-delay", type=float, default=0.0, help="sleep after each engine step (simulates a slower model in tests)")
     ap.add_argument("--log-level", default="warning")
     a = ap.parse_args(argv)
@@ -475,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: binding {a.host} exposes the server beyond this machine", file=sys.stderr)
     if a.workers < 1: ap.error("--workers must be >= 1")
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
+    if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
+        ap.error("--encoder-batch-size and --encoder-queue must be >= 1, --encoder-delay >= 0")
     sock = bind_socket(a.host, a.port)
     url = f"http://{a.host}:{sock.getsockname()[1]}"
     if a.workers == 1:
@@ -488,7 +493,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     setup_torch(a.threads)
     encoder = False if a.no_encoder else RemoteBatcher(*remote, max_len=encoder_recipe(a.tier)["max_len"]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
-                        a.block_size, a.max_pending, a.request_timeout, a.step_delay)
+                        a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
@@ -507,7 +512,8 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
         ctx = multiprocessing.get_context("spawn")
         requests, replies, ready = ctx.Queue(), [ctx.Queue() for _ in range(a.workers)], ctx.Event()
         model_proc = ctx.Process(target=batcher_process, name="guide-encoder", daemon=True,
-                                 args=(partial(load_encoder_fn, a.tier, a.seed, a.device, a.threads), requests, replies, ready))
+                                 args=(partial(load_encoder_fn, a.tier, a.seed, a.device, a.threads), requests, replies, ready,
+                                       a.encoder_batch_size, a.encoder_delay, a.encoder_queue))
         model_proc.start()
         while not ready.wait(0.5):
             if not model_proc.is_alive(): print("guide serve: the encoder process failed to start", file=sys.stderr, flush=True); return 1
