@@ -92,7 +92,34 @@ def hbm_bandwidth(nbytes, device, n=20):
     return 2 * x.numel() * 2 / timed(lambda: x.clone()), x.numel() * 2 / timed(lambda: x.sum(dtype=torch.float32))
 
 
-def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results"):
+def replay_tps(graph, n=200):
+    "Steps per second of one captured decode graph replayed back to back: the GPU alone, no engine around it."
+    graph.replay(); torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): graph.replay()
+    torch.cuda.synchronize(); return n / (time.perf_counter() - t)
+
+
+def gemv_bandwidth(model):
+    "HBM bytes/s of each batch-1 matmul of a layer and the head: guide's Triton `gemv` (with its fused extras) vs cuBLAS."
+    import triton.testing
+    from guide.serve.engine import _fused_weights, gemv
+    w, D = _fused_weights(model)[0], model.config.dim
+    x, eps = torch.randn(1, D, device=model.device, dtype=torch.bfloat16), model.config.norm_eps
+    cases = dict(qkv_rot=(w[0], x, dict(norm_weight=w[4])), o=(w[1].t(), torch.randn(1, w[1].shape[0], device=x.device, dtype=x.dtype), dict(residual=x)),
+                 gate_up=(w[2], x, dict(norm_weight=w[5])), down=(w[3].t(), torch.randn(1, 2 * w[3].shape[0], device=x.device, dtype=x.dtype), dict(residual=x, glu=True)),
+                 lm_head=(model.lm_head.weight, x, dict(norm_weight=model.norm.weight)))
+    out = {}
+    for name, (W, inp, kw) in cases.items():
+        nbytes = W.numel() * W.element_size()
+        t_g = triton.testing.do_bench(lambda: gemv(inp, W, eps=eps, **kw), return_mode="median") * 1e-3
+        lin_in = inp[:, :W.shape[1]]
+        t_c = triton.testing.do_bench(lambda: torch.nn.functional.linear(lin_in, W), return_mode="median") * 1e-3
+        out[name] = dict(shape=list(W.shape), MB=nbytes / 1e6, gemv_TBps=nbytes / t_g / 1e12, cublas_TBps=nbytes / t_c / 1e12,
+                         gemv_us=t_g * 1e6, cublas_us=t_c * 1e6)
+    return out
+
+
+def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", compile=True):
     """gpu tier: greedy decode of a ~1.1B Llama shape (bf16, random weights: speed does not depend on them).
     Batch 1 tokens/s vs the memory-bandwidth ceiling (bytes read per token / measured HBM bandwidth), with and
     without CUDA graphs, and transformers `generate` (eager, dynamic cache) on the same shape; then batched
@@ -110,8 +137,9 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results"):
     copy_bw, read_bw = hbm_bandwidth(weight_bytes, device)
     bw = max(copy_bw, read_bw)
     ceiling = bw / read_bytes
-    def engine_tps(graphs, batch, n_steps):
-        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=graphs)
+    def engine_tps(graphs, batch, n_steps, gemv=None):
+        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=False)
+        if graphs: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv)
         prompts = [[1 + b] * 16 for b in range(batch)]
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
         torch.cuda.synchronize(); t = time.perf_counter()
@@ -120,22 +148,29 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results"):
     res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
                bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
-    res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)
-    # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
+    res["gemv_TBps"] = gemv_bandwidth(model)                   # each matrix of a layer: the Triton GEMV vs cuBLAS at batch 1
+    print(json.dumps(res["gemv_TBps"], indent=1), flush=True)
+    res["batch1_graphs_cublas_tokens_per_s"] = engine_tps(True, 1, steps, gemv=False)
+    res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)                  # batch-1 steps: decode_one (Triton GEMVs)
     eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
-    eng.graphs = DecodeGraphs(model, eng.cache, 1, compile=True, block_buckets=[16])
-    t = time.perf_counter(); eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True))
-    res["compile_seconds"] = time.perf_counter() - t
-    torch.cuda.synchronize(); t = time.perf_counter()
-    eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True)); torch.cuda.synchronize()
-    res["batch1_compiled_graphs_tokens_per_s"] = steps / (time.perf_counter() - t)
-    graph = eng.graphs.graphs[(1, 16)][0]                      # the GPU alone: replay the step back to back, no engine
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(200): graph.replay()
-    torch.cuda.synchronize(); res["batch1_compiled_replay_only_tokens_per_s"] = 200 / (time.perf_counter() - t)
-    del eng, graph; torch.cuda.empty_cache()
-    res["fraction_of_ceiling_compiled"] = res["batch1_compiled_graphs_tokens_per_s"] / ceiling
-    res["fraction_of_ceiling_replay_only"] = res["batch1_compiled_replay_only_tokens_per_s"] / ceiling
+    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16])
+    eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
+    res["batch1_graphs_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
+    del eng; torch.cuda.empty_cache()
+    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1), flush=True)
+    if compile:       # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
+        eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
+        eng.graphs = DecodeGraphs(model, eng.cache, 1, compile=True, block_buckets=[16])
+        t = time.perf_counter(); eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True))
+        res["compile_seconds"] = time.perf_counter() - t
+        torch.cuda.synchronize(); t = time.perf_counter()
+        eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True)); torch.cuda.synchronize()
+        res["batch1_compiled_graphs_tokens_per_s"] = steps / (time.perf_counter() - t)
+        res["batch1_compiled_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
+        del eng; torch.cuda.empty_cache()
+        res["fraction_of_ceiling_compiled"] = res["batch1_compiled_graphs_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_replay_only"] = res["batch1_graphs_replay_only_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_cublas"] = res["batch1_graphs_cublas_tokens_per_s"] / ceiling
     res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_eager"] = res["batch1_eager_tokens_per_s"] / ceiling
@@ -152,11 +187,12 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results"):
     atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    names = ["ceiling", "GPU only\n(replay)", "guide\ncompile+graphs", "guide\ngraphs", "guide\neager", "HF\ngenerate"]
-    vals = [ceiling, res["batch1_compiled_replay_only_tokens_per_s"], res["batch1_compiled_graphs_tokens_per_s"],
-            res["batch1_graphs_tokens_per_s"], res["batch1_eager_tokens_per_s"], res["batch1_hf_generate_tokens_per_s"]]
+    names = ["ceiling", "GPU only\n(replay)", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
+             "guide\neager", "HF\ngenerate"]
+    vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_tokens_per_s"], res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
+            res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"], res["batch1_hf_generate_tokens_per_s"]]
     ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
-    ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling_compiled']:.0%} of the bandwidth ceiling")
+    ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
     ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-")
     ax[1].set_xscale("log", base=2); ax[1].set_xlabel("requests decoded together"); ax[1].set_ylabel("tokens / s")
     fig.suptitle(res["env"]["device"]); fig.tight_layout(); fig.savefig(out / "serve_gpu_decode.png", dpi=100)
@@ -170,6 +206,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=128); ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times; report the best of each")
+    ap.add_argument("--no-compile", action="store_true", help="--gpu-decode without the torch.compile variant (saves its ~minute of compilation)")
     ap.add_argument("--gpu-decode", action="store_true", help="gpu tier: batch-1 decode of a ~1.1B shape vs the memory-bandwidth ceiling, and batched")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
@@ -180,7 +217,7 @@ def main(argv=None):
     setup_torch()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.gpu_decode:
-        gpu_decode(a.device, out=out); return 0
+        gpu_decode(a.device, out=out, compile=not a.no_compile); return 0
     n = 16 if a.smoke else a.requests
     model, _ = tiny_base(a.tier, a.seed, device=a.device)
     trace = make_trace(n, model.config.vocab_size, seed=a.seed, output_median=6 if a.smoke else 24, output_range=(2, 40) if a.smoke else (2, 192))

@@ -1,4 +1,5 @@
 """Chapter 20 (serving): the paged-KV continuous-batching engine, the dynamic batcher, ONNX parity (no notebook needed)."""
+import importlib.util
 import random
 import time
 
@@ -284,3 +285,30 @@ def test_cuda_graph_encoder_equals_packed():
         with torch.no_grad(): logits, emb = enc.forward_packed(seqs)
         torch.testing.assert_close(torch.tensor([g["probs"] for g in got]), logits.softmax(-1).cpu(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.tensor([g["embedding"] for g in got]), emb.cpu(), atol=1e-4, rtol=1e-4)
+
+
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                                  reason="Triton GEMV kernels need a CUDA GPU and Triton (the gpu tier runs this)")
+
+
+@needs_triton
+def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
+    import torch.nn.functional as F
+    from guide.serve.engine import PagedKVCache, decode_one, decode_static, gemv, prefill_batch_forward
+    torch.manual_seed(0)
+    for N, K in ((37, 70), (2048, 2048), (4864, 2048), (300, 5632)):
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        x, r = torch.randn(1, K, device="cuda", dtype=torch.bfloat16), torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+        ln, gu = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn(1, 2 * K, device="cuda", dtype=torch.bfloat16)
+        W, g, u = w.float(), *gu.float().chunk(2, -1)
+        for got, want in ((gemv(x, w), x.float() @ W.T),
+                          (gemv(x, w, residual=r, norm_weight=ln, eps=1e-5), F.rms_norm(x.float(), (K,), ln.float(), 1e-5) @ W.T + r.float()),
+                          (gemv(gu, w, residual=r, glu=True), (F.silu(g) * u) @ W.T + r.float())):
+            assert (got.float() - want).norm() / want.norm() < 1e-2
+    with pytest.raises(ValueError, match="does not fit"): gemv(x, w.t())
+    model = _peaky_model("cuda")
+    cache = PagedKVCache(3, 2, 32, num_blocks=8, block_size=8, device="cuda")
+    tab = cache.allocator.allocate(2)
+    prefill_batch_forward(model, cache, [[5, 6, 7, 8, 9]], [tab])
+    args = (torch.tensor([11], device="cuda"), torch.tensor([5], device="cuda"), torch.tensor([tab + [cache.null_block]], device="cuda"))
+    torch.testing.assert_close(decode_one(model, cache, *args), decode_static(model, cache, *args), atol=1e-3, rtol=1e-3)

@@ -381,11 +381,11 @@ class GraphedEncoder:
         C = self.model.config["n_classes"]
         return res[:, :C].tolist(), res[:, C:].tolist()
 
-def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None) -> Callable[[list[list[int]], int], list[dict]]:
+def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None, max_batch_size: int = 32) -> Callable[[list[list[int]], int], list[dict]]:
     """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. On CUDA (`cuda_graphs=None`)
     it runs a `GraphedEncoder`, elsewhere the packed forward; neither needs the batcher's length buckets (the packed
     one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`."""
-    graphed = GraphedEncoder(model, pad_id, cuda_graphs=cuda_graphs) if cuda_graphs or (cuda_graphs is None and model.tok.weight.device.type == "cuda") else None
+    graphed = GraphedEncoder(model, pad_id, max_batch_size, cuda_graphs=cuda_graphs) if cuda_graphs or (cuda_graphs is None and model.tok.weight.device.type == "cuda") else None
     @torch.no_grad()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
         seqs = [s[:length] for s in seqs]
@@ -464,11 +464,11 @@ class RemoteBatcher:
             if fut is None or fut.done(): continue              # cancelled meanwhile (client gone)
             fut.set_result(value) if ok else fut.set_exception(value)
 
-def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int = 1) -> Callable:
+def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int = 1, max_batch_size: int = 32) -> Callable:
     "The batcher function of the cached encoder of `tier`, with its `max_len` (what a model process loads)."
     setup_torch(threads)
     enc, tok, _ = tiny_encoder(tier, seed, device=device)
-    return encoder_fn(enc, tok.pad_token_id)
+    return encoder_fn(enc, tok.pad_token_id, max_batch_size=max_batch_size)
 
 # %% ../../nbs/21_batcher.ipynb #c024
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:

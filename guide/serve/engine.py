@@ -14,8 +14,8 @@ from ..model import Llama, from_hf, sample_next
 
 # %% auto #0
 __all__ = ['SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
-           'prefill_forward', 'decode_forward', 'decode_static', 'DecodeGraphs', 'RequestOutput', 'Request', 'Engine',
-           'AsyncEngine', 'make_trace']
+           'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'RequestOutput',
+           'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -141,9 +141,12 @@ def _fused_weights(model: Llama) -> list[tuple]:
 
 def _layer_qkv(model, w, x, cos, sin):
     "x (N, D) -> q (N, H, hd) and kv (N, 2*KV, hd) (keys then values), rotary applied; cos/sin (N, 1, hd). One matmul for all of it."
+    return _rotary(model, F.linear(F.rms_norm(x, (x.shape[-1],), w[4], model.config.norm_eps), w[0]), cos, sin)
+
+def _rotary(model, out, cos, sin):
+    "The q|k|v|rot(q)|rot(k) matmul output -> q, k|v with the rotary embedding applied (in place)."
     cfg = model.config
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out = F.linear(F.rms_norm(x, (x.shape[-1],), w[4], cfg.norm_eps), w[0])
     a, b = (H + KV) * hd, (H + 2 * KV) * hd
     qk = out[:, :a].view(-1, H + KV, hd)
     qk.mul_(cos).addcmul_(out[:, b:].view(-1, H + KV, hd), sin)                # x*cos + rotate_half(x)*sin, in place
@@ -264,27 +267,106 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
 
 def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
 
+# %% ../../nbs/20_engine.ipynb #c021
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                 # CPU-only installs: decode_one is not available, decode_static runs every bucket
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(X, W, Out, Res, LnW, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        if NORM:                                                   # rms of the whole input vector
+            ss = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                ss += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            if GLU:                                                # X holds gate then up, 2K values: x = silu(g) * u
+                g = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+                x = g / (1.0 + tl.exp(-g)) * tl.load(X + K + kk, mask=kk < K, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if NORM:
+                x = x * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
+            w = tl.load(W + rows[:, None] * K + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if RES:
+            acc += tl.load(Res + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
+
+    _gemv_tuned = triton.autotune([triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=wp) for n, k, wp in
+                                   ((2, 1024, 4), (4, 512, 4), (8, 256, 4), (16, 256, 8))], key=["N", "K"])(_gemv_kernel)
+
+def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """`w @ f(x) (+ residual)` for one row: x (1, K), or (1, 2K) = [gate, up] with `glu` (f = silu(gate) * up);
+    `norm_weight`: f = RMSNorm first; w (N, K) contiguous. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K)`
+    fixes the tile (else autotuned per shape on first use: do that outside graph capture)."""
+    if triton is None: raise RuntimeError("gemv needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    N, K = w.shape
+    if x.shape != (1, 2 * K if glu else K) or not w.is_contiguous():
+        raise ValueError(f"gemv: x {tuple(x.shape)} does not fit a contiguous weight {tuple(w.shape)} (glu={glu})")
+    x = x.contiguous()
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    args = (x, w, out, out if residual is None else residual.contiguous(), w if norm_weight is None else norm_weight, N, K, eps)
+    flags = dict(NORM=norm_weight is not None, GLU=glu, RES=residual is not None)
+    if blocks is None: _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **flags)
+    else: _gemv_kernel[(triton.cdiv(N, blocks[0]),)](*args, **flags, BLOCK_N=blocks[0], BLOCK_K=blocks[1])
+    return out
+
+@torch.no_grad()
+def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+               tables: torch.Tensor, weights: list[tuple] | None = None) -> torch.Tensor:
+    "`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in."
+    cfg, bs = model.config, cache.block_size
+    (B, NB), KV, hd, eps = tables.shape, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+    if B != 1: raise ValueError(f"decode_one decodes one row, got {B}")
+    x = model.embed_tokens(tokens)
+    cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+    mask = _past_mask(positions, NB * bs, x.dtype)
+    for i, w in enumerate(_fused_weights(model) if weights is None else weights):
+        q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
+        cache.write(i, slots, kv)
+        K, V = cache.gather(i, tables)
+        y = F.scaled_dot_product_attention(q.reshape(B, KV, -1, hd), K, V, attn_mask=mask)
+        x = gemv(y.reshape(B, -1), w[1].t(), residual=x)            # w[1] is o_proj's weight transposed: .t() is the weight
+        x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps), w[3].t(), residual=x, glu=True)
+    return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps)
+
 class DecodeGraphs:
     """Decode steps replayed from CUDA graphs, one per (batch bucket, block-count bucket), captured on first use.
     `graphs(tokens, positions, tables)` takes what `decode_forward` takes and returns its logits (B, V): a view of
     the graph's output buffer, valid until the next call. `compile=True` first compiles the step with
     `torch.compile` (Inductor fuses the norms, rotary, masking and activations into a few kernels), once per
-    bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds."""
+    bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
+    `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
-                 block_buckets: list[int] | None = None):
+                 block_buckets: list[int] | None = None, gemv: bool | None = None):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
         self.model, self.cache = model, cache
         self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size] + [max_batch_size]
         most = cache.blocks_for(model.config.max_seq_len)
         self.block_sizes = sorted({min(b, most) for b in block_buckets or (2 ** i for i in range(20))} | {most})
         self.step = torch.compile(decode_static, dynamic=False) if compile else decode_static
+        if gemv and triton is None: raise RuntimeError("gemv=True needs Triton")
+        self.one = decode_one if (triton is not None and not compile if gemv is None else gemv) else self.step
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool, self._weights = None, None
 
     def _capture(self, B: int, NB: int):
         inp = torch.full((B, 2 + NB), self.cache.null_block, dtype=torch.long, device=self.model.device)
         inp[:, :2] = 0                                                   # token 0 at position 0 of the null block
-        run = lambda: self.step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights)
+        step = self.one if B == 1 else self.step
+        run = lambda: step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights)
         side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):                                    # warm up (cuBLAS handles, workspaces) off the capture
             for _ in range(2): run()
@@ -309,7 +391,7 @@ class DecodeGraphs:
         graph.replay()
         return out[:B]
 
-# %% ../../nbs/20_engine.ipynb #c023
+# %% ../../nbs/20_engine.ipynb #c025
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -352,7 +434,7 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c025
+# %% ../../nbs/20_engine.ipynb #c027
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -539,7 +621,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c035
+# %% ../../nbs/20_engine.ipynb #c037
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -608,7 +690,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c038
+# %% ../../nbs/20_engine.ipynb #c040
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

@@ -440,7 +440,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
         enc, enc_tok, _ = tiny_encoder(tier, seed, device=device)
-        fn = encoder_fn(enc, enc_tok.pad_token_id)
+        fn = encoder_fn(enc, enc_tok.pad_token_id, max_batch_size=encoder_batch_size)
         batcher = DynamicBatcher(fn, encoder_batch_size, encoder_delay, encoder_queue)
     if not encoder and model is None: raise ValueError("nothing to serve: no LLM and no encoder")
     name = "" if model is None else model if model == "tiny-base" else os.path.basename(os.path.normpath(str(model)))
@@ -512,7 +512,7 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
         ctx = multiprocessing.get_context("spawn")
         requests, replies, ready = ctx.Queue(), [ctx.Queue() for _ in range(a.workers)], ctx.Event()
         model_proc = ctx.Process(target=batcher_process, name="guide-encoder", daemon=True,
-                                 args=(partial(load_encoder_fn, a.tier, a.seed, a.device, a.threads), requests, replies, ready,
+                                 args=(partial(load_encoder_fn, a.tier, a.seed, a.device, a.threads, a.encoder_batch_size), requests, replies, ready,
                                        a.encoder_batch_size, a.encoder_delay, a.encoder_queue))
         model_proc.start()
         while not ready.wait(0.5):
