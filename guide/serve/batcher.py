@@ -350,7 +350,7 @@ class GraphedEncoder:
     def _slot(self, B: int, L: int):
         inp = torch.full((2, B, L), self.pad_id, dtype=torch.long, device=self.device)
         inp[1] = 0; inp[1, :, 0] = 1                # a padding row attends to its first position (no all-masked softmax)
-        if not self.cuda_graphs: return None, inp, None
+        if not self.cuda_graphs: return None, inp, None, None
         side = torch.cuda.Stream(self.device); side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):               # warm up (cuBLAS handles, workspaces) off the capture
             for _ in range(2): self._forward(inp)
@@ -358,7 +358,7 @@ class GraphedEncoder:
         graph = torch.cuda.CUDAGraph()              # thread_local: another thread (an LLM engine) may use the GPU meanwhile
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"): out = self._forward(inp)
         self.pool = graph.pool()                    # all buckets share one memory pool
-        return graph, inp, out
+        return graph, inp, out, (torch.empty(inp.shape, dtype=inp.dtype, pin_memory=True), torch.empty(out.shape, dtype=out.dtype, pin_memory=True))
 
     @torch.no_grad()
     def __call__(self, seqs: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
@@ -370,14 +370,19 @@ class GraphedEncoder:
         T = max(map(len, seqs))
         if T > self.lengths[-1]: raise ValueError(f"a text has {T} tokens, the encoder takes at most {self.lengths[-1]}")
         B, L = bucket_of(len(seqs), self.batch_sizes), bucket_of(T, self.lengths)
-        graph, inp, out = self.slots[B, L]
+        graph, inp, out, pinned = self.slots[B, L]
         pad = self.pad_id
         ids = [s + [pad] * (L - len(s)) for s in seqs] + [[pad] * L] * (B - len(seqs))
         mask = [[1] * len(s) + [0] * (L - len(s)) for s in seqs] + [[1] + [0] * (L - 1)] * (B - len(seqs))
-        inp.copy_(torch.tensor([ids, mask]))        # one host-to-device copy of all inputs
-        if graph is None: out = self._forward(inp)
-        else: graph.replay()
-        res = out[:len(seqs)].cpu()                 # one device-to-host copy of all outputs
+        if graph is None:
+            inp.copy_(torch.tensor([ids, mask])); res = self._forward(inp)[:len(seqs)]
+        else:                                       # one copy in, one replay, one copy out, then *sleep* until done:
+            pinned[0].copy_(torch.tensor([ids, mask]))      # a plain .cpu() spin-waits, and N workers would burn N cores
+            inp.copy_(pinned[0], non_blocking=True)
+            graph.replay()
+            pinned[1].copy_(out, non_blocking=True)
+            done = torch.cuda.Event(blocking=True); done.record(); done.synchronize()
+            res = pinned[1][:len(seqs)]
         C = self.model.config["n_classes"]
         return res[:, :C].tolist(), res[:, C:].tolist()
 
