@@ -390,7 +390,8 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = N
     """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. On CUDA (`cuda_graphs=None`)
     it runs a `GraphedEncoder`, elsewhere the packed forward; neither needs the batcher's length buckets (the packed
     one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`."""
-    graphed = GraphedEncoder(model, pad_id, max_batch_size, cuda_graphs=cuda_graphs) if cuda_graphs or (cuda_graphs is None and model.tok.weight.device.type == "cuda") else None
+    on_cuda = model.tok.weight.device.type == "cuda"
+    graphed = GraphedEncoder(model, pad_id, max_batch_size, cuda_graphs=True) if (on_cuda if cuda_graphs is None else cuda_graphs) else None
     @torch.no_grad()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
         seqs = [s[:length] for s in seqs]

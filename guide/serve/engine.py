@@ -251,19 +251,26 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
     """One decode step with every shape fixed by its inputs and no host round trip (capturable as a CUDA graph):
     `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
     `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling)."""
-    cfg, bs = model.config, cache.block_size
-    (B, NB), KV, hd = tables.shape, cfg.n_kv_heads, cfg.head_dim
+    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
+    for i, w in enumerate(_fused_weights(model) if weights is None else weights):
+        y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin))
+        x = _layer_out(model, w, x, y)
+    return _head(model, x)
+
+def _static_inputs(model, cache, tokens, positions, tables):
+    "A fixed-shape decode step's embeddings, rotary cos/sin, KV slots to write and past mask."
+    bs = cache.block_size
     x = model.embed_tokens(tokens)
     cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
     slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-    mask = _past_mask(positions, NB * bs, x.dtype)
-    for i, w in enumerate(_fused_weights(model) if weights is None else weights):
-        q, kv = _layer_qkv(model, w, x, cos, sin)
-        cache.write(i, slots, kv)
-        K, V = cache.gather(i, tables)
-        y = F.scaled_dot_product_attention(q.reshape(B, KV, -1, hd), K, V, attn_mask=mask)
-        x = _layer_out(model, w, x, y.reshape(B, -1))
-    return _head(model, x)
+    return x, cos, sin, slots, _past_mask(positions, tables.shape[1] * bs, x.dtype)
+
+def _static_attention(model, cache, layer, slots, tables, mask, q, kv):
+    "Write this step's k|v, attend over the padded block tables: (B, H*hd)."
+    cache.write(layer, slots, kv)
+    K, V = cache.gather(layer, tables)
+    B = q.shape[0]
+    return F.scaled_dot_product_attention(q.reshape(B, model.config.n_kv_heads, -1, model.config.head_dim), K, V, attn_mask=mask).reshape(B, -1)
 
 def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
 
@@ -326,19 +333,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
 def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                tables: torch.Tensor, weights: list[tuple] | None = None) -> torch.Tensor:
     "`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in."
-    cfg, bs = model.config, cache.block_size
-    (B, NB), KV, hd, eps = tables.shape, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
-    if B != 1: raise ValueError(f"decode_one decodes one row, got {B}")
-    x = model.embed_tokens(tokens)
-    cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
-    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-    mask = _past_mask(positions, NB * bs, x.dtype)
+    if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
+    eps = model.config.norm_eps
+    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
-        cache.write(i, slots, kv)
-        K, V = cache.gather(i, tables)
-        y = F.scaled_dot_product_attention(q.reshape(B, KV, -1, hd), K, V, attn_mask=mask)
-        x = gemv(y.reshape(B, -1), w[1].t(), residual=x)            # w[1] is o_proj's weight transposed: .t() is the weight
+        y = _static_attention(model, cache, i, slots, tables, mask, q, kv)
+        x = gemv(y, w[1].t(), residual=x)                            # w[1] is o_proj's weight transposed: .t() is the weight
         x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps), w[3].t(), residual=x, glu=True)
     return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps)
 
