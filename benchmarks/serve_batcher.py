@@ -11,6 +11,7 @@ the part of the gain that batching the model itself can give on this machine.
 
     python benchmarks/serve_batcher.py
     python benchmarks/serve_batcher.py --smoke
+    python benchmarks/serve_batcher.py --tier gpu --device cuda --requests 20000 --name serve_batcher_gpu   # MiniLM-sized, CUDA graphs
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=120); ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times; report the best of each")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="serve_batcher", help="results file name: OUT/NAME.json and OUT/NAME.png")
     a = ap.parse_args(argv)
     from guide.core import atomic_write, environment_info, setup_torch
     from guide.serve.batcher import DynamicBatcher, closed_loop, closed_loop_async, encode_texts, encoder_fn, snippets, tiny_encoder
     setup_torch()
     enc, tok, summary = tiny_encoder(a.tier, a.seed, device=a.device)
-    fn = encoder_fn(enc, tok.pad_token_id)
+    fn = encoder_fn(enc, tok.pad_token_id, max_batch_size=a.max_batch_size)
     n = 200 if a.smoke else a.requests
     texts = snippets("test", 400, seed=a.seed + 1)
     ids = encode_texts(tok, [t for t, _ in texts])
@@ -53,6 +55,20 @@ def main(argv=None):
     k = 64 if a.smoke else 512
     alone_ms = cpu_ms([lambda x=x: fn([x], len(x)) for x in load[:k]]) / k
     batched_ms = cpu_ms([lambda i=i: fn(load[i:i + a.max_batch_size], 128) for i in range(0, k, a.max_batch_size)]) / k
+    gpu_texts_per_s = {}
+    if a.device.startswith("cuda"):     # the GPU's side alone: texts/s of the graphed encoder in batches of 128, per dtype
+        import numpy as np, torch
+        from guide.serve.batcher import GraphedEncoder
+        lens = np.array([len(x) for x in load]); flat = np.concatenate([np.array(x) for x in load])
+        ends = np.cumsum(lens)
+        for dt in (torch.float32, torch.bfloat16):
+            g = GraphedEncoder(enc, tok.pad_token_id, max_batch_size=128, dtype=dt)
+            chunks = [(lens[i:i + 128], flat[ends[i] - lens[i]:ends[min(i + 128, n) - 1]]) for i in range(0, n, 128)]
+            g.run(*chunks[0]); t = time.perf_counter()
+            for c in chunks: g.run(*c)
+            gpu_texts_per_s[str(dt).split(".")[1]] = n / (time.perf_counter() - t)
+            del g
+        print("graphed encoder alone, texts/s:", gpu_texts_per_s, flush=True)
     rows, singles, dyns = {}, [], []
     load_avg = os.getloadavg()[0]
     for _ in range(1 if a.smoke else a.repeats):
@@ -71,10 +87,11 @@ def main(argv=None):
                dynamic_thread_clients=r_dyn_threads, clients="asyncio (one event loop)",
                throughput_ratio=r_dyn["rps"] / r_single["rps"],
                cpu_per_request_ratio=r_single["cpu_ms_per_request"] / r_dyn["cpu_ms_per_request"], p95_ratio=r_dyn["p95_ms"] / r_single["p95_ms"],
-               model_only=dict(cpu_ms_per_text_alone=alone_ms, cpu_ms_per_text_batched=batched_ms, ratio=alone_ms / batched_ms),
+               model_only=dict(cpu_ms_per_text_alone=alone_ms, cpu_ms_per_text_batched=batched_ms, ratio=alone_ms / batched_ms,
+                               gpu_texts_per_s_batch128=gpu_texts_per_s),
                target_ratio=3.0, mean_batch=rows["batcher_stats"]["items"] / max(1, rows["batcher_stats"]["batches"]))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    name = "serve_batcher_smoke" if a.smoke else "serve_batcher"
+    name = a.name + "_smoke" if a.smoke else a.name
     atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))

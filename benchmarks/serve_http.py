@@ -82,10 +82,11 @@ def load(base, texts, a, path="/v1/classify"):
                 client_cpu_share=sum(r[4] for r in results) / (a.clients * el))   # 1.0: every load generator busy all the time
 
 
-def start(workers, device, threads, tier, shared_encoder=False):
+def start(workers, device, threads, tier, shared_encoder=False, encoder_batch_size=32, encoder_delay=0.005):
     cmd = [sys.executable, "-c", "import sys; from guide.serve.server import main; sys.exit(main(sys.argv[1:]))",   # = `guide serve`
-           "--no-llm", "--workers", str(workers), "--port", "0", "--tier", tier,
-           "--threads", str(threads), "--log-level", "error"] + (["--device", device] if device else []) + (["--shared-encoder"] if shared_encoder else [])
+           "--no-llm", "--workers", str(workers), "--port", "0", "--tier", tier, "--threads", str(threads), "--log-level", "error",
+           "--encoder-batch-size", str(encoder_batch_size), "--encoder-delay", str(encoder_delay)]
+    cmd += (["--device", device] if device else []) + (["--shared-encoder"] if shared_encoder else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     base, said = None, []
@@ -114,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1); ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="serve_http", help="results file name: OUT/NAME.json and OUT/NAME.png")
     ap.add_argument("--shared-encoder", action="store_true", help="workers share one encoder process (guide serve --shared-encoder)")
+    ap.add_argument("--encoder-batch-size", type=int, default=32, help="most texts the encoder runs together (guide serve --encoder-batch-size)")
+    ap.add_argument("--encoder-delay", type=float, default=0.005, help="seconds a batch waits to fill (guide serve --encoder-delay)")
     ap.add_argument("--front-ceiling", action="store_true", help="also load GET /v1/models on the same workers (the HTTP front without the model)")
     ap.add_argument("--tier", default="tiny", help="encoder size: tiny (64 wide, 2 layers) or gpu (MiniLM-L6-sized: 384 wide, 6 layers)")
     a = ap.parse_args(argv)
@@ -123,7 +126,7 @@ def main(argv=None):
     texts = [t for t, _ in snippets("test", 400, seed=1)]
     runs, ceiling = {}, {}
     for w in a.workers:
-        proc, base = start(w, a.device, a.threads, a.tier, a.shared_encoder)
+        proc, base = start(w, a.device, a.threads, a.tier, a.shared_encoder, a.encoder_batch_size, a.encoder_delay)
         try:
             c0 = _server_cpu(proc)
             runs[w] = load(base, texts, a)
@@ -137,7 +140,8 @@ def main(argv=None):
             try: proc.wait(60)
             except subprocess.TimeoutExpired: proc.kill()
     res = dict(benchmark="serve_http", env=environment_info(), device=a.device or "cpu", tier=a.tier, encoder=encoder.config,
-               encoder_params=sum(p.numel() for p in encoder.parameters()), shared_encoder=a.shared_encoder, clients=a.clients, concurrency=a.concurrency, runs=runs, front_ceiling=ceiling, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
+               encoder_params=sum(p.numel() for p in encoder.parameters()), shared_encoder=a.shared_encoder,
+               encoder_batch_size=a.encoder_batch_size, encoder_delay=a.encoder_delay, clients=a.clients, concurrency=a.concurrency, runs=runs, front_ceiling=ceiling, targets=dict(rps=10_000, p95_ms=50, note="gpu tier, MiniLM-L6-sized classifier"))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{a.name}.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt

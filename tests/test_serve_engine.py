@@ -273,18 +273,23 @@ def test_bucketed_encoder_equals_packed_and_refuses_bad_input():
 
 @needs_cuda
 def test_cuda_graph_encoder_equals_packed():
-    "On CUDA `encoder_fn` replays captured graphs; every bucket answers like the packed eager forward."
-    from guide.serve.batcher import encoder_fn
+    """On CUDA `encoder_fn` replays captured graphs (in bfloat16); every bucket answers like the packed eager forward
+    (float32): within 1e-4 when the graphs run in float32 too, within bfloat16's precision by default."""
+    from guide.serve.batcher import GraphedEncoder, encoder_fn
     enc = _small_encoder("cuda")
     fn = encoder_fn(enc)
-    assert fn.graphed is not None and fn.graphed.cuda_graphs
+    assert fn.graphed is not None and fn.graphed.cuda_graphs and fn.graphed.model.tok.weight.dtype == torch.bfloat16
+    fp32 = GraphedEncoder(enc, dtype=torch.float32)
     rng = random.Random(1)
     for n in (1, 3, 32, 45):
         seqs = [[rng.randrange(1, 64) for _ in range(rng.randint(1, 40))] for _ in range(n)]
-        got = fn(seqs, 40)
         with torch.no_grad(): logits, emb = enc.forward_packed(seqs)
-        torch.testing.assert_close(torch.tensor([g["probs"] for g in got]), logits.softmax(-1).cpu(), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor([g["embedding"] for g in got]), emb.cpu(), atol=1e-4, rtol=1e-4)
+        probs, embs = fp32(seqs)
+        torch.testing.assert_close(torch.tensor(probs), logits.softmax(-1).cpu(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(embs), emb.cpu(), atol=1e-4, rtol=1e-4)
+        got = fn(seqs, 40)
+        torch.testing.assert_close(torch.tensor([g["probs"] for g in got]), logits.softmax(-1).cpu(), atol=2e-2, rtol=0)
+        torch.testing.assert_close(torch.tensor([g["embedding"] for g in got]), emb.cpu(), atol=2e-2, rtol=0)
 
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
-import asyncio, concurrent.futures, hashlib, itertools, json, math, os, queue, random, threading, time
+import asyncio, concurrent.futures, copy, hashlib, itertools, json, math, os, queue, random, threading, time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -16,10 +16,10 @@ from ..core import atomic_dir, cache_dir, get_tier, seed_everything, setup_torch
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
-__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
-           'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush', 'bucket_of',
-           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder', 'encoder_fn', 'batcher_process',
-           'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
+__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'OK', 'LATE', 'FULL', 'FAILED', 'snippets', 'EncoderLayer', 'TextEncoder',
+           'length_groups', 'pad_batch', 'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder',
+           'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder',
+           'encoder_fn', 'batcher_process', 'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -225,24 +225,13 @@ def _settle(slots: list[_LoopFuture]):
         s.fut.set_result(v) if ok else s.fut.set_exception(v)
 
 def _notify(slots: list):
-    "Wake each event loop once for all of its settled `_LoopFuture`s; send each front process one reply for its `_ReplySlot`s."
-    by_loop, by_reply = {}, {}
+    "Wake each event loop once for all of its settled `_LoopFuture`s (a thread's `Future`s settled themselves)."
+    by_loop = {}
     for s in slots:
         if isinstance(s, _LoopFuture): by_loop.setdefault(s.loop, []).append(s)
-        elif isinstance(s, _ReplySlot): by_reply.setdefault(id(s.replies), (s.replies, []))[1].append((s.rid, *s.outcome))
     for loop, items in by_loop.items():
         try: loop.call_soon_threadsafe(_settle, items)
         except RuntimeError: pass                           # that loop is closed: nobody waits any more
-    for replies, items in by_reply.values(): replies.put(items)
-
-class _ReplySlot:
-    "The result slot of a request from another process (`batcher_process`): its outcome goes back on that process's queue."
-    __slots__ = ("replies", "rid", "outcome")
-    def __init__(self, replies, rid: int): self.replies, self.rid, self.outcome = replies, rid, None
-    def set_running_or_notify_cancel(self) -> bool: return True
-    def set_result(self, r): self.outcome = (True, r)
-    def set_exception(self, e):                             # must cross a process boundary: keep only picklable types
-        self.outcome = (False, e if isinstance(e, (DeadlineExceeded, QueueFull)) else RuntimeError(f"{type(e).__name__}: {e}"))
 
 class DynamicBatcher:
     """Group single requests into batches for `fn(list_of_token_lists, pad_length) -> list_of_results`.
@@ -331,12 +320,16 @@ class DynamicBatcher:
 class GraphedEncoder:
     """`model`'s padded forward at fixed shapes: the batch and its longest text rounded up to buckets, inputs and
     outputs in static buffers, each bucket replayed from a CUDA graph captured at construction (`cuda_graphs=None`:
-    when the model is on CUDA). `encoder(seqs) -> (probs, embeddings)` as nested lists, in the order of `seqs`."""
-    def __init__(self, model: TextEncoder, pad_id: int = 0, max_batch_size: int = 32, lengths: tuple[int, ...] = (16, 32, 64, 128),
-                 cuda_graphs: bool | None = None):
-        self.model, self.pad_id, self.device = model, pad_id, model.tok.weight.device
+    when the model is on CUDA). `encoder(seqs) -> (probs, embeddings)` as nested lists, in the order of `seqs`.
+    `dtype`: what the forward computes in (default: bfloat16 with CUDA graphs, the tensor cores' type; the model's
+    own otherwise); answers come back as float32."""
+    def __init__(self, model: TextEncoder, pad_id: int = 0, max_batch_size: int = 32, lengths: tuple[int, ...] = (16, 32, 48, 64, 96, 128),
+                 cuda_graphs: bool | None = None, dtype: torch.dtype | None = None):
+        self.pad_id, self.device = pad_id, model.tok.weight.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        dtype = dtype or (torch.bfloat16 if self.cuda_graphs else model.tok.weight.dtype)
+        self.model = model if dtype == model.tok.weight.dtype else copy.deepcopy(model).to(dtype)
         self.batch_sizes = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size) + (max_batch_size,)
         self.lengths = tuple(sorted({min(L, model.max_len) for L in lengths} | {model.max_len}))
         self.pool = None
@@ -361,75 +354,135 @@ class GraphedEncoder:
         return graph, inp, out, (torch.empty(inp.shape, dtype=inp.dtype, pin_memory=True), torch.empty(out.shape, dtype=out.dtype, pin_memory=True))
 
     @torch.no_grad()
-    def __call__(self, seqs: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
-        most = self.batch_sizes[-1]
-        if len(seqs) > most:
-            parts = [self(seqs[i:i + most]) for i in range(0, len(seqs), most)]
-            return [p for ps, _ in parts for p in ps], [e for _, es in parts for e in es]
-        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
-        T = max(map(len, seqs))
+    def run(self, lens: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The texts as arrays (what a model process receives): `lens` (n,) token counts, `flat` their ids one text
+        after another. Returns (probabilities (n, classes), embeddings (n, dim)) as float32 arrays."""
+        lens, flat = np.asarray(lens), np.asarray(flat)
+        n, most = len(lens), self.batch_sizes[-1]
+        if n > most:
+            ends = np.cumsum(lens)
+            parts = [self.run(lens[i:i + most], flat[ends[i] - lens[i]:ends[min(i + most, n) - 1]]) for i in range(0, n, most)]
+            return np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts])
+        if n == 0 or lens.min() < 1 or lens.sum() != len(flat): raise ValueError("need at least one non-empty token list, and lens to add up to len(flat)")
+        T = int(lens.max())
         if T > self.lengths[-1]: raise ValueError(f"a text has {T} tokens, the encoder takes at most {self.lengths[-1]}")
-        B, L = bucket_of(len(seqs), self.batch_sizes), bucket_of(T, self.lengths)
+        B, L = bucket_of(n, self.batch_sizes), bucket_of(T, self.lengths)
         graph, inp, out, pinned = self.slots[B, L]
-        pad = self.pad_id
-        ids = [s + [pad] * (L - len(s)) for s in seqs] + [[pad] * L] * (B - len(seqs))
-        mask = [[1] * len(s) + [0] * (L - len(s)) for s in seqs] + [[1] + [0] * (L - 1)] * (B - len(seqs))
+        host = pinned[0].numpy() if pinned is not None else np.empty(inp.shape, dtype=np.int64)
+        keep = np.arange(L) < lens[:, None]                       # (n, L): the real tokens, row by row like `flat`
+        host[0].fill(self.pad_id); host[1].fill(0); host[1, n:, 0] = 1     # a padding row attends to its first position
+        host[0, :n][keep] = flat; host[1, :n] = keep
         if graph is None:
-            inp.copy_(torch.tensor([ids, mask])); res = self._forward(inp)[:len(seqs)]
+            inp.copy_(torch.from_numpy(host)); res = self._forward(inp)[:n].float().cpu().numpy()
         else:                                       # one copy in, one replay, one copy out, then *sleep* until done:
-            pinned[0].copy_(torch.tensor([ids, mask]))      # a plain .cpu() spin-waits, and N workers would burn N cores
-            inp.copy_(pinned[0], non_blocking=True)
+            inp.copy_(pinned[0], non_blocking=True) # a plain .cpu() spin-waits, and N workers would burn N cores
             graph.replay()
             pinned[1].copy_(out, non_blocking=True)
             done = torch.cuda.Event(blocking=True); done.record(); done.synchronize()
-            res = pinned[1][:len(seqs)]
+            res = pinned[1][:n].float().numpy().copy()
         C = self.model.config["n_classes"]
-        return res[:, :C].tolist(), res[:, C:].tolist()
+        return res[:, :C], res[:, C:]
+
+    def __call__(self, seqs: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
+        "`run` for token lists: (probabilities, embeddings) as nested lists, in the order of `seqs`."
+        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
+        probs, emb = self.run(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+        return probs.tolist(), emb.tolist()
 
 def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None, max_batch_size: int = 32) -> Callable[[list[list[int]], int], list[dict]]:
     """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. On CUDA (`cuda_graphs=None`)
     it runs a `GraphedEncoder`, elsewhere the packed forward; neither needs the batcher's length buckets (the packed
-    one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`."""
+    one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`.
+    `fn.run(lens, flat) -> (probs, embeddings)` is the same on arrays (what a shared model process calls)."""
     on_cuda = model.tok.weight.device.type == "cuda"
     graphed = GraphedEncoder(model, pad_id, max_batch_size, cuda_graphs=True) if (on_cuda if cuda_graphs is None else cuda_graphs) else None
     @torch.no_grad()
+    def run(lens: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if graphed is not None: return graphed.run(lens, flat)
+        ends = np.cumsum(lens)
+        logits, emb = model.forward_packed([flat[e - n:e].tolist() for n, e in zip(lens, ends)])
+        return logits.softmax(-1).float().cpu().numpy(), emb.float().cpu().numpy()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
         seqs = [s[:length] for s in seqs]
-        if graphed is not None: probs, emb = graphed(seqs)
-        else:
-            logits, emb = model.forward_packed(seqs)
-            probs, emb = logits.softmax(-1).cpu().tolist(), emb.cpu().tolist()
-        return [dict(probs=p, embedding=e) for p, e in zip(probs, emb)]
-    fn.packed, fn.max_len, fn.graphed = True, model.max_len, graphed
+        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
+        probs, emb = run(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+        return [dict(probs=p, embedding=e) for p, e in zip(probs.tolist(), emb.tolist())]
+    fn.packed, fn.max_len, fn.graphed, fn.run = True, model.max_len, graphed, run
     return fn
 
 # %% ../../nbs/21_batcher.ipynb #c020
+def _take(chunks: list, n: int) -> list:
+    "Cut the first `n` rows off the queued chunks (each a dict of equal-length row arrays + `flat` token ids)."
+    out = []
+    while n > 0 and chunks:
+        c = chunks[0]
+        k = len(c["rids"])
+        if k <= n: out.append(chunks.pop(0)); n -= k; continue
+        cut = int(c["lens"][:n].sum())
+        out.append(dict(c, rids=c["rids"][:n], lens=c["lens"][:n], deadlines=c["deadlines"][:n], flat=c["flat"][:cut]))
+        chunks[0] = dict(c, rids=c["rids"][n:], lens=c["lens"][n:], deadlines=c["deadlines"][n:], flat=c["flat"][cut:])
+        n = 0
+    return out
+
+OK, LATE, FULL, FAILED = range(4)       # a reply's status: answered, deadline passed, queue full, the model raised
+
+def _answer(replies: list, front: int, rids: np.ndarray, status: int, probs=None, emb=None, error: str = ""):
+    "One reply to front `front` for requests `rids`, all with the same `status`."
+    if len(rids): replies[front].put((rids, status, probs, emb, error))
+
 def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, ready=None, max_batch_size: int = 32,
                     max_queue_delay: float = 0.005, max_queue_size: int = 1024):
-    """The model process: `load_fn()` builds the batcher function (loads the model here); then it batches the
-    requests of every front process. `requests` carries `(front index, [(request id, token ids, timeout), ...])`,
-    `replies[i]` gets `[(request id, ok, result or exception), ...]` per batch; `None` on `requests` stops it."""
+    """The model process: `load_fn()` builds the batcher function (loads the model here; its `run(lens, flat)` is
+    called); then it batches the requests of every front process. `requests` carries
+    `(front, dict(rids, lens, flat, deadlines))` (numpy arrays; deadlines in `time.monotonic()` seconds, inf for none);
+    `replies[front]` gets `(rids, status, probs, embeddings, error)` per batch (status OK, LATE, FULL or FAILED, the same
+    for all its rows). `None` on `requests` stops it."""
     parent = os.getppid()
-    batcher = DynamicBatcher(load_fn(), max_batch_size, max_queue_delay, max_queue_size).start()
+    run = load_fn().run
     if ready is not None: ready.set()
+    chunks, queued = [], 0                    # chunks: dict(front, t, rids, lens, flat, deadlines), oldest first
     while True:
-        try: msg = requests.get(timeout=1.0)
+        wait = 1.0 if not chunks else max(0.0, max_queue_delay - (time.monotonic() - chunks[0]["t"]))
+        try:
+            msg = requests.get(timeout=wait) if wait > 0 else requests.get_nowait()
+            while True:
+                if msg is None: return
+                front, c = msg
+                room = max_queue_size - queued
+                if len(c["rids"]) > room:      # the bounded queue: rows past it are refused at once
+                    _answer(replies, front, c["rids"][room:], FULL)
+                    c = _take([c], room)[0] if room > 0 else None
+                if c is not None:
+                    chunks.append(dict(c, front=front, t=time.monotonic())); queued += len(c["rids"])
+                if queued >= max_batch_size: break
+                msg = requests.get_nowait()
         except queue.Empty:
-            if os.getppid() != parent: break                # the server died without telling us
+            if not chunks and os.getppid() != parent: return          # the server died without telling us
+        if not should_flush(queued, time.monotonic() - chunks[0]["t"] if chunks else 0, max_batch_size, max_queue_delay): continue
+        batch = _take(chunks, max_batch_size); queued -= sum(len(c["rids"]) for c in batch)
+        now, live = time.monotonic(), []
+        for c in batch:
+            late = c["deadlines"] < now
+            if late.any():
+                _answer(replies, c["front"], c["rids"][late], LATE)
+                c = dict(c, rids=c["rids"][~late], lens=c["lens"][~late], deadlines=c["deadlines"][~late], flat=c["flat"][np.repeat(~late, c["lens"])])
+            if len(c["rids"]): live.append(c)
+        if not live: continue
+        try:
+            probs, emb = run(np.concatenate([c["lens"] for c in live]), np.concatenate([c["flat"] for c in live]))
+        except Exception as e:
+            for c in live: _answer(replies, c["front"], c["rids"], FAILED, error=f"{type(e).__name__}: {e}")
             continue
-        if msg is None: break
-        front, items = msg
-        refused = []
-        for rid, ids, timeout in items:
-            try: batcher._put(ids, timeout, _ReplySlot(replies[front], rid))
-            except (QueueFull, ValueError) as e: refused.append((rid, False, e))
-        if refused: replies[front].put(refused)
-    batcher.stop()
+        fronts, rids = np.concatenate([np.full(len(c["rids"]), c["front"]) for c in live]), np.concatenate([c["rids"] for c in live])
+        for front in np.unique(fronts).tolist():             # one reply per front process per batch
+            mine = fronts == front
+            _answer(replies, front, rids[mine], OK, probs[mine], emb[mine])
 
 class RemoteBatcher:
-    """A front process's handle on a `batcher_process`: `asubmit(ids, timeout)` returns an asyncio future, like
-    `DynamicBatcher.asubmit`, but a full queue or a passed deadline arrive on the future (as QueueFull /
-    DeadlineExceeded), not at the call. Call `start()` on the event loop that will submit."""
+    """A front process's handle on a `batcher_process`: `asubmit(ids, timeout)` returns an asyncio future of
+    `{probs, embedding}` (the embedding a float32 array), like `DynamicBatcher.asubmit`; but a full queue or a passed
+    deadline arrive on the future (as QueueFull / DeadlineExceeded), not at the call. The requests of one event-loop
+    tick go out as one message. Call `start()` on the event loop that will submit."""
     def __init__(self, front: int, requests, replies, max_len: int = 128):
         self.front, self.requests, self.replies = front, requests, replies
         self.fn = SimpleNamespace(max_len=max_len)                  # what the server reads off a batcher's function
@@ -452,23 +505,33 @@ class RemoteBatcher:
         rid, fut = next(self._ids), self.loop.create_future()
         self._pending[rid] = fut; self.stats["requests"] += 1
         if not self._outbox: self.loop.call_soon(self._flush)         # once per event-loop tick
-        self._outbox.append((rid, list(ids), timeout))
+        self._outbox.append((rid, ids, math.inf if timeout is None else time.monotonic() + timeout))
         return fut
 
     def _flush(self):
         out, self._outbox = self._outbox, []
-        self.requests.put((self.front, out)); self.stats["messages_sent"] += 1
+        n = len(out)
+        lens = np.fromiter((len(x) for _, x, _ in out), np.int32, n)
+        self.requests.put((self.front, dict(rids=np.fromiter((r for r, _, _ in out), np.int64, n), lens=lens,
+                                            flat=np.fromiter(itertools.chain.from_iterable(x for _, x, _ in out), np.int32, int(lens.sum())),
+                                            deadlines=np.fromiter((d for _, _, d in out), np.float64, n))))
+        self.stats["messages_sent"] += 1
 
     def _read(self):
         while (msg := self.replies.get()) is not None:
             self.loop.call_soon_threadsafe(self._settle, msg)
 
     def _settle(self, msg):
+        rids, status, probs, emb, error = msg
         self.stats["replies"] += 1
-        for rid, ok, value in msg:
+        if status == OK: probs = probs.tolist()
+        else: exc = (DeadlineExceeded("deadline passed while queued") if status == LATE else
+                     QueueFull("the model process's queue is full") if status == FULL else RuntimeError(error))
+        for i, rid in enumerate(rids.tolist()):
             fut = self._pending.pop(rid, None)
             if fut is None or fut.done(): continue              # cancelled meanwhile (client gone)
-            fut.set_result(value) if ok else fut.set_exception(value)
+            if status == OK: fut.set_result(dict(probs=probs[i], embedding=emb[i]))
+            else: fut.set_exception(exc)
 
 def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int = 1, max_batch_size: int = 32) -> Callable:
     "The batcher function of the cached encoder of `tier`, with its `max_len` (what a model process loads)."

@@ -231,9 +231,10 @@ async def _collect(st: ServerState, request: Request, prompt_ids, sp: SamplingPa
     st.metrics.tokens.inc(n)
     return "".join(text), reason, n
 
-def _encode_vector(v: list[float], fmt: str | None):
+def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
+    "An embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."
     if fmt == "base64": return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
-    return v
+    return v.tolist() if isinstance(v, np.ndarray) else v
 
 def _sse(obj) -> str: return f"data: {json.dumps(obj)}\n\n"
 
@@ -455,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llm", action="store_true", help="serve only the encoder (no /v1/completions, /v1/chat/completions)")
     ap.add_argument("--workers", type=int, default=1, help="server processes sharing the port (pre-fork), each with its own models")
     ap.add_argument("--shared-encoder", action="store_true", help="with --workers > 1: one model process holds the encoder and "
-                    "batches the requests of all workers (one copy of the model, bigger batches; for a small encoder the per-worker "
-                    "copies measured faster: benchmarks/results/serve_http_gpu*_h200.json)")
+                    "batches the requests of all workers (one copy of the model, one CUDA context, bigger batches; on a GPU the faster "
+                    "layout: benchmarks/results/serve_http_gpu*_h200.json)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
     ap.add_argument("--tier", default="tiny"); ap.add_argument("--seed", type=int, default=0)
