@@ -2,12 +2,12 @@
 # The gpu-tier benchmarks on one H100/H200, most important first, each under its own time limit (about 9 minutes
 # in all), so that one failing or slow part does not cost the others. Results land in benchmarks/results/.
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR] [STEPS...]   # needs CUDA; RESULTS_DIR defaults to benchmarks/results
-#   STEPS: any of tests decode http mfu (default: all); DECODE_ARGS=--no-compile skips the torch.compile variant
+#   STEPS: any of tests decode profile http http-own batcher mfu (default: all); DECODE_ARGS=--no-compile skips the torch.compile variant
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 res=${1:-benchmarks/results}; shift || true
-steps=${*:-tests decode http mfu}
+steps=${*:-tests decode profile http http-own batcher mfu}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 status=0
@@ -16,7 +16,12 @@ step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t=$SECOND
 want() { [[ " $steps " == *" $1 "* ]]; }
 want tests && step 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton"
 want decode && step 240 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res"
+want profile && step 120 sh -c "python3 benchmarks/profile_decode_gpu.py > '$res/decode_profile.txt'"
 want http && step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
-    --requests 400000 --time-limit 15 --front-ceiling --name serve_http_gpu --out "$res"
+    --requests 400000 --time-limit 15 --shared-encoder --encoder-batch-size 128 --encoder-delay 0.002 --name serve_http_gpu --out "$res"
+want http-own && step 150 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 6 --clients 4 --concurrency 256 \
+    --requests 400000 --time-limit 15 --name serve_http_gpu_own_encoders --out "$res"
+want batcher && step 120 python3 benchmarks/serve_batcher.py --tier gpu --device cuda --requests 20000 --concurrency 64 \
+    --max-batch-size 64 --name serve_batcher_gpu --out "$res"
 want mfu && step 240 python3 benchmarks/train_mfu_gpu.py --out "$res"
 exit $status

@@ -102,7 +102,7 @@ def replay_tps(graph, n=200):
 def gemv_bandwidth(model):
     "HBM bytes/s of each batch-1 matmul of a layer and the head: guide's Triton `gemv` (with its fused extras) vs cuBLAS."
     import triton.testing
-    from guide.serve.engine import _fused_weights, gemv
+    from guide.serve.engine import GEMV_TILES, _fused_weights, gemv
     w, D = _fused_weights(model)[0], model.config.dim
     x, eps = torch.randn(1, D, device=model.device, dtype=torch.bfloat16), model.config.norm_eps
     cases = dict(qkv_rot=(w[0], x, dict(norm_weight=w[4])), o=(w[1].t(), torch.randn(1, w[1].shape[0], device=x.device, dtype=x.dtype), dict(residual=x)),
@@ -114,8 +114,10 @@ def gemv_bandwidth(model):
         t_g = triton.testing.do_bench(lambda: gemv(inp, W, eps=eps, **kw), return_mode="median") * 1e-3
         lin_in = inp[:, :W.shape[1]]
         t_c = triton.testing.do_bench(lambda: torch.nn.functional.linear(lin_in, W), return_mode="median") * 1e-3
+        tiles = {"%dx%d/%dw" % b: triton.testing.do_bench(lambda: gemv(inp, W, eps=eps, blocks=b, **kw), warmup=5, rep=20,
+                                                          return_mode="median") * 1e3 for b in GEMV_TILES}   # each tile, us
         out[name] = dict(shape=list(W.shape), MB=nbytes / 1e6, gemv_TBps=nbytes / t_g / 1e12, cublas_TBps=nbytes / t_c / 1e12,
-                         gemv_us=t_g * 1e6, cublas_us=t_c * 1e6)
+                         gemv_us=t_g * 1e6, cublas_us=t_c * 1e6, tiles_us=tiles)
     return out
 
 

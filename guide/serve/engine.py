@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from ..model import Llama, from_hf, sample_next
 
 # %% auto #0
-__all__ = ['SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
-           'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'RequestOutput',
-           'Request', 'Engine', 'AsyncEngine', 'make_trace']
+__all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
+           'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
+           'DecodeGraphs', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -281,6 +281,10 @@ try:
 except ImportError:                 # CPU-only installs: decode_one is not available, decode_static runs every bucket
     triton = None
 
+# the gemv tiles (BLOCK_N, BLOCK_K, num_warps) to try, autotuned per (N, K, flags) on first use: from one warp per
+# row (many small programs: the most loads in flight when N is only 2048) to 16 rows per program
+GEMV_TILES = ((1, 1024, 1), (1, 2048, 1), (1, 2048, 2), (2, 1024, 2), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (16, 256, 8))
+
 if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Out, Res, LnW, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
@@ -309,14 +313,14 @@ if triton is not None:
             acc += tl.load(Res + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
 
-    _gemv_tuned = triton.autotune([triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=wp) for n, k, wp in
-                                   ((2, 1024, 4), (4, 512, 4), (8, 256, 4), (16, 256, 8))], key=["N", "K"])(_gemv_kernel)
+    _gemv_tuned = triton.autotune([triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=wp) for n, k, wp in GEMV_TILES],
+                                  key=["N", "K", "NORM", "GLU", "RES"])(_gemv_kernel)
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+         eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`w @ f(x) (+ residual)` for one row: x (1, K), or (1, 2K) = [gate, up] with `glu` (f = silu(gate) * up);
-    `norm_weight`: f = RMSNorm first; w (N, K) contiguous. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K)`
-    fixes the tile (else autotuned per shape on first use: do that outside graph capture)."""
+    `norm_weight`: f = RMSNorm first; w (N, K) contiguous. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K,
+    num_warps)` fixes the tile (else autotuned per shape on first use: do that outside graph capture)."""
     if triton is None: raise RuntimeError("gemv needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
     N, K = w.shape
     if x.shape != (1, 2 * K if glu else K) or not w.is_contiguous():
@@ -326,7 +330,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     args = (x, w, out, out if residual is None else residual.contiguous(), w if norm_weight is None else norm_weight, N, K, eps)
     flags = dict(NORM=norm_weight is not None, GLU=glu, RES=residual is not None)
     if blocks is None: _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **flags)
-    else: _gemv_kernel[(triton.cdiv(N, blocks[0]),)](*args, **flags, BLOCK_N=blocks[0], BLOCK_K=blocks[1])
+    else: _gemv_kernel[(triton.cdiv(N, blocks[0]),)](*args, **flags, BLOCK_N=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return out
 
 @torch.no_grad()
