@@ -139,9 +139,9 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     copy_bw, read_bw = hbm_bandwidth(weight_bytes, device)
     bw = max(copy_bw, read_bw)
     ceiling = bw / read_bytes
-    def engine_tps(graphs, batch, n_steps, gemv=None):
+    def engine_tps(graphs, batch, n_steps, gemv=None, paged=False):
         eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=False)
-        if graphs: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv)
+        if graphs: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv, paged_attention=paged)
         prompts = [[1 + b] * 16 for b in range(batch)]
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
         torch.cuda.synchronize(); t = time.perf_counter()
@@ -154,10 +154,14 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     print(json.dumps(res["gemv_TBps"], indent=1), flush=True)
     res["batch1_graphs_cublas_tokens_per_s"] = engine_tps(True, 1, steps, gemv=False)
     res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)                  # batch-1 steps: decode_one (Triton GEMVs)
+    res["batch1_graphs_paged_tokens_per_s"] = engine_tps(True, 1, steps, paged=True)  # + the Triton paged-attention kernel
     eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
     eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16])
     eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
     res["batch1_graphs_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
+    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True)
+    eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
+    res["batch1_graphs_paged_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
     del eng; torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1), flush=True)
     if compile:       # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
@@ -175,6 +179,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res["fraction_of_ceiling_cublas"] = res["batch1_graphs_cublas_tokens_per_s"] / ceiling
     res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_paged"] = res["batch1_graphs_paged_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_eager"] = res["batch1_eager_tokens_per_s"] / ceiling
     print(json.dumps(res, indent=1), flush=True)
     with torch.device(device): hf = LlamaForCausalLM(hf_config(cfg)).to(torch.bfloat16).eval()
@@ -186,16 +191,20 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res["fraction_of_ceiling_hf"] = res["batch1_hf_generate_tokens_per_s"] / ceiling
     del hf; torch.cuda.empty_cache()
     res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
+    res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True) for b in batches}
     atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    names = ["ceiling", "GPU only\n(replay)", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
+    names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged attn", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
              "guide\neager", "HF\ngenerate"]
-    vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_tokens_per_s"], res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
+    vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_paged_tokens_per_s"], res["batch1_graphs_tokens_per_s"],
+            res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
             res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"], res["batch1_hf_generate_tokens_per_s"]]
     ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
     ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
-    ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-")
+    ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-", label="gather + SDPA")
+    ax[1].plot(list(res["batched_paged_tokens_per_s"]), list(res["batched_paged_tokens_per_s"].values()), "s--", label="paged attention kernel")
+    ax[1].legend(fontsize=7)
     ax[1].set_xscale("log", base=2); ax[1].set_xlabel("requests decoded together"); ax[1].set_ylabel("tokens / s")
     fig.suptitle(res["env"]["device"]); fig.tight_layout(); fig.savefig(out / "serve_gpu_decode.png", dpi=100)
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))

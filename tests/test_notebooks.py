@@ -1,5 +1,4 @@
 """Every chapter notebook, executed through papermill in the tiny tier (the integration tests)."""
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """RLHF chapter (nbs/50-56): the TRL GRPO trainer entry point, in one process and as 2 CPU processes under torchrun."""
 import json, os, subprocess, sys
 
-import pytest
 
 ENV = os.environ | dict(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", GUIDE_PROGRESS="0")
 

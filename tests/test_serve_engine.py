@@ -109,7 +109,6 @@ def test_stream_close_aborts(base):
 
 
 def test_dynamic_batcher_batches_and_bounds():
-    import concurrent.futures as cf
     from guide.serve.batcher import DeadlineExceeded, DynamicBatcher, QueueFull, should_flush
     calls = []
     def fn(seqs, length):
@@ -317,3 +316,29 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     prefill_batch_forward(model, cache, [[5, 6, 7, 8, 9]], [tab])
     args = (torch.tensor([11], device="cuda"), torch.tensor([5], device="cuda"), torch.tensor([tab + [cache.null_block]], device="cuda"))
     torch.testing.assert_close(decode_one(model, cache, *args), decode_static(model, cache, *args), atol=1e-3, rtol=1e-3)
+
+
+@needs_triton
+def test_paged_attention_kernel_matches_gather_sdpa_and_engine_greedy():
+    """The Triton paged-attention kernel reads keys and values in place: the same as gather + SDPA for strided inputs
+    (as the graphs pass them), and an engine whose graphs use it decodes greedily like the eager engine."""
+    from guide.serve.engine import DecodeGraphs, PagedKVCache, _past_mask, paged_attention
+    rng = random.Random(0)
+    for KVH, REP, hd, bs, B, NB in ((4, 8, 64, 16, 1, 16), (2, 2, 32, 8, 3, 5), (2, 1, 64, 16, 2, 128)):
+        cache = PagedKVCache(1, KVH, hd, num_blocks=200, block_size=bs, device="cuda", dtype=torch.bfloat16)
+        cache.kv[0].normal_()
+        inp = torch.tensor([[0, rng.randrange(NB * bs)] + rng.sample(range(200), NB) for _ in range(B)], device="cuda")
+        q = torch.randn(B, KVH * REP * hd + 8, device="cuda", dtype=torch.bfloat16)[:, :KVH * REP * hd].view(B, KVH * REP, hd)
+        got = paged_attention(q, cache.kv[0], inp[:, 2:], inp[:, 1])
+        K, V = cache.gather(0, inp[:, 2:])
+        want = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, KVH, REP, hd), K, V,
+                                                                attn_mask=_past_mask(inp[:, 1], NB * bs, q.dtype)).reshape(B, -1)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    model = _peaky_model("cuda")
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
+    paged = Engine(model, None, block_size=8, num_blocks=200, max_batch_size=4, cuda_graphs=False)
+    paged.graphs = DecodeGraphs(model, paged.cache, 4, paged_attention=True)
+    eager = Engine(model, None, block_size=8, num_blocks=200, max_batch_size=4, cuda_graphs=False)
+    assert [r["token_ids"] for r in paged.generate(prompts, params)] == [r["token_ids"] for r in eager.generate(prompts, params)]
+    assert paged.generate(prompts[:1], params[:1])[0]["token_ids"] == eager.generate(prompts[:1], params[:1])[0]["token_ids"]   # batch 1: decode_one

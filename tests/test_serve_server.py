@@ -1,6 +1,5 @@
 """Chapter 20 (serving): `guide serve` as a live process on 127.0.0.1, driven by the official openai client."""
 import asyncio
-import concurrent.futures as cf
 import json
 import os
 import signal

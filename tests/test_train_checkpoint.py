@@ -1,6 +1,5 @@
 """Checkpoints under fire: SIGKILL a training process mid-run, resume, compare with the uninterrupted run."""
-import json, os, signal, subprocess, sys, time
-from pathlib import Path
+import os, signal, subprocess, sys, time
 
 import pytest
 

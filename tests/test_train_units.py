@@ -1,5 +1,4 @@
 """Fast unit tests of guide.train: accumulation parity, the loop, mixtures, EWC, ZeRO arithmetic, atomic writes."""
-import copy, os
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from guide.model import Llama, ModelConfig
 from guide.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint, verify_checkpoint, CheckpointError
 from guide.train.continual import MixtureStream, rewarm_lr
 from guide.train.ewc import EWC, fisher_diagonal, split_prose_code
-from guide.train.loop import accumulate, autocast_ctx, mfu, optimizer_step, train
+from guide.train.loop import accumulate, autocast_ctx, mfu, train
 from guide.train.parallel import zero_bytes_per_rank
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)

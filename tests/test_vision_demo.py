@@ -1,10 +1,9 @@
 """`guide demo vision`: the Gradio app in a subprocess on 127.0.0.1, driven by gradio_client and headless Chromium."""
-import os, shutil, signal, socket, subprocess, sys, tempfile, time
+import os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from guide.core import seed_everything

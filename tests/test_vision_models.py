@@ -130,7 +130,7 @@ def test_vlm_trains_generates_and_round_trips(shards, tmp_path):
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_transformers_vision_tower_from_local_folder(kind, tmp_path):
     """The loading path for real pretrained encoders (AutoModel), on tiny configs saved locally (no download)."""
-    from transformers import CLIPModel, CLIPConfig, CLIPVisionConfig, SiglipVisionConfig, SiglipVisionModel
+    from transformers import CLIPModel, CLIPConfig, SiglipVisionConfig, SiglipVisionModel
     kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
     if kind == "siglip": SiglipVisionModel(SiglipVisionConfig(**kw)).save_pretrained(tmp_path / "enc")
     else:   # a full two-tower CLIPModel: the tower keeps its vision half

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio, itertools, math, queue, random, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import AsyncIterator, Callable, Iterator
 
 import torch
@@ -15,7 +16,7 @@ from ..model import Llama, from_hf, sample_next
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'DecodeGraphs', 'paged_attention', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -247,13 +248,14 @@ def decode_forward(model: Llama, cache: PagedKVCache, tokens: list[int], positio
 # %% ../../nbs/20_engine.ipynb #c019
 @torch.no_grad()
 def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                  tables: torch.Tensor, weights: list[tuple] | None = None) -> torch.Tensor:
+                  tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
     """One decode step with every shape fixed by its inputs and no host round trip (capturable as a CUDA graph):
     `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
-    `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling)."""
+    `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling).
+    `paged`: attention by the Triton `paged_attention` kernel instead of gather + SDPA."""
     x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
-        y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin))
+        y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin), positions if paged else None)
         x = _layer_out(model, w, x, y)
     return _head(model, x)
 
@@ -265,9 +267,11 @@ def _static_inputs(model, cache, tokens, positions, tables):
     slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
     return x, cos, sin, slots, _past_mask(positions, tables.shape[1] * bs, x.dtype)
 
-def _static_attention(model, cache, layer, slots, tables, mask, q, kv):
-    "Write this step's k|v, attend over the padded block tables: (B, H*hd)."
+def _static_attention(model, cache, layer, slots, tables, mask, q, kv, positions=None):
+    """Write this step's k|v, attend over the padded block tables: (B, H*hd). With `positions`, the Triton kernel
+    `paged_attention` reads the blocks where they are (no gather, no mask)."""
     cache.write(layer, slots, kv)
+    if positions is not None: return paged_attention(q, cache.kv[layer], tables, positions)
     K, V = cache.gather(layer, tables)
     B = q.shape[0]
     return F.scaled_dot_product_attention(q.reshape(B, model.config.n_kv_heads, -1, model.config.head_dim), K, V, attn_mask=mask).reshape(B, -1)
@@ -335,14 +339,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
 
 @torch.no_grad()
 def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-               tables: torch.Tensor, weights: list[tuple] | None = None) -> torch.Tensor:
+               tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
     "`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in."
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
     eps = model.config.norm_eps
     x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
-        y = _static_attention(model, cache, i, slots, tables, mask, q, kv)
+        y = _static_attention(model, cache, i, slots, tables, mask, q, kv, positions if paged else None)
         x = gemv(y, w[1].t(), residual=x)                            # w[1] is o_proj's weight transposed: .t() is the weight
         x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps), w[3].t(), residual=x, glu=True)
     return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps)
@@ -353,9 +357,10 @@ class DecodeGraphs:
     the graph's output buffer, valid until the next call. `compile=True` first compiles the step with
     `torch.compile` (Inductor fuses the norms, rotary, masking and activations into a few kernels), once per
     bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
-    `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling."""
+    `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
+    `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
-                 block_buckets: list[int] | None = None, gemv: bool | None = None):
+                 block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
         self.model, self.cache = model, cache
         self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size] + [max_batch_size]
@@ -364,6 +369,9 @@ class DecodeGraphs:
         self.step = torch.compile(decode_static, dynamic=False) if compile else decode_static
         if gemv and triton is None: raise RuntimeError("gemv=True needs Triton")
         self.one = decode_one if (triton is not None and not compile if gemv is None else gemv) else self.step
+        if paged_attention:
+            if triton is None or compile: raise ValueError("paged_attention needs Triton and does not combine with compile")
+            self.step, self.one = partial(self.step, paged=True), partial(self.one, paged=True)
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool, self._weights = None, None
 
@@ -396,7 +404,76 @@ class DecodeGraphs:
         graph.replay()
         return out[:B]
 
-# %% ../../nbs/20_engine.ipynb #c025
+# %% ../../nbs/20_engine.ipynb #c023
+if triton is not None:
+    @triton.jit
+    def _paged_attention_kernel(Q, KV, Tables, Pos, Acc, Max, Sum, scale, stride_qb, stride_tb, stride_pb, stride_blk, stride_pos, NB, BLOCKS_PER_SPLIT,
+                                KVH: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr):
+        b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r, d, t = tl.arange(0, REP), tl.arange(0, HD), tl.arange(0, BS)
+        heads = g * REP + r                                                # this KV head's query heads
+        q = tl.load(Q + b * stride_qb + heads[:, None] * HD + d[None, :]).to(tl.float32) * scale       # (REP, HD)
+        pos = tl.load(Pos + b * stride_pb)
+        m = tl.full([REP], float("-inf"), tl.float32)
+        l = tl.zeros([REP], tl.float32)
+        acc = tl.zeros([REP, HD], tl.float32)
+        lo = split * BLOCKS_PER_SPLIT
+        for j in range(lo, tl.minimum(lo + BLOCKS_PER_SPLIT, NB)):
+            blk = tl.load(Tables + b * stride_tb + j).to(tl.int64)
+            at = KV + blk * stride_blk + t[:, None] * stride_pos + d[None, :]
+            k = tl.load(at + g * HD).to(tl.float32)                        # (BS, HD): keys, then values, of KV head g
+            v = tl.load(at + (KVH + g) * HD).to(tl.float32)
+            score = tl.sum(q[:, None, :] * k[None, :, :], 2)              # (REP, BS)
+            score = tl.where((j * BS + t <= pos)[None, :], score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # all masked so far: keep exp() finite
+            p = tl.exp(score - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            m = m_new
+        n_splits = tl.num_programs(2)
+        row = (b * KVH * REP + heads) * n_splits + split                   # Max/Sum (B, H, splits), Acc (B, H, splits, HD)
+        tl.store(Max + row, m); tl.store(Sum + row, l)
+        tl.store(Acc + row[:, None] * HD + d[None, :], acc)
+
+    @triton.jit
+    def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
+        bh = tl.program_id(0)                                              # one (row, query head)
+        sp, d = tl.arange(0, SPLITS), tl.arange(0, HD)
+        m = tl.load(Max + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
+        l = tl.load(Sum + bh * n_splits + sp, mask=sp < n_splits, other=0.0)
+        acc = tl.load(Acc + (bh * n_splits + sp)[:, None] * HD + d[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
+        tl.store(Out + bh * HD + d, out.to(Out.dtype.element_ty))
+
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, max_splits: int = 32) -> torch.Tensor:
+    """Decode attention straight from a paged cache layer: q (B, H, hd) (rows may be strided), `kv` one layer of
+    `PagedKVCache.kv` (blocks, block_size, 2*kv_heads, hd), `tables` (B, NB) block ids, `positions` (B,): row b
+    attends to its positions 0..positions[b]. Returns (B, H*hd) like SDPA over `cache.gather`. Needs Triton;
+    head_dim, block_size and heads per KV head must be powers of two."""
+    if triton is None: raise RuntimeError("paged_attention needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    B, H, hd = q.shape
+    _, bs, kvh2, hd_kv = kv.shape
+    KVH, NB = kvh2 // 2, tables.shape[1]
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    if (hd_kv != hd or H % KVH or not (pow2(hd) and pow2(bs) and pow2(H // KVH)) or q.stride(2) != 1 or q.stride(1) != hd
+            or not kv.is_contiguous() or tables.stride(1) != 1):
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} and kv {tuple(kv.shape)} need head_dim, block_size and heads "
+                         "per KV head that are powers of two, contiguous heads and a contiguous cache")
+    per_split = math.ceil(NB / min(NB, max_splits))
+    splits = math.ceil(NB / per_split)
+    acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
+    top, total = torch.empty(B, H, splits, device=q.device, dtype=torch.float32), torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
+    _paged_attention_kernel[(B, KVH, splits)](q, kv, tables, positions, acc, top, total, hd ** -0.5, q.stride(0), tables.stride(0),
+                                              positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split, KVH=KVH, REP=H // KVH, HD=hd, BS=bs)
+    out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype)
+    _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits))
+    return out
+
+# %% ../../nbs/20_engine.ipynb #c027
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -439,7 +516,7 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c027
+# %% ../../nbs/20_engine.ipynb #c029
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -626,7 +703,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c037
+# %% ../../nbs/20_engine.ipynb #c039
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -695,7 +772,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c040
+# %% ../../nbs/20_engine.ipynb #c042
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
