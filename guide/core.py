@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 # %% auto #0
-__all__ = ['TIERS', 'Tier', 'get_tier', 'pick_device', 'pick_dtype', 'setup_torch', 'seed_everything', 'Timer', 'progress',
-           'measure_matmul_flops', 'cache_dir', 'environment_info', 'atomic_write', 'atomic_dir', 'Report',
+__all__ = ['TIERS', 'Tier', 'get_tier', 'tier_recipe', 'pick_device', 'pick_dtype', 'setup_torch', 'seed_everything', 'Timer',
+           'progress', 'measure_matmul_flops', 'cache_dir', 'environment_info', 'atomic_write', 'atomic_dir', 'Report',
            'metrics_table', 'write_report_card']
 
 # %% ../nbs/00_core.ipynb #c006
@@ -42,6 +42,10 @@ def get_tier(name: str | Tier) -> Tier:
     if name not in TIERS:
         raise ValueError(f"unknown tier {name!r}; choose one of {sorted(TIERS)}")
     return TIERS[name]
+
+def tier_recipe(recipes: dict, tier: str | Tier) -> dict:
+    "The recipe in `recipes` (tier name -> settings) that a chapter trains with in `tier`; tiers past `gpu` use gpu's."
+    return recipes.get(get_tier(tier).name, recipes["gpu"])
 
 # %% ../nbs/00_core.ipynb #c009
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, setup_torch
+from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, setup_torch, tier_recipe
 from .data import BlockLoader, file_lock, get_dataset, get_tokenizer
 from .model import Llama, ModelConfig, from_hf, load_model, save_model, to_hf
 
@@ -71,7 +71,7 @@ BASE_RECIPES = {   # tier -> optimizer steps, peak LR
 def base_dir(tier: str = "tiny", seed: int = 0) -> Path:
     "The cache folder of the tier's base model (may not exist yet)."
     tier = get_tier(tier)
-    recipe = BASE_RECIPES.get(tier.name, BASE_RECIPES["gpu"])
+    recipe = tier_recipe(BASE_RECIPES, tier)
     cfg = ModelConfig.from_tier(tier)
     data = get_dataset(tier.name)
     key = json.dumps([PRETRAIN_VERSION, asdict(cfg), recipe, seed, tier.seq_len, tier.batch_size, data["train"].parent.name])
@@ -80,7 +80,7 @@ def base_dir(tier: str = "tiny", seed: int = 0) -> Path:
 def train_base(tier: str = "tiny", seed: int = 0, device=None) -> Path:
     "Train the tier's base model and write it (model, tokenizer, history) to `base_dir(tier, seed)`."
     tier = get_tier(tier); path = base_dir(tier, seed); dev = pick_device(device)
-    recipe = BASE_RECIPES.get(tier.name, BASE_RECIPES["gpu"])
+    recipe = tier_recipe(BASE_RECIPES, tier)
     data, tok = get_dataset(tier.name), get_tokenizer(tier.name)
     seed_everything(seed)
     model = Llama(ModelConfig.from_tier(tier, vocab_size=len(tok))).to(dev)

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..core import progress
+from ..core import progress, tier_recipe
 from ..model import Llama
 from .reward import pair_tensors
 from .task import completion_mask, token_logprobs
@@ -65,10 +65,10 @@ DPO_RECIPES = {"tiny": dict(n_prompts=1500, label_noise=0.1, epochs=2, lr=1e-4, 
 def dpo_policy(tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, dict]:
     "The chapter's DPO policy (from the SFT policy, on its own noisy preference pairs), trained on first use then cached."
     import copy
-    from guide.core import Timer, get_tier
+    from guide.core import Timer
     from guide.rlhf.reward import preference_pairs
     from guide.rlhf.sft import cached_policy, sft_policy
-    r = DPO_RECIPES.get(get_tier(tier).name, DPO_RECIPES["gpu"])
+    r = tier_recipe(DPO_RECIPES, tier)
     def build():
         sft, tok = sft_policy(tier, seed, device)
         pairs = preference_pairs(sft, tok, r["n_prompts"], label_noise=r["label_noise"], seed=seed)

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..core import progress, seed_everything
+from ..core import progress, seed_everything, tier_recipe
 from ..model import Llama
 from .task import (ANSWER_LEN, completion_mask, encode_prompts, greedy_accuracy, make_problems, policy_kl, sample, score,
                              score_ids, test_problems, token_logprobs)
@@ -93,9 +93,9 @@ GRPO_RECIPES = {"tiny": dict(steps=200, group=8, n_prompts=16, beta=0.04, lr=3e-
 
 def grpo_policy(tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, dict]:
     "The chapter's GRPO policy (from the SFT policy, verifiable reward), trained on first use then cached: (model, summary)."
-    from guide.core import Timer, get_tier
+    from guide.core import Timer
     from guide.rlhf.sft import cached_policy, sft_policy
-    recipe = GRPO_RECIPES.get(get_tier(tier).name, GRPO_RECIPES["gpu"])
+    recipe = tier_recipe(GRPO_RECIPES, tier)
     def build():
         sft, tok = sft_policy(tier, seed, device)
         policy = copy.deepcopy(sft)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, seed_everything, tier_recipe
 from ..data import file_lock, get_tokenizer
 from ..model import Llama, from_hf, load_model, save_model, to_hf
 from .task import (encode_prompts, flawed, answer_ids, greedy_accuracy, policy_config, sample, score_ids,
@@ -58,7 +58,7 @@ SFT_VERSION = 1
 
 def train_sft(tier: str = "tiny", seed: int = 0, device=None, **overrides) -> tuple[Llama, list[dict], float]:
     "Train the chapter's SFT policy from scratch with TRL; returns (guide model, TRL log history, seconds)."
-    recipe = SFT_RECIPES.get(get_tier(tier).name, SFT_RECIPES["gpu"]) | overrides
+    recipe = tier_recipe(SFT_RECIPES, tier) | overrides
     tok, dev = get_tokenizer(tier), pick_device(device)
     seed_everything(seed)
     model = Llama(policy_config(tier, len(tok))).to(dev)
@@ -89,11 +89,11 @@ def sft_policy(tier: str = "tiny", seed: int = 0, device=None) -> tuple[Llama, o
     def build():
         model, history, seconds = train_sft(tier, seed, device)
         return model, dict(seconds=seconds, history=history)
-    recipe = SFT_RECIPES.get(get_tier(tier).name, SFT_RECIPES["gpu"])
+    recipe = tier_recipe(SFT_RECIPES, tier)
     return cached_policy("sft", [SFT_VERSION, recipe], build, tier, seed, device)[0], get_tokenizer(tier)
 
 def sft_summary(tier: str = "tiny", seed: int = 0) -> dict:
     "The training record of the cached SFT policy (seconds, TRL log history)."
     sft_policy(tier, seed)
-    recipe = SFT_RECIPES.get(get_tier(tier).name, SFT_RECIPES["gpu"])
+    recipe = tier_recipe(SFT_RECIPES, tier)
     return cached_policy("sft", [SFT_VERSION, recipe], None, tier, seed)[1]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from ..core import atomic_dir, cache_dir, get_tier, seed_everything, setup_torch
+from ..core import atomic_dir, cache_dir, seed_everything, setup_torch, tier_recipe
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
@@ -174,7 +174,7 @@ def train_encoder(tok, recipe: dict = ENCODER_RECIPE, seed: int = 0, device=None
 
 def encoder_recipe(tier: str = "tiny") -> dict:
     "The encoder recipe of `tier` (bigger tiers than `gpu` use the gpu recipe)."
-    return ENCODER_RECIPES.get(get_tier(tier).name, ENCODER_RECIPES["gpu"])
+    return tier_recipe(ENCODER_RECIPES, tier)
 
 def tiny_encoder(tier: str = "tiny", seed: int = 0, device=None) -> tuple[TextEncoder, Any, dict]:
     "The cached prose/code encoder of `tier` `(model, tokenizer, summary)`: trained on first use (~30 s on one core in the tiny tier)."
@@ -502,6 +502,7 @@ class RemoteBatcher:
 
     def asubmit(self, ids: list[int], timeout: float | None = None) -> asyncio.Future:
         if not ids: raise ValueError("empty input")
+        if len(ids) > self.fn.max_len: raise ValueError(f"{len(ids)} tokens, the encoder takes at most {self.fn.max_len}")   # would fail its whole batch
         rid, fut = next(self._ids), self.loop.create_future()
         self._pending[rid] = fut; self.stats["requests"] += 1
         if not self._outbox: self.loop.call_soon(self._flush)         # once per event-loop tick

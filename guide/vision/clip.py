@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from ..data import file_lock
 from .data import COLORS, COMBOS, PLACES, SHAPES, SIZES, SceneLoader, scene_dataset, vision_sizes
 
@@ -331,7 +331,7 @@ def pretrained_clip(tier: str = "tiny", seed: int = 0, device=None, model: CLIP 
     with file_lock(str(path) + ".lock"):
         if not (path / "model.safetensors").exists():
             if model is None:
-                recipe = CLIP_RECIPES.get(get_tier(tier).name, CLIP_RECIPES["gpu"])
+                recipe = tier_recipe(CLIP_RECIPES, tier)
                 seed_everything(seed); dev = pick_device(device)
                 model = CLIP(clip_config(tier)).to(dev)
                 loader = SceneLoader(scene_dataset("objects", tier, seed)["train"], recipe["batch_size"], seed=seed, device=dev)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything
+from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from ..data import file_lock
 from ..model import Llama, ModelConfig
 from .clip import ViT, ClipConfig, clip_dir, pretrained_clip
@@ -359,7 +359,7 @@ def pretrained_vlm(tier: str = "tiny", seed: int = 0, device=None, model: VLM | 
     with file_lock(str(path) + ".lock"):
         if not (path / "model.safetensors").exists():
             if model is None:
-                recipe = VLM_RECIPES.get(get_tier(tier).name, VLM_RECIPES["gpu"]); dev = pick_device(device)
+                recipe = tier_recipe(VLM_RECIPES, tier); dev = pick_device(device)
                 pretrained_clip(tier, seed, dev)   # build the encoder first if it is not cached: training it must not move the RNG below
                 seed_everything(seed)              # so the VLM starts from the same state as in this notebook, whichever runs first
                 model = VLM(ViTTower(pretrained_clip(tier, seed, dev).vision), vlm_config(tier)).to(dev)
