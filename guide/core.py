@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 # %% auto #0
 __all__ = ['TIERS', 'Tier', 'get_tier', 'tier_recipe', 'pick_device', 'pick_dtype', 'setup_torch', 'seed_everything', 'Timer',
-           'progress', 'measure_matmul_flops', 'cache_dir', 'environment_info', 'atomic_write', 'atomic_dir', 'Report',
-           'metrics_table', 'write_report_card']
+           'progress', 'measure_matmul_flops', 'capture_cuda_graph', 'cache_dir', 'environment_info', 'atomic_write',
+           'atomic_dir', 'Report', 'metrics_table', 'write_report_card']
 
 # %% ../nbs/00_core.ipynb #c006
 @dataclass(frozen=True)
@@ -101,6 +101,21 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
     return 2 * n**3 / best
 
 # %% ../nbs/00_core.ipynb #c020
+def capture_cuda_graph(run, pool=None, device=None, warmup: int = 2):
+    """Capture `run()` (which must touch only static buffers) as a CUDA graph: warm it up `warmup` times on a
+    side stream first (cuBLAS handles, workspaces, Triton autotuning must not happen inside a capture), then
+    record it into memory pool `pool` (graphs that share a pool share their memory). The capture is
+    thread-local: other threads may use the GPU meanwhile. Returns (graph, what `run()` returned)."""
+    if not torch.cuda.is_available(): raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device); side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup): run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"): out = run()
+    return graph, out
+
+# %% ../nbs/00_core.ipynb #c023
 def cache_dir(*parts: str) -> Path:
     "A folder under `$GUIDE_CACHE` (default `~/.cache/guide`), created if missing."
     root = Path(os.environ.get("GUIDE_CACHE", Path.home() / ".cache" / "guide")).expanduser()
@@ -118,7 +133,7 @@ def environment_info() -> dict:
     except (OSError, subprocess.SubprocessError): info["git_commit"] = "unknown"
     return info
 
-# %% ../nbs/00_core.ipynb #c022
+# %% ../nbs/00_core.ipynb #c025
 def _fsync_dir(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -153,7 +168,7 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/00_core.ipynb #c025
+# %% ../nbs/00_core.ipynb #c028
 class Report:
     "Headline metrics of one notebook run, each checked against its expected range and saved as JSON."
     def __init__(self, notebook: str, out_dir: str | Path = "artifacts", tier: str = "tiny"):
@@ -178,7 +193,7 @@ class Report:
 
     def _repr_markdown_(self): return metrics_table([dict(notebook=self.notebook, metrics=self.metrics)])
 
-# %% ../nbs/00_core.ipynb #c026
+# %% ../nbs/00_core.ipynb #c029
 def _fmt(x): return "" if x is None else f"{x:.4g}"
 
 def metrics_table(records: list[dict]) -> str:

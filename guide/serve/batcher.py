@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from ..core import atomic_dir, cache_dir, seed_everything, setup_torch, tier_recipe
+from ..core import atomic_dir, cache_dir, capture_cuda_graph, seed_everything, setup_torch, tier_recipe
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
@@ -344,12 +344,7 @@ class GraphedEncoder:
         inp = torch.full((2, B, L), self.pad_id, dtype=torch.long, device=self.device)
         inp[1] = 0; inp[1, :, 0] = 1                # a padding row attends to its first position (no all-masked softmax)
         if not self.cuda_graphs: return None, inp, None, None
-        side = torch.cuda.Stream(self.device); side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):               # warm up (cuBLAS handles, workspaces) off the capture
-            for _ in range(2): self._forward(inp)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()              # thread_local: another thread (an LLM engine) may use the GPU meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"): out = self._forward(inp)
+        graph, out = capture_cuda_graph(lambda: self._forward(inp), self.pool, self.device)   # (an LLM engine may use the GPU meanwhile)
         self.pool = graph.pool()                    # all buckets share one memory pool
         return graph, inp, out, (torch.empty(inp.shape, dtype=inp.dtype, pin_memory=True), torch.empty(out.shape, dtype=out.dtype, pin_memory=True))
 

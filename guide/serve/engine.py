@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..core import capture_cuda_graph
 from ..model import Llama, from_hf, sample_next
 
 # %% auto #0
@@ -379,13 +380,8 @@ class DecodeGraphs:
         inp = torch.full((B, 2 + NB), self.cache.null_block, dtype=torch.long, device=self.model.device)
         inp[:, :2] = 0                                                   # token 0 at position 0 of the null block
         step = self.one if B == 1 else self.step
-        run = lambda: step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights)
-        side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                                    # warm up (cuBLAS handles, workspaces) off the capture
-            for _ in range(2): run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"): out = run()   # other threads may use the GPU
+        graph, out = capture_cuda_graph(lambda: step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights),
+                                        self.pool, self.model.device)
         self.pool = graph.pool()                                         # all graphs share one memory pool
         return graph, inp, out
 
