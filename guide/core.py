@@ -2,9 +2,9 @@
 
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
-import json, os, platform, random, shutil, subprocess, sys, tempfile, time
+import json, os, platform, random, shutil, subprocess, tempfile, time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

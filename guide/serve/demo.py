@@ -2,7 +2,7 @@
 
 # %% ../../nbs/26_chat_demo.ipynb #c003
 from __future__ import annotations
-import argparse, os, shutil, socket, subprocess, sys, tempfile
+import argparse, os, shutil, socket, subprocess, tempfile
 from pathlib import Path
 from typing import Iterator
 

@@ -3,7 +3,7 @@
 # %% ../../nbs/24_multimodel.ipynb #c003
 from __future__ import annotations
 import collections, concurrent.futures, itertools, multiprocessing as mp, os, queue, threading, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np

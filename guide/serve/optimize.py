@@ -2,7 +2,7 @@
 
 # %% ../../nbs/23_optimize.ipynb #c003
 from __future__ import annotations
-import copy, hashlib, logging, math, os, time, warnings
+import copy, hashlib, logging, math, warnings
 from pathlib import Path
 
 import numpy as np

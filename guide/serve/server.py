@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse, asyncio, base64, json, multiprocessing, os, signal, socket, sys, threading, time, uuid
 from functools import partial
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import uvicorn
