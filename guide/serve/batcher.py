@@ -16,10 +16,10 @@ from ..core import atomic_dir, cache_dir, capture_cuda_graph, seed_everything, s
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
-__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'OK', 'LATE', 'FULL', 'FAILED', 'snippets', 'EncoderLayer', 'TextEncoder',
-           'length_groups', 'pad_batch', 'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder',
-           'should_flush', 'bucket_of', 'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder',
-           'encoder_fn', 'batcher_process', 'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
+__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
+           'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush', 'bucket_of',
+           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder', 'encoder_fn', 'batcher_process',
+           'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -387,7 +387,7 @@ class GraphedEncoder:
 def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None, max_batch_size: int = 32) -> Callable[[list[list[int]], int], list[dict]]:
     """Wrap `model` as a batcher function: token lists -> [{probs, embedding}] per text. On CUDA (`cuda_graphs=None`)
     it runs a `GraphedEncoder`, elsewhere the packed forward; neither needs the batcher's length buckets (the packed
-    one does not pad, the graphed one pads on a GPU that has FLOPs to spare), so the function is marked `packed`.
+    one does not pad, the graphed one pads, in bfloat16 on the tensor cores), so the function is marked `packed`.
     `fn.run(lens, flat) -> (probs, embeddings)` is the same on arrays (what a shared model process calls)."""
     on_cuda = model.tok.weight.device.type == "cuda"
     graphed = GraphedEncoder(model, pad_id, max_batch_size, cuda_graphs=True) if (on_cuda if cuda_graphs is None else cuda_graphs) else None
@@ -419,7 +419,7 @@ def _take(chunks: list, n: int) -> list:
         n = 0
     return out
 
-OK, LATE, FULL, FAILED = range(4)       # a reply's status: answered, deadline passed, queue full, the model raised
+_OK, _LATE, _FULL, _FAILED = range(4)   # a reply's status: answered, deadline passed, queue full, the model raised
 
 def _answer(replies: list, front: int, rids: np.ndarray, status: int, probs=None, emb=None, error: str = ""):
     "One reply to front `front` for requests `rids`, all with the same `status`."
@@ -430,7 +430,7 @@ def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, re
     """The model process: `load_fn()` builds the batcher function (loads the model here; its `run(lens, flat)` is
     called); then it batches the requests of every front process. `requests` carries
     `(front, dict(rids, lens, flat, deadlines))` (numpy arrays; deadlines in `time.monotonic()` seconds, inf for none);
-    `replies[front]` gets `(rids, status, probs, embeddings, error)` per batch (status OK, LATE, FULL or FAILED, the same
+    `replies[front]` gets `(rids, status, probs, embeddings, error)` per batch (status _OK, _LATE, _FULL or _FAILED, the same
     for all its rows). `None` on `requests` stops it."""
     parent = os.getppid()
     run = load_fn().run
@@ -445,7 +445,7 @@ def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, re
                 front, c = msg
                 room = max_queue_size - queued
                 if len(c["rids"]) > room:      # the bounded queue: rows past it are refused at once
-                    _answer(replies, front, c["rids"][room:], FULL)
+                    _answer(replies, front, c["rids"][room:], _FULL)
                     c = _take([c], room)[0] if room > 0 else None
                 if c is not None:
                     chunks.append(dict(c, front=front, t=time.monotonic())); queued += len(c["rids"])
@@ -459,19 +459,19 @@ def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, re
         for c in batch:
             late = c["deadlines"] < now
             if late.any():
-                _answer(replies, c["front"], c["rids"][late], LATE)
+                _answer(replies, c["front"], c["rids"][late], _LATE)
                 c = dict(c, rids=c["rids"][~late], lens=c["lens"][~late], deadlines=c["deadlines"][~late], flat=c["flat"][np.repeat(~late, c["lens"])])
             if len(c["rids"]): live.append(c)
         if not live: continue
         try:
             probs, emb = run(np.concatenate([c["lens"] for c in live]), np.concatenate([c["flat"] for c in live]))
         except Exception as e:
-            for c in live: _answer(replies, c["front"], c["rids"], FAILED, error=f"{type(e).__name__}: {e}")
+            for c in live: _answer(replies, c["front"], c["rids"], _FAILED, error=f"{type(e).__name__}: {e}")
             continue
         fronts, rids = np.concatenate([np.full(len(c["rids"]), c["front"]) for c in live]), np.concatenate([c["rids"] for c in live])
         for front in np.unique(fronts).tolist():             # one reply per front process per batch
             mine = fronts == front
-            _answer(replies, front, rids[mine], OK, probs[mine], emb[mine])
+            _answer(replies, front, rids[mine], _OK, probs[mine], emb[mine])
 
 class RemoteBatcher:
     """A front process's handle on a `batcher_process`: `asubmit(ids, timeout)` returns an asyncio future of
@@ -520,13 +520,13 @@ class RemoteBatcher:
     def _settle(self, msg):
         rids, status, probs, emb, error = msg
         self.stats["replies"] += 1
-        if status == OK: probs = probs.tolist()
-        else: exc = (DeadlineExceeded("deadline passed while queued") if status == LATE else
-                     QueueFull("the model process's queue is full") if status == FULL else RuntimeError(error))
+        if status == _OK: probs = probs.tolist()
+        else: exc = (DeadlineExceeded("deadline passed while queued") if status == _LATE else
+                     QueueFull("the model process's queue is full") if status == _FULL else RuntimeError(error))
         for i, rid in enumerate(rids.tolist()):
             fut = self._pending.pop(rid, None)
             if fut is None or fut.done(): continue              # cancelled meanwhile (client gone)
-            if status == OK: fut.set_result(dict(probs=probs[i], embedding=emb[i]))
+            if status == _OK: fut.set_result(dict(probs=probs[i], embedding=emb[i]))
             else: fut.set_exception(exc)
 
 def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int = 1, max_batch_size: int = 32) -> Callable:
