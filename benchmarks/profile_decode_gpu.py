@@ -1,7 +1,7 @@
 """gpu tier: where the time of one batch-1 decode step of a ~1.1B Llama shape goes (NOT runnable without CUDA).
 
-Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs)
-and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
+Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs),
+the same with the paged-attention kernel, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
 (torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 
@@ -21,7 +21,9 @@ table = c.allocator.allocate(16); prefill_batch_forward(m, c, [[1] * 16], [table
 w = _fused_weights(m)
 args = (torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda"), torch.tensor([table], device="cuda"))
 graphs = DecodeGraphs(m, c, 1, block_buckets=[16])
+paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True)
 steps = {"graphed decode_one (what the engine runs)": lambda: graphs([5], [16], [table]),
+         "graphed decode_one + paged_attention kernel": lambda: paged([5], [16], [table]),
          "eager decode_static": lambda: decode_static(m, c, *args, w)}
 for name, step in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()
