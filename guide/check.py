@@ -2,7 +2,6 @@
 
 # %% ../nbs/04_check.ipynb #c003
 from __future__ import annotations
-import math
 import numpy as np
 import torch
 

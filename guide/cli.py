@@ -3,7 +3,6 @@
 # %% ../nbs/06_cli.ipynb #c003
 from __future__ import annotations
 import argparse, importlib, json, sys
-from pathlib import Path
 
 # %% auto #0
 __all__ = ['CHAPTER_COMMANDS', 'DEMOS', 'cmd_info', 'cmd_pretrain', 'cmd_tour', 'build_parser', 'main']

@@ -2,7 +2,7 @@
 
 # %% ../nbs/01_data.ipynb #c003
 from __future__ import annotations
-import fcntl, hashlib, json, os, sysconfig, tempfile
+import fcntl, hashlib, json, sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 
 # %% ../nbs/02_model.ipynb #c003
 from __future__ import annotations
-import json, math, tempfile
+import json, math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

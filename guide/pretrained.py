@@ -2,14 +2,14 @@
 
 # %% ../nbs/03_pretrained.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, tempfile
+import hashlib, json, math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, setup_torch, tier_recipe
+from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from .data import BlockLoader, file_lock, get_dataset, get_tokenizer
 from .model import Llama, ModelConfig, from_hf, load_model, save_model, to_hf
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..core import progress, seed_everything, tier_recipe
+from ..core import progress, tier_recipe
 from ..model import Llama
 from .task import (ANSWER_LEN, completion_mask, encode_prompts, greedy_accuracy, make_problems, policy_kl, sample, score,
                              score_ids, test_problems, token_logprobs)

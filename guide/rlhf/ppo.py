@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..core import progress
 from ..model import Llama
 from .reward import hidden_states
-from .task import (completion_mask, encode_prompts, greedy_accuracy, make_problems, policy_kl, sample, score_ids,
+from .task import (completion_mask, encode_prompts, greedy_accuracy, make_problems, sample, score_ids,
                              test_problems, token_logprobs)
 
 # %% auto #0

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/52_reward.ipynb #c003
 from __future__ import annotations
-import copy, os, random
+import os, random
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..core import progress
 from ..model import Llama
-from .task import (ANSWER_LEN, encode_prompts, make_problems, prompt_messages, sample, score_ids)
+from .task import encode_prompts, make_problems, prompt_messages, sample, score_ids
 
 # %% auto #0
 __all__ = ['preference_pairs', 'pair_text', 'pairs_dataset', 'hidden_states', 'RewardModel', 'bt_loss_naive', 'bt_loss',

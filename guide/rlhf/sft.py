@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, seed_everything, tier_recipe
 from ..data import file_lock, get_tokenizer
 from ..model import Llama, from_hf, load_model, save_model, to_hf
-from .task import (encode_prompts, flawed, answer_ids, greedy_accuracy, policy_config, sample, score_ids,
-                             sft_examples, test_problems)
+from .task import policy_config, sft_examples
 
 # %% auto #0
 __all__ = ['SFT_RECIPES', 'SFT_VERSION', 'assistant_labels', 'sft_loss', 'sft_config', 'sft_trainer', 'train_sft',

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/12_checkpoint.ipynb #c003
 from __future__ import annotations
-import argparse, hashlib, json, os, random, shutil, sys, tempfile, time
+import argparse, hashlib, json, os, random, shutil, tempfile, time
 from pathlib import Path
 
 import numpy as np

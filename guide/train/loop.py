@@ -2,11 +2,11 @@
 
 # %% ../../nbs/10_train_loop.ipynb #c003
 from __future__ import annotations
-import contextlib, math, time
+import contextlib, time
 
 import torch
 
-from ..core import measure_matmul_flops, pick_device, progress
+from ..core import measure_matmul_flops, progress
 from ..pretrained import evaluate, lr_at
 
 # %% auto #0

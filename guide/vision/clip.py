@@ -2,7 +2,7 @@
 
 # %% ../../nbs/31_clip.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, tempfile
+import hashlib, json, math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
+from ..core import atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from ..data import file_lock
 from .data import COLORS, COMBOS, PLACES, SHAPES, SIZES, SceneLoader, scene_dataset, vision_sizes
 

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/30_vision_data.ipynb #c003
 from __future__ import annotations
-import hashlib, itertools, json, shutil, tempfile
+import hashlib, itertools, json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 

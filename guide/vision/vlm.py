@@ -2,7 +2,7 @@
 
 # %% ../../nbs/32_vlm.ipynb #c003
 from __future__ import annotations
-import hashlib, json, math, shutil, tempfile
+import hashlib, json, math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
+from ..core import atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from ..data import file_lock
 from ..model import Llama, ModelConfig
 from .clip import ViT, ClipConfig, clip_dir, pretrained_clip
-from .data import ALPHABET, SHAPES, SceneLoader, caption, scene_dataset, vision_sizes
+from .data import ALPHABET, SHAPES, SceneLoader, caption, scene_dataset
 
 # %% auto #0
 __all__ = ['TASKS', 'CAPTION_WORDS', 'VLM_RECIPES', 'VLM_VERSION', 'quantize', 'dequantize', 'VLMTokenizer', 'parse_boxes',
