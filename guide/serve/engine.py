@@ -254,19 +254,19 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
     `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
     `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling).
     `paged`: attention by the Triton `paged_attention` kernel instead of gather + SDPA."""
-    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
+    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables, mask=not paged)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin), positions if paged else None)
         x = _layer_out(model, w, x, y)
     return _head(model, x)
 
-def _static_inputs(model, cache, tokens, positions, tables):
-    "A fixed-shape decode step's embeddings, rotary cos/sin, KV slots to write and past mask."
+def _static_inputs(model, cache, tokens, positions, tables, mask: bool = True):
+    "A fixed-shape decode step's embeddings, rotary cos/sin, KV slots to write and past mask (None: `mask=False`, the paged kernel needs none)."
     bs = cache.block_size
     x = model.embed_tokens(tokens)
     cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
     slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-    return x, cos, sin, slots, _past_mask(positions, tables.shape[1] * bs, x.dtype)
+    return x, cos, sin, slots, _past_mask(positions, tables.shape[1] * bs, x.dtype) if mask else None
 
 def _static_attention(model, cache, layer, slots, tables, mask, q, kv, positions=None):
     """Write this step's k|v, attend over the padded block tables: (B, H*hd). With `positions`, the Triton kernel
@@ -344,7 +344,7 @@ def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, position
     "`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in."
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
     eps = model.config.norm_eps
-    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables)
+    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables, mask=not paged)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
         y = _static_attention(model, cache, i, slots, tables, mask, q, kv, positions if paged else None)

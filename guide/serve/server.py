@@ -356,7 +356,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_model(st, body.model, "encoder")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > 256: raise APIError(400, "input must be a text or a list of 1 to 256 texts", param="input")
-        tok, max_len = st.encoder_tokenizer, getattr(st.encoder.fn, "max_len", 128)
+        tok, max_len = st.encoder_tokenizer, st.encoder.fn.max_len
         ids = encode_texts(tok, texts, max_len)
         futs = []
         try:          # a full queue raises at the call (DynamicBatcher) or on the future (shared model process)
