@@ -2,7 +2,7 @@
 # The gpu-tier benchmarks on one H100/H200, most important first, each under its own time limit (about 9 minutes
 # in all), so that one failing or slow part does not cost the others. Results land in benchmarks/results/.
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR] [STEPS...]   # needs CUDA; RESULTS_DIR defaults to benchmarks/results
-#   STEPS: any of tests decode profile http http-own batcher mfu (default: all); DECODE_ARGS=--no-compile skips the torch.compile variant
+#   STEPS: any of tests decode profile http http-own batcher mfu (default: all); DECODE_ARGS="--no-compile --no-hf-compile" skips the torch.compile variants (guide's, transformers' static cache)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -15,7 +15,7 @@ step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t=$SECOND
          timeout "$limit" "$@" || { echo "=== FAILED ($?): $*"; status=1; }; echo "=== $((SECONDS - t)) s"; }
 want() { [[ " $steps " == *" $1 "* ]]; }
 want tests && step 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton"
-want decode && step 240 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res"
+want decode && step 330 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res"
 want profile && step 120 sh -c "python3 benchmarks/profile_decode_gpu.py > '$res/decode_profile.txt'"
 want http && step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
     --requests 400000 --time-limit 15 --shared-encoder --encoder-batch-size 128 --encoder-delay 0.002 --name serve_http_gpu --out "$res"

@@ -121,10 +121,11 @@ def gemv_bandwidth(model):
     return out
 
 
-def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", compile=True):
+def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", compile=True, hf_compile=True):
     """gpu tier: greedy decode of a ~1.1B Llama shape (bf16, random weights: speed does not depend on them).
     Batch 1 tokens/s vs the memory-bandwidth ceiling (bytes read per token / measured HBM bandwidth), with and
-    without CUDA graphs, and transformers `generate` (eager, dynamic cache) on the same shape; then batched
+    without CUDA graphs, and transformers `generate` on the same shape (eager with its dynamic cache, and with a static
+    cache, with which generate compiles its forward with torch.compile's CUDA graphs); then batched
     decode throughput of the engine. Writes serve_gpu_decode.{json,png}."""
     from transformers import LlamaForCausalLM
     from guide.core import atomic_write, environment_info
@@ -184,11 +185,20 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     print(json.dumps(res, indent=1), flush=True)
     with torch.device(device): hf = LlamaForCausalLM(hf_config(cfg)).to(torch.bfloat16).eval()
     ids = torch.ones(1, 16, dtype=torch.long, device=device)
-    hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    torch.cuda.synchronize(); t = time.perf_counter()
-    hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False); torch.cuda.synchronize()
-    res["batch1_hf_generate_tokens_per_s"] = 64 / (time.perf_counter() - t)
+    def hf_tps(hf, n=64, **kw):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw); torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+    hf_tps(hf, 8)
+    res["batch1_hf_generate_tokens_per_s"] = hf_tps(hf)
     res["fraction_of_ceiling_hf"] = res["batch1_hf_generate_tokens_per_s"] / ceiling
+    if hf_compile:    # the issue's reference point: a static KV cache, which makes generate compile its forward (CUDA graphs)
+        t = time.perf_counter()
+        for _ in range(3): hf_tps(hf, cache_implementation="static")       # compile, then record the graphs at the same cache length
+        res["hf_static_compile_seconds"] = time.perf_counter() - t
+        res["batch1_hf_static_compile_tokens_per_s"] = hf_tps(hf, cache_implementation="static")
+        res["fraction_of_ceiling_hf_static_compile"] = res["batch1_hf_static_compile_tokens_per_s"] / ceiling
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(("hf_", "batch1_hf", "fraction_of_ceiling_hf"))}, indent=1), flush=True)
     del hf; torch.cuda.empty_cache()
     res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
     res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True) for b in batches}
@@ -196,10 +206,11 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
     names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged attn", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
-             "guide\neager", "HF\ngenerate"]
+             "guide\neager", "HF generate\nstatic+compile", "HF\ngenerate"]
     vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_paged_tokens_per_s"], res["batch1_graphs_tokens_per_s"],
             res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
-            res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"], res["batch1_hf_generate_tokens_per_s"]]
+            res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"],
+            res.get("batch1_hf_static_compile_tokens_per_s", float("nan")), res["batch1_hf_generate_tokens_per_s"]]
     ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
     ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
     ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-", label="gather + SDPA")
@@ -217,7 +228,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=128); ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times; report the best of each")
-    ap.add_argument("--no-compile", action="store_true", help="--gpu-decode without the torch.compile variant (saves its ~minute of compilation)")
+    ap.add_argument("--no-compile", action="store_true", help="--gpu-decode without guide's torch.compile variant (saves its ~minute of compilation)")
+    ap.add_argument("--no-hf-compile", action="store_true", help="--gpu-decode without transformers generate's static cache + compile")
     ap.add_argument("--gpu-decode", action="store_true", help="gpu tier: batch-1 decode of a ~1.1B shape vs the memory-bandwidth ceiling, and batched")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
@@ -228,7 +240,7 @@ def main(argv=None):
     setup_torch()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.gpu_decode:
-        gpu_decode(a.device, out=out, compile=not a.no_compile); return 0
+        gpu_decode(a.device, out=out, compile=not a.no_compile, hf_compile=not a.no_hf_compile); return 0
     n = 16 if a.smoke else a.requests
     model, _ = tiny_base(a.tier, a.seed, device=a.device)
     trace = make_trace(n, model.config.vocab_size, seed=a.seed, output_median=6 if a.smoke else 24, output_range=(2, 40) if a.smoke else (2, 192))
