@@ -1,7 +1,7 @@
 """gpu tier: where the time of one batch-1 decode step of a ~1.1B Llama shape goes (NOT runnable without CUDA).
 
 Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs),
-the same with the paged-attention kernel, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
+the same with the paged KV path (`qkv_to_cache` + `paged_attention`), and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
 (torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 

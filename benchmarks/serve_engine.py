@@ -155,7 +155,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     print(json.dumps(res["gemv_TBps"], indent=1), flush=True)
     res["batch1_graphs_cublas_tokens_per_s"] = engine_tps(True, 1, steps, gemv=False)
     res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)                  # batch-1 steps: decode_one (Triton GEMVs)
-    res["batch1_graphs_paged_tokens_per_s"] = engine_tps(True, 1, steps, paged=True)  # + the Triton paged-attention kernel
+    res["batch1_graphs_paged_tokens_per_s"] = engine_tps(True, 1, steps, paged=True)  # + KV straight into and out of the blocks (qkv_to_cache, paged_attention)
     eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
     eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16])
     eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
@@ -205,7 +205,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged attn", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
+    names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged KV path", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
              "guide\neager", "HF generate\nstatic+compile", "HF\ngenerate"]
     vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_paged_tokens_per_s"], res["batch1_graphs_tokens_per_s"],
             res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),

@@ -319,7 +319,32 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
 
 
 @needs_triton
-def test_paged_attention_kernel_matches_gather_sdpa_and_engine_greedy():
+def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
+    "The qkv GEMV with rotary and the KV write in its epilogue gives the matmul path's q and cache, for every tile."
+    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, _layer_qkv, _static_inputs, qkv_to_cache
+    from guide.model import Llama, ModelConfig
+    torch.manual_seed(0)
+    for H, KVH, dim in ((32, 4, 2048), (6, 2, 192)):
+        cfg = ModelConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=H, n_kv_heads=KVH, hidden_dim=64, max_seq_len=256)
+        model = Llama(cfg).cuda().to(torch.bfloat16).eval()
+        w = _fused_weights(model)[0]
+        want = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device="cuda", dtype=torch.bfloat16)
+        got = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device="cuda", dtype=torch.bfloat16)
+        tables = torch.randperm(20, device="cuda")[None]
+        for pos in (0, 17, 255):
+            x, positions = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16), torch.tensor([pos], device="cuda")
+            _, cos, sin, slots, _ = _static_inputs(model, want, torch.tensor([1], device="cuda"), positions, tables)
+            q_want, kv = _layer_qkv(model, w, x, cos, sin)
+            want.write(0, slots, kv)
+            for blocks in GEMV_TILES[:3] + (None,):
+                q = qkv_to_cache(model, x, w[0], w[4], positions, slots, got.kv[0], blocks=blocks)
+                torch.testing.assert_close(q.float(), q_want.float(), atol=3e-2, rtol=3e-2)
+                torch.testing.assert_close(got.kv[0].float(), want.kv[0].float(), atol=3e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match="do not fit"): qkv_to_cache(model, x[:, :-1], w[0], w[4], positions, slots, got.kv[0])
+
+
+@needs_triton
+def test_triton_paged_attention_matches_gather_sdpa_and_engine_greedy():
     """The Triton paged-attention kernel reads keys and values in place: the same as gather + SDPA for strided inputs
     (as the graphs pass them), and an engine whose graphs use it decodes greedily like the eager engine."""
     from guide.serve.engine import DecodeGraphs, PagedKVCache, _past_mask, paged_attention

@@ -17,7 +17,8 @@ from ..model import Llama, from_hf, sample_next
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine',
+           'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -341,13 +342,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
 @torch.no_grad()
 def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
-    "`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in."
+    """`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in.
+    `paged=True`: the keys and values stay in the cache's blocks: `qkv_to_cache` writes them there, rotary applied,
+    in the qkv GEMV itself, and `paged_attention` reads them in place."""
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
     eps = model.config.norm_eps
     x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables, mask=not paged)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
-        q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
-        y = _static_attention(model, cache, i, slots, tables, mask, q, kv, positions if paged else None)
+        if paged:
+            y = paged_attention(qkv_to_cache(model, x, w[0], w[4], positions, slots, cache.kv[i]), cache.kv[i], tables, positions)
+        else:
+            q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
+            y = _static_attention(model, cache, i, slots, tables, mask, q, kv)
         x = gemv(y, w[1].t(), residual=x)                            # w[1] is o_proj's weight transposed: .t() is the weight
         x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps), w[3].t(), residual=x, glu=True)
     return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps)
@@ -468,6 +474,71 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype)
     _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits))
     return out
+
+if triton is not None:
+    @triton.jit
+    def _qkv_to_cache_kernel(X, W, LnW, Cos, Sin, Pos, Slot, Q, KV, K, eps, stride_rope,
+                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        # each program: BLOCK_P pairs of rows (d, d + HD/2) of one head of q|k|v, the two rows that the rotary
+        # embedding mixes; a weight row is read once, none is read rotated
+        half = HD // 2
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        head, d = p // half, p % half
+        row_a = head * HD + d
+        row_b = row_a + half
+        valid = head < H + 2 * KVH
+        cols = tl.arange(0, BLOCK_K)
+        ss = tl.zeros([BLOCK_K], tl.float32)                       # rms of the whole input vector
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            ss += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc_a = tl.zeros([BLOCK_P], tl.float32)
+        acc_b = tl.zeros([BLOCK_P], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32) * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
+            m = valid[:, None] & (kk[None, :] < K)
+            acc_a += tl.sum(tl.load(W + row_a[:, None] * K + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+            acc_b += tl.sum(tl.load(W + row_b[:, None] * K + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+        pos = tl.load(Pos)
+        cos_a = tl.load(Cos + pos * stride_rope + d).to(tl.float32)
+        sin_a = tl.load(Sin + pos * stride_rope + d).to(tl.float32)
+        cos_b = tl.load(Cos + pos * stride_rope + d + half).to(tl.float32)
+        sin_b = tl.load(Sin + pos * stride_rope + d + half).to(tl.float32)
+        rotate = head < H + KVH                                    # q and k heads; v heads pass through
+        out_a = tl.where(rotate, acc_a * cos_a - acc_b * sin_a, acc_a)      # x*cos + rotate_half(x)*sin
+        out_b = tl.where(rotate, acc_b * cos_b + acc_a * sin_b, acc_b)
+        is_q = head < H
+        tl.store(Q + row_a, out_a.to(Q.dtype.element_ty), mask=valid & is_q)
+        tl.store(Q + row_b, out_b.to(Q.dtype.element_ty), mask=valid & is_q)
+        at = KV + tl.load(Slot) * (2 * KVH * HD) - H * HD          # k|v heads go to this step's slot of the cache
+        tl.store(at + row_a, out_a.to(KV.dtype.element_ty), mask=valid & ~is_q)
+        tl.store(at + row_b, out_b.to(KV.dtype.element_ty), mask=valid & ~is_q)
+
+    _qkv_to_cache_tuned = triton.autotune([triton.Config(dict(BLOCK_P=n, BLOCK_K=k), num_warps=wp) for n, k, wp in GEMV_TILES],
+                                          key=["K", "H", "KVH", "HD"])(_qkv_to_cache_kernel)
+
+def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, kv: torch.Tensor, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One row's attention input in one kernel: RMSNorm(x) times the q|k|v rows of `w_qkv` (the first
+    (H + 2*KV) * hd rows of a fused weight), the rotary embedding at `positions` (1,) applied to q and k, and k|v
+    written into the cache layer `kv` at `slots` (1,). Returns q (1, H, hd). `blocks=(pairs per program, BLOCK_K,
+    num_warps)` fixes the tile (else autotuned on first use, outside graph capture)."""
+    if triton is None: raise RuntimeError("qkv_to_cache needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    cfg = model.config
+    H, KVH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    K = x.shape[-1]
+    if (x.shape != (1, K) or w_qkv.shape[0] < (H + 2 * KVH) * hd or w_qkv.shape[1] != K or not w_qkv.is_contiguous()
+            or tuple(kv.shape[2:]) != (2 * KVH, hd) or not kv.is_contiguous() or hd % 2):
+        raise ValueError(f"qkv_to_cache: x {tuple(x.shape)}, weight {tuple(w_qkv.shape)} and cache {tuple(kv.shape)} do not fit the model's heads")
+    q = torch.empty(1, H, hd, device=x.device, dtype=x.dtype)
+    cos, sin = model.rope_cos, model.rope_sin
+    args = (x.contiguous(), w_qkv, norm_weight, cos, sin, positions, slots, q, kv, K, cfg.norm_eps, cos.stride(0))
+    n_pairs = (H + 2 * KVH) * hd // 2
+    if blocks is None: _qkv_to_cache_tuned[lambda m: (triton.cdiv(n_pairs, m["BLOCK_P"]),)](*args, H=H, KVH=KVH, HD=hd)
+    else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, H=H, KVH=KVH, HD=hd, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
+    return q
 
 # %% ../../nbs/20_engine.ipynb #c027
 @dataclass
