@@ -86,7 +86,7 @@ def export_encoder(model: nn.Module, path: str | Path | None = None) -> Path:
     "Export a chapter-21 `TextEncoder` (ids, mask) -> (class_logits, sentence_embedding) to ONNX (cached)."
     from torch.export import Dim
     model = copy.deepcopy(model).cpu().eval()
-    path = Path(path) if path else cache_dir("onnx") / f"encoder-{_weights_key(model, 'enc1')}.onnx"
+    path = Path(path) if path else cache_dir("onnx") / f"encoder-{_weights_key(model, 'enc2')}.onnx"
     if path.exists(): return path
     B, T = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=model.max_len)
     x, m = pad_batch([[5, 6, 7], [8, 9]])
