@@ -74,21 +74,29 @@ class TextEncoder(nn.Module):
         square of the padded length, runs per group of similar lengths (`length_groups`), padded within the group,
         with no mask where nothing is padded (a single text). Same results as `forward`."""
         if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
-        dev = self.tok.weight.device
-        B = len(seqs)
-        order = sorted(range(B), key=lambda b: len(seqs[b]))        # sorted by length, so a group is a run of rows
-        lens = [len(seqs[b]) for b in order]
-        if lens[-1] > self.max_len: raise ValueError(f"a text has {lens[-1]} tokens, the encoder takes at most {self.max_len}")
-        pos = torch.tensor([p for n in lens for p in range(n)], device=dev)
-        x = self.tok(torch.tensor([t for b in order for t in seqs[b]], device=dev)) + self.pos(pos)      # (N, D), packed
+        return self.forward_flat(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+
+    def forward_flat(self, lens: np.ndarray, flat: np.ndarray):
+        "`forward_packed` for texts as arrays (what a model process receives): token counts `lens` (n,), their ids end to end `flat`."
+        lens, flat = np.asarray(lens, dtype=np.int64), np.asarray(flat, dtype=np.int64)
+        if len(lens) == 0 or lens.min() < 1 or lens.sum() != len(flat): raise ValueError("need at least one non-empty text, and lens to add up to len(flat)")
+        if lens.max() > self.max_len: raise ValueError(f"a text has {lens.max()} tokens, the encoder takes at most {self.max_len}")
+        dev, B = self.tok.weight.device, len(lens)
+        order = np.argsort(lens, kind="stable")                  # sorted by length, so a group is a run of rows
+        n_sorted = lens[order]
+        first = np.repeat(np.cumsum(n_sorted) - n_sorted, n_sorted)  # packed index of each token's first token
+        pos = np.arange(len(flat)) - first                       # each token's position in its text
+        src = np.repeat((np.cumsum(lens) - lens)[order], n_sorted) + pos
+        x = self.tok(torch.from_numpy(flat[src]).to(dev)) + self.pos(torch.from_numpy(pos).to(dev))      # (N, D), packed
+        n_sorted = n_sorted.tolist()
         groups, start = [], 0                                        # (packed rows, rows in group, padded length, where, mask)
-        for lo, hi in length_groups(lens):
-            n, T = hi - lo, lens[hi - 1]
-            size = sum(lens[lo:hi])
+        for lo, hi in length_groups(n_sorted):
+            n, T, g = hi - lo, n_sorted[hi - 1], np.array(n_sorted[lo:hi])
+            size = int(g.sum())
             if size == n * T: groups.append((slice(start, start + size), n, T, None, None))
-            else:
-                where = torch.tensor([r * T + p for r, m in enumerate(lens[lo:hi]) for p in range(m)], device=dev)
-                keep = torch.arange(T, device=dev)[None] < torch.tensor(lens[lo:hi], device=dev)[:, None]
+            else:                                                    # token j of row r goes to r * T + its position
+                where = torch.from_numpy(np.arange(size) + np.repeat(np.arange(n) * T - (np.cumsum(g) - g), g)).to(dev)
+                keep = torch.arange(T, device=dev)[None] < torch.from_numpy(g).to(dev)[:, None]
                 mask = torch.zeros(n, 1, 1, T, device=dev, dtype=x.dtype).masked_fill_(~keep[:, None, None], float("-inf"))
                 groups.append((slice(start, start + size), n, T, where, mask))
             start += size
@@ -107,9 +115,9 @@ class TextEncoder(nn.Module):
         x = self.ln(x)
         if B == 1: emb = x.mean(0, keepdim=True)
         else:                                                        # mean over each text's tokens, in the caller's order
-            seg = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=dev)
-            emb = x.new_zeros(B, D).index_add_(0, seg, x) / torch.tensor(lens, device=dev, dtype=x.dtype)[:, None]
-            emb = emb[torch.tensor(order, device=dev).argsort()]
+            seg = torch.from_numpy(np.repeat(np.arange(B), n_sorted)).to(dev)
+            emb = x.new_zeros(B, D).index_add_(0, seg, x) / torch.tensor(n_sorted, device=dev, dtype=x.dtype)[:, None]
+            emb = emb[torch.from_numpy(np.argsort(order)).to(dev)]
         return self.head(emb), F.normalize(emb, dim=-1)
 
 def length_groups(lens: list[int], overhead: int = 8000) -> list[tuple[int, int]]:
@@ -395,8 +403,7 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = N
     @torch.no_grad()
     def run(lens: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if graphed is not None: return graphed.run(lens, flat)
-        ends = np.cumsum(lens)
-        logits, emb = model.forward_packed([flat[e - n:e].tolist() for n, e in zip(lens, ends)])
+        logits, emb = model.forward_flat(lens, flat)
         return logits.softmax(-1).float().cpu().numpy(), emb.float().cpu().numpy()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
         seqs = [s[:length] for s in seqs]
