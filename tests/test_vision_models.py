@@ -32,11 +32,12 @@ def test_losses_match_definitions_and_handle_duplicates():
     assert torch.allclose(siglip_loss(img, txt, 7.0, -3.0), -F.logsigmoid(labels * (7 * img @ txt.T - 3)).sum() / 5, atol=1e-6)
     # two identical captions: the duplicate is a positive, not a negative
     pos = caption_positives(["a", "a", "b", "c", "d"])
-    dup = torch.cat([img[:1], img[:1], img[2:]]); dtx = torch.cat([txt[:1], txt[:1], txt[2:]])
+    dtx = torch.cat([txt[:1], txt[:1], txt[2:]])
     img2 = F.normalize(torch.randn(5, 8), dim=-1)
     logits = 7 * img2 @ dtx.T; t = pos / pos.sum(1, keepdim=True)
     ref = (-(t * logits.log_softmax(1)).sum(1).mean() - (t * logits.T.log_softmax(1)).sum(1).mean()) / 2
     assert torch.allclose(infonce_loss(img2, dtx, 7.0, pos), ref, atol=1e-6)
+    assert torch.allclose(siglip_loss(img2, dtx, 7.0, -3.0, pos), -F.logsigmoid((2 * pos - 1) * (logits - 3)).sum() / 5, atol=1e-6)
     with pytest.raises(ValueError, match="differ in shape"): infonce_loss(img, txt[:, :3], 1.0)
     with pytest.raises(ValueError, match="not in the vocabulary"): encode_captions(["a tiny dog"])
 
