@@ -295,6 +295,16 @@ needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or importlib.uti
                                   reason="Triton GEMV kernels need a CUDA GPU and Triton (the gpu tier runs this)")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is not None, reason="Triton is installed: the kernels run instead")
+def test_kernels_without_triton_say_so():
+    "On an install without Triton (CPU wheels) the Triton kernels refuse with the reason, not with a NameError."
+    from guide.serve.engine import gemv, paged_attention, qkv_to_cache
+    x = torch.zeros(1, 4)
+    for call in (lambda: gemv(x, torch.zeros(3, 4)), lambda: paged_attention(x.view(1, 1, 4), torch.zeros(2, 4, 2, 4), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                 lambda: qkv_to_cache(_peaky_model("cpu"), x, torch.zeros(3, 4), torch.ones(4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2, 4, 2, 4))):
+        with pytest.raises(RuntimeError, match="needs Triton"): call()
+
+
 @needs_triton
 def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     import torch.nn.functional as F
