@@ -121,6 +121,27 @@ def gemv_bandwidth(model):
     return out
 
 
+def save_decode_results(res, out):
+    "Write serve_gpu_decode.json and its plot (batch-1 bars against the ceiling, batched throughput)."
+    from guide.core import atomic_write
+    atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
+    names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged KV path", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
+             "guide\neager", "HF generate\nstatic+compile", "HF\ngenerate"]
+    vals = [res["ceiling_tokens_per_s"], res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_paged_tokens_per_s"], res["batch1_graphs_tokens_per_s"],
+            res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
+            res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"],
+            res.get("batch1_hf_static_compile_tokens_per_s", float("nan")), res["batch1_hf_generate_tokens_per_s"]]
+    ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
+    ax[0].set_title(f"{res['params'] / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
+    ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-", label="gather + SDPA")
+    ax[1].plot(list(res["batched_paged_tokens_per_s"]), list(res["batched_paged_tokens_per_s"].values()), "s--", label="paged attention kernel")
+    ax[1].legend(fontsize=7)
+    ax[1].set_xscale("log", base=2); ax[1].set_xlabel("requests decoded together"); ax[1].set_ylabel("tokens / s")
+    fig.suptitle(res["env"]["device"]); fig.tight_layout(); fig.savefig(out / "serve_gpu_decode.png", dpi=100)
+
+
 def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", compile=True, hf_compile=True):
     """gpu tier: greedy decode of a ~1.1B Llama shape (bf16, random weights: speed does not depend on them).
     Batch 1 tokens/s vs the memory-bandwidth ceiling (bytes read per token / measured HBM bandwidth), with and
@@ -128,7 +149,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     cache, with which generate compiles its forward with torch.compile's CUDA graphs); then batched
     decode throughput of the engine. Writes serve_gpu_decode.{json,png}."""
     from transformers import LlamaForCausalLM
-    from guide.core import atomic_write, environment_info
+    from guide.core import environment_info
     from guide.model import Llama, ModelConfig, hf_config
     from guide.serve.engine import DecodeGraphs, Engine, SamplingParams
     cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048,
@@ -192,32 +213,18 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     hf_tps(hf, 8)
     res["batch1_hf_generate_tokens_per_s"] = hf_tps(hf)
     res["fraction_of_ceiling_hf"] = res["batch1_hf_generate_tokens_per_s"] / ceiling
+    del hf; torch.cuda.empty_cache()
+    res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
+    res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True) for b in batches}
+    save_decode_results(res, out)              # saved now, in case the compilation below runs out of time
     if hf_compile:    # the issue's reference point: a static KV cache, which makes generate compile its forward (CUDA graphs)
+        with torch.device(device): hf = LlamaForCausalLM(hf_config(cfg)).to(torch.bfloat16).eval()
         t = time.perf_counter()
         for _ in range(3): hf_tps(hf, cache_implementation="static")       # compile, then record the graphs at the same cache length
         res["hf_static_compile_seconds"] = time.perf_counter() - t
         res["batch1_hf_static_compile_tokens_per_s"] = hf_tps(hf, cache_implementation="static")
         res["fraction_of_ceiling_hf_static_compile"] = res["batch1_hf_static_compile_tokens_per_s"] / ceiling
-        print(json.dumps({k: v for k, v in res.items() if k.startswith(("hf_", "batch1_hf", "fraction_of_ceiling_hf"))}, indent=1), flush=True)
-    del hf; torch.cuda.empty_cache()
-    res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
-    res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True) for b in batches}
-    atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
-    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    names = ["ceiling", "GPU only\n(replay)", "graphs+GEMV\n+paged KV path", "guide graphs\n+Triton GEMV", "guide graphs\n+compile", "guide graphs\n(cuBLAS)",
-             "guide\neager", "HF generate\nstatic+compile", "HF\ngenerate"]
-    vals = [ceiling, res["batch1_graphs_replay_only_tokens_per_s"], res["batch1_graphs_paged_tokens_per_s"], res["batch1_graphs_tokens_per_s"],
-            res.get("batch1_compiled_graphs_tokens_per_s", float("nan")),
-            res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"],
-            res.get("batch1_hf_static_compile_tokens_per_s", float("nan")), res["batch1_hf_generate_tokens_per_s"]]
-    ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
-    ax[0].set_title(f"{params / 1e9:.2f}B bf16 batch 1: {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
-    ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-", label="gather + SDPA")
-    ax[1].plot(list(res["batched_paged_tokens_per_s"]), list(res["batched_paged_tokens_per_s"].values()), "s--", label="paged attention kernel")
-    ax[1].legend(fontsize=7)
-    ax[1].set_xscale("log", base=2); ax[1].set_xlabel("requests decoded together"); ax[1].set_ylabel("tokens / s")
-    fig.suptitle(res["env"]["device"]); fig.tight_layout(); fig.savefig(out / "serve_gpu_decode.png", dpi=100)
+        save_decode_results(res, out)
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
     return res
 
