@@ -84,7 +84,7 @@ class TextEncoder(nn.Module):
         dev, B = self.tok.weight.device, len(lens)
         order = np.argsort(lens, kind="stable")                  # sorted by length, so a group is a run of rows
         n_sorted = lens[order]
-        first = np.repeat(np.cumsum(n_sorted) - n_sorted, n_sorted)  # packed index of each token's first token
+        first = np.repeat(np.cumsum(n_sorted) - n_sorted, n_sorted)  # where each token's text starts, packed
         pos = np.arange(len(flat)) - first                       # each token's position in its text
         src = np.repeat((np.cumsum(lens) - lens)[order], n_sorted) + pos
         x = self.tok(torch.from_numpy(flat[src]).to(dev)) + self.pos(torch.from_numpy(pos).to(dev))      # (N, D), packed
