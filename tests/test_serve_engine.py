@@ -305,6 +305,25 @@ def test_kernels_without_triton_say_so():
         with pytest.raises(RuntimeError, match="needs Triton"): call()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed (not a GPU: it compiles with its own ptxas)")
+def test_triton_kernels_compile_for_hopper():
+    "Every Triton kernel of the engine compiles for sm_90 (H100/H200), with the 1.1B shape's constants: no GPU needed."
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from guide.serve import engine as E
+    def compile_(fn, constexprs, **types):
+        sig = {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    bf16, i64, f32 = "*bf16", "*i64", "*fp32"
+    for n, k, _ in E.GEMV_TILES:
+        compile_(E._gemv_kernel, dict(NORM=True, GLU=True, RES=True, BLOCK_N=n, BLOCK_K=k), X=bf16, W=bf16, Out=bf16, Res=bf16, LnW=bf16, eps="fp32")
+        compile_(E._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
+                 Pos=i64, Slot=i64, Q=bf16, KV=bf16, eps="fp32")
+    compile_(E._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16), Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, scale="fp32")
+    compile_(E._paged_attention_merge, dict(HD=64, SPLITS=16), Acc=f32, Max=f32, Sum=f32, Out=bf16)
+
+
 @needs_triton
 def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     import torch.nn.functional as F
