@@ -16,10 +16,10 @@ from ..core import atomic_dir, cache_dir, capture_cuda_graph, seed_everything, s
 from ..data import code_corpus, file_lock, get_tokenizer, prose_corpus
 
 # %% auto #0
-__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'EncoderLayer', 'TextEncoder', 'length_groups', 'pad_batch',
-           'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush', 'bucket_of',
-           'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder', 'encoder_fn', 'batcher_process',
-           'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
+__all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'flatten_texts', 'EncoderLayer', 'TextEncoder', 'length_groups',
+           'pad_batch', 'encode_texts', 'accuracy', 'train_encoder', 'encoder_recipe', 'tiny_encoder', 'should_flush',
+           'bucket_of', 'QueueFull', 'DeadlineExceeded', 'DynamicBatcher', 'GraphedEncoder', 'encoder_fn',
+           'batcher_process', 'RemoteBatcher', 'load_encoder_fn', 'closed_loop', 'closed_loop_async']
 
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
@@ -33,6 +33,11 @@ def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tu
             out.append(("\n".join(lines[i:i + k])[:max_chars], label))
     rng.shuffle(out)
     return out
+
+def flatten_texts(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    "Token lists as the arrays the encoder's array forms take: token counts (n,) and all ids end to end."
+    if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
+    return np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64)
 
 class EncoderLayer(nn.Module):
     def __init__(self, dim: int, n_heads: int):
@@ -73,8 +78,7 @@ class TextEncoder(nn.Module):
         projections, MLP: nearly all the FLOPs) runs on the packed tokens; attention, whose cost grows with the
         square of the padded length, runs per group of similar lengths (`length_groups`), padded within the group,
         with no mask where nothing is padded (a single text). Same results as `forward`."""
-        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
-        return self.forward_flat(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+        return self.forward_flat(*flatten_texts(seqs))
 
     def forward_flat(self, lens: np.ndarray, flat: np.ndarray):
         "`forward_packed` for texts as arrays (what a model process receives): token counts `lens` (n,), their ids end to end `flat`."
@@ -88,10 +92,10 @@ class TextEncoder(nn.Module):
         pos = np.arange(len(flat)) - first                       # each token's position in its text
         src = np.repeat((np.cumsum(lens) - lens)[order], n_sorted) + pos
         x = self.tok(torch.from_numpy(flat[src]).to(dev)) + self.pos(torch.from_numpy(pos).to(dev))      # (N, D), packed
-        n_sorted = n_sorted.tolist()
+        sorted_lens = n_sorted.tolist()
         groups, start = [], 0                                        # (packed rows, rows in group, padded length, where, mask)
-        for lo, hi in length_groups(n_sorted):
-            n, T, g = hi - lo, n_sorted[hi - 1], np.array(n_sorted[lo:hi])
+        for lo, hi in length_groups(sorted_lens):
+            n, T, g = hi - lo, sorted_lens[hi - 1], np.array(sorted_lens[lo:hi])
             size = int(g.sum())
             if size == n * T: groups.append((slice(start, start + size), n, T, None, None))
             else:                                                    # token j of row r goes to r * T + its position
@@ -115,8 +119,8 @@ class TextEncoder(nn.Module):
         x = self.ln(x)
         if B == 1: emb = x.mean(0, keepdim=True)
         else:                                                        # mean over each text's tokens, in the caller's order
-            seg = torch.from_numpy(np.repeat(np.arange(B), n_sorted)).to(dev)
-            emb = x.new_zeros(B, D).index_add_(0, seg, x) / torch.tensor(n_sorted, device=dev, dtype=x.dtype)[:, None]
+            seg = torch.from_numpy(np.repeat(np.arange(B), sorted_lens)).to(dev)
+            emb = x.new_zeros(B, D).index_add_(0, seg, x) / torch.tensor(sorted_lens, device=dev, dtype=x.dtype)[:, None]
             emb = emb[torch.from_numpy(np.argsort(order)).to(dev)]
         return self.head(emb), F.normalize(emb, dim=-1)
 
@@ -389,8 +393,7 @@ class GraphedEncoder:
 
     def __call__(self, seqs: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
         "`run` for token lists: (probabilities, embeddings) as nested lists, in the order of `seqs`."
-        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
-        probs, emb = self.run(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+        probs, emb = self.run(*flatten_texts(seqs))
         return probs.tolist(), emb.tolist()
 
 def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = None, max_batch_size: int = 32) -> Callable[[list[list[int]], int], list[dict]]:
@@ -406,9 +409,7 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = N
         logits, emb = model.forward_flat(lens, flat)
         return logits.softmax(-1).float().cpu().numpy(), emb.float().cpu().numpy()
     def fn(seqs: list[list[int]], length: int) -> list[dict]:
-        seqs = [s[:length] for s in seqs]
-        if not seqs or not all(seqs): raise ValueError("need at least one non-empty token list")
-        probs, emb = run(np.fromiter(map(len, seqs), np.int64, len(seqs)), np.fromiter(itertools.chain.from_iterable(seqs), np.int64))
+        probs, emb = run(*flatten_texts([s[:length] for s in seqs]))
         return [dict(probs=p, embedding=e) for p, e in zip(probs.tolist(), emb.tolist())]
     fn.packed, fn.max_len, fn.graphed, fn.run = True, model.max_len, graphed, run
     return fn
@@ -421,11 +422,13 @@ def _take(chunks: list, n: int) -> list:
         c = chunks[0]
         k = len(c["rids"])
         if k <= n: out.append(chunks.pop(0)); n -= k; continue
-        cut = int(c["lens"][:n].sum())
-        out.append(dict(c, rids=c["rids"][:n], lens=c["lens"][:n], deadlines=c["deadlines"][:n], flat=c["flat"][:cut]))
-        chunks[0] = dict(c, rids=c["rids"][n:], lens=c["lens"][n:], deadlines=c["deadlines"][n:], flat=c["flat"][cut:])
-        n = 0
+        first = np.arange(k) < n
+        out.append(_select(c, first)); chunks[0] = _select(c, ~first); n = 0
     return out
+
+def _select(c: dict, keep: np.ndarray) -> dict:
+    "The rows of a queued chunk where `keep` (a boolean mask over its rows) is true, with their token ids."
+    return dict(c, rids=c["rids"][keep], lens=c["lens"][keep], deadlines=c["deadlines"][keep], flat=c["flat"][np.repeat(keep, c["lens"])])
 
 _OK, _LATE, _FULL, _FAILED = range(4)   # a reply's status: answered, deadline passed, queue full, the model raised
 
@@ -468,7 +471,7 @@ def batcher_process(load_fn: Callable[[], Callable], requests, replies: list, re
             late = c["deadlines"] < now
             if late.any():
                 _answer(replies, c["front"], c["rids"][late], _LATE)
-                c = dict(c, rids=c["rids"][~late], lens=c["lens"][~late], deadlines=c["deadlines"][~late], flat=c["flat"][np.repeat(~late, c["lens"])])
+                c = _select(c, ~late)
             if len(c["rids"]): live.append(c)
         if not live: continue
         try:
