@@ -350,7 +350,7 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
 @needs_triton
 def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
     "The qkv GEMV with rotary and the KV write in its epilogue gives the matmul path's q and cache, for every tile."
-    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, _layer_qkv, _static_inputs, qkv_to_cache
+    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, _layer_qkv, _rope_at, _static_inputs, qkv_to_cache
     from guide.model import Llama, ModelConfig
     torch.manual_seed(0)
     for H, KVH, dim in ((32, 4, 2048), (6, 2, 192)):
@@ -362,8 +362,8 @@ def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
         tables = torch.randperm(20, device="cuda")[None]
         for pos in (0, 17, 255):
             x, positions = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16), torch.tensor([pos], device="cuda")
-            _, cos, sin, slots, _ = _static_inputs(model, want, torch.tensor([1], device="cuda"), positions, tables)
-            q_want, kv = _layer_qkv(model, w, x, cos, sin)
+            _, slots = _static_inputs(model, want, torch.tensor([1], device="cuda"), positions, tables)
+            q_want, kv = _layer_qkv(model, w, x, *_rope_at(model, positions, x.dtype))
             want.write(0, slots, kv)
             for blocks in GEMV_TILES[:3] + (None,):
                 q = qkv_to_cache(model, x, w[0], w[4], positions, slots, got.kv[0], blocks=blocks)

@@ -167,6 +167,10 @@ def _layer_out(model, w, x, y):
 def _head(model, x):
     return model.lm_head(F.rms_norm(x, (x.shape[-1],), model.norm.weight, model.config.norm_eps))
 
+def _rope_at(model, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    "The rotary cos and sin rows (N, 1, hd) of `positions` (N,), in `dtype`."
+    return model.rope_cos[positions][:, None].to(dtype), model.rope_sin[positions][:, None].to(dtype)
+
 def _past_mask(positions: torch.Tensor, S: int, dtype) -> torch.Tensor:
     "Additive attention mask (B, 1, 1, S) of decode rows: 0 up to each row's position, -inf past it."
     mask = torch.zeros(len(positions), 1, 1, S, device=positions.device, dtype=dtype)
@@ -202,7 +206,7 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
     lens_p = [len(s) for s in ids]; n_p = sum(lens_p)
     x = model.embed_tokens(torch.tensor([t for s in ids for t in s] + tokens, device=dev))          # (n_p + B, D), packed
     pos = torch.tensor([p for n in lens_p for p in range(n)] + positions, device=dev)
-    cos, sin = model.rope_cos[pos][:, None].to(x.dtype), model.rope_sin[pos][:, None].to(x.dtype)
+    cos, sin = _rope_at(model, pos, x.dtype)
     slots = torch.tensor([t[p // bs] * bs + p % bs for s, t in zip(ids, id_tables) for p in range(len(s))]
                          + [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], device=dev)
     if Np:                                       # prompts: packed row -> padded row, causal mask within each length
@@ -258,19 +262,18 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
     `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
     `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling).
     `paged`: attention by the Triton `paged_attention` kernel instead of gather + SDPA."""
-    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables, mask=not paged)
+    x, slots = _static_inputs(model, cache, tokens, positions, tables)
+    cos, sin = _rope_at(model, positions, x.dtype)
+    mask = None if paged else _past_mask(positions, tables.shape[1] * cache.block_size, x.dtype)   # the paged kernel needs none
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin), positions if paged else None)
         x = _layer_out(model, w, x, y)
     return _head(model, x)
 
-def _static_inputs(model, cache, tokens, positions, tables, mask: bool = True):
-    "A fixed-shape decode step's embeddings, rotary cos/sin, KV slots to write and past mask (None: `mask=False`, the paged kernel needs none)."
+def _static_inputs(model, cache, tokens, positions, tables):
+    "A fixed-shape decode step's embeddings and the KV slots it writes."
     bs = cache.block_size
-    x = model.embed_tokens(tokens)
-    cos, sin = model.rope_cos[positions][:, None].to(x.dtype), model.rope_sin[positions][:, None].to(x.dtype)
-    slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-    return x, cos, sin, slots, _past_mask(positions, tables.shape[1] * bs, x.dtype) if mask else None
+    return model.embed_tokens(tokens), tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
 
 def _static_attention(model, cache, layer, slots, tables, mask, q, kv, positions=None):
     """Write this step's k|v, attend over the padded block tables: (B, H*hd). With `positions`, the Triton kernel
@@ -296,16 +299,22 @@ GEMV_TILES = ((1, 1024, 1), (1, 2048, 1), (1, 2048, 2), (2, 1024, 2), (2, 1024, 
 
 if triton is not None:
     @triton.jit
+    def _rms_rstd(X, K, eps, BLOCK_K: tl.constexpr):
+        # 1 / rms of the K values at X, in fp32 (the RMSNorm's scale, before its weight)
+        cols = tl.arange(0, BLOCK_K)
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            ss += x * x
+        return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+
+    @triton.jit
     def _gemv_kernel(X, W, Out, Res, LnW, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         if NORM:                                                   # rms of the whole input vector
-            ss = tl.zeros([BLOCK_K], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-                ss += x * x
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+            rstd = _rms_rstd(X, K, eps, BLOCK_K)
         acc = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + cols
@@ -350,7 +359,8 @@ def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, position
     in the qkv GEMV itself, and `paged_attention` reads them in place."""
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
     eps = model.config.norm_eps
-    x, cos, sin, slots, mask = _static_inputs(model, cache, tokens, positions, tables, mask=not paged)
+    x, slots = _static_inputs(model, cache, tokens, positions, tables)
+    if not paged: (cos, sin), mask = _rope_at(model, positions, x.dtype), _past_mask(positions, tables.shape[1] * cache.block_size, x.dtype)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         if paged:
             y = paged_attention(qkv_to_cache(model, x, w[0], w[4], positions, slots, cache.kv[i]), cache.kv[i], tables, positions)
@@ -491,11 +501,7 @@ if triton is not None:
         row_b = row_a + half
         valid = head < H + 2 * KVH
         cols = tl.arange(0, BLOCK_K)
-        ss = tl.zeros([BLOCK_K], tl.float32)                       # rms of the whole input vector
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            ss += x * x
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        rstd = _rms_rstd(X, K, eps, BLOCK_K)                       # rms of the whole input vector
         acc_a = tl.zeros([BLOCK_P], tl.float32)
         acc_b = tl.zeros([BLOCK_P], tl.float32)
         for k0 in range(0, K, BLOCK_K):
