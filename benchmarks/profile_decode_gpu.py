@@ -23,7 +23,7 @@ args = (torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda"), tor
 graphs = DecodeGraphs(m, c, 1, block_buckets=[16])
 paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True)
 steps = {"graphed decode_one (what the engine runs)": lambda: graphs([5], [16], [table]),
-         "graphed decode_one + paged_attention kernel": lambda: paged([5], [16], [table]),
+         "graphed decode_one, paged KV path (qkv_to_cache + paged_attention)": lambda: paged([5], [16], [table]),
          "eager decode_static": lambda: decode_static(m, c, *args, w)}
 for name, step in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()
