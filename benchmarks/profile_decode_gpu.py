@@ -1,7 +1,8 @@
 """gpu tier: where the time of one batch-1 decode step of a ~1.1B Llama shape goes (NOT runnable without CUDA).
 
 Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs),
-the same with the paged KV path (`qkv_to_cache` + `paged_attention`), and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
+the same with the paged KV path (`qkv_to_cache` + `paged_attention`), that path launched with programmatic
+dependent launch (Hopper and later), and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
 (torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 
@@ -25,6 +26,9 @@ paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True)
 steps = {"graphed decode_one (what the engine runs)": lambda: graphs([5], [16], [table]),
          "graphed decode_one, paged KV path (qkv_to_cache + paged_attention)": lambda: paged([5], [16], [table]),
          "eager decode_static": lambda: decode_static(m, c, *args, w)}
+if torch.cuda.get_device_capability() >= (9, 0):                   # + programmatic dependent launch: kernels overlap their neighbours' edges
+    chained = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=True)
+    steps["graphed decode_one, paged KV path + PDL"] = lambda: chained([5], [16], [table])
 for name, step in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(50): step()

@@ -290,6 +290,7 @@ def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait    # programmatic dependent launch (sm_90+)
 except ImportError:                 # CPU-only installs: decode_one is not available, decode_static runs every bucket
     triton = None
 
@@ -309,24 +310,42 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
 
     @triton.jit
+    def _gemv_input(X, LnW, kk, K, rstd, NORM: tl.constexpr, GLU: tl.constexpr):
+        # the vector a GEMV multiplies, at columns kk, in fp32: silu(gate) * up with GLU (X holds gate then up,
+        # 2K values), scaled by the RMSNorm (rstd and its weight) with NORM
+        if GLU:
+            g = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = g / (1.0 + tl.exp(-g)) * tl.load(X + K + kk, mask=kk < K, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if NORM:
+            x = x * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _pdl_wait(PDL: tl.constexpr):
+        # programmatic dependent launch: let the next kernel begin launching, then wait until the previous one has
+        # finished and its writes are visible. Before this a kernel may only read what no kernel writes: weights
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+    @triton.jit
     def _gemv_kernel(X, W, Out, Res, LnW, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
+        at, live = W + rows[:, None] * K, rows[:, None] < N
+        w = tl.load(at + cols[None, :], mask=live & (cols[None, :] < K), other=0.0)   # first weight tile, in flight across the wait
+        _pdl_wait(PDL)
+        rstd = 1.0
         if NORM:                                                   # rms of the whole input vector
             rstd = _rms_rstd(X, K, eps, BLOCK_K)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc = tl.sum(w.to(tl.float32) * _gemv_input(X, LnW, cols, K, rstd, NORM, GLU)[None, :], 1)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + cols
-            if GLU:                                                # X holds gate then up, 2K values: x = silu(g) * u
-                g = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-                x = g / (1.0 + tl.exp(-g)) * tl.load(X + K + kk, mask=kk < K, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if NORM:
-                x = x * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
-            w = tl.load(W + rows[:, None] * K + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], 1)   # (a 2-D accumulator reduced once at the end measured slower)
+            w = tl.load(at + kk[None, :], mask=live & (kk[None, :] < K), other=0.0)
+            acc += tl.sum(w.to(tl.float32) * _gemv_input(X, LnW, kk, K, rstd, NORM, GLU)[None, :], 1)   # (a 2-D accumulator reduced once at the end measured slower)
         if RES:
             acc += tl.load(Res + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
@@ -335,10 +354,11 @@ if triton is not None:
                                   key=["N", "K", "NORM", "GLU", "RES"])(_gemv_kernel)
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+         eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """`w @ f(x) (+ residual)` for one row: x (1, K), or (1, 2K) = [gate, up] with `glu` (f = silu(gate) * up);
     `norm_weight`: f = RMSNorm first; w (N, K) contiguous. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K,
-    num_warps)` fixes the tile (else autotuned per shape on first use: do that outside graph capture)."""
+    num_warps)` fixes the tile (else autotuned per shape on first use: do that outside graph capture).
+    `pdl`: launch with programmatic dependent launch (Hopper and later; see `decode_one`)."""
     if triton is None: raise RuntimeError("gemv needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
     N, K = w.shape
     if x.shape != (1, 2 * K if glu else K) or not w.is_contiguous():
@@ -346,30 +366,33 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     x = x.contiguous()
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     args = (x, w, out, out if residual is None else residual.contiguous(), w if norm_weight is None else norm_weight, N, K, eps)
-    flags = dict(NORM=norm_weight is not None, GLU=glu, RES=residual is not None)
+    flags = dict(NORM=norm_weight is not None, GLU=glu, RES=residual is not None, PDL=pdl, launch_pdl=pdl)
     if blocks is None: _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **flags)
     else: _gemv_kernel[(triton.cdiv(N, blocks[0]),)](*args, **flags, BLOCK_N=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return out
 
 @torch.no_grad()
 def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-               tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
+               tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False, pdl: bool = False) -> torch.Tensor:
     """`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in.
     `paged=True`: the keys and values stay in the cache's blocks: `qkv_to_cache` writes them there, rotary applied,
-    in the qkv GEMV itself, and `paged_attention` reads them in place."""
+    in the qkv GEMV itself, and `paged_attention` reads them in place.
+    `pdl=True` (Hopper and later): every Triton kernel is launched with programmatic dependent launch, so it starts
+    while the one before it finishes, its first weight tile already loading (with `paged`, the whole layer)."""
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
     eps = model.config.norm_eps
     x, slots = _static_inputs(model, cache, tokens, positions, tables)
     if not paged: (cos, sin), mask = _rope_at(model, positions, x.dtype), _past_mask(positions, tables.shape[1] * cache.block_size, x.dtype)
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         if paged:
-            y = paged_attention(qkv_to_cache(model, x, w[0], w[4], positions, slots, cache.kv[i]), cache.kv[i], tables, positions)
+            q = qkv_to_cache(model, x, w[0], w[4], positions, slots, cache.kv[i], pdl=pdl)
+            y = paged_attention(q, cache.kv[i], tables, positions, pdl=pdl)
         else:
-            q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps), cos, sin)
+            q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps, pdl=pdl), cos, sin)
             y = _static_attention(model, cache, i, slots, tables, mask, q, kv)
-        x = gemv(y, w[1].t(), residual=x)                            # w[1] is o_proj's weight transposed: .t() is the weight
-        x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps), w[3].t(), residual=x, glu=True)
-    return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps)
+        x = gemv(y, w[1].t(), residual=x, pdl=pdl)                   # w[1] is o_proj's weight transposed: .t() is the weight
+        x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps, pdl=pdl), w[3].t(), residual=x, glu=True, pdl=pdl)
+    return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps, pdl=pdl)
 
 class DecodeGraphs:
     """Decode steps replayed from CUDA graphs, one per (batch bucket, block-count bucket), captured on first use.
@@ -378,9 +401,10 @@ class DecodeGraphs:
     `torch.compile` (Inductor fuses the norms, rotary, masking and activations into a few kernels), once per
     bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
     `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
-    `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile)."""
+    `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile).
+    `pdl=True`: `decode_one` launches its kernels with programmatic dependent launch (needs a Hopper or later GPU)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
-                 block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False):
+                 block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False, pdl: bool = False):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
         self.model, self.cache = model, cache
         self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size] + [max_batch_size]
@@ -392,6 +416,10 @@ class DecodeGraphs:
         if paged_attention:
             if triton is None or compile: raise ValueError("paged_attention needs Triton and does not combine with compile")
             self.step, self.one = partial(self.step, paged=True), partial(self.one, paged=True)
+        if pdl:
+            if self.one is self.step or torch.cuda.get_device_capability(model.device) < (9, 0):
+                raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
+            self.one = partial(self.one, pdl=True)
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool, self._weights = None, None
 
@@ -423,7 +451,8 @@ class DecodeGraphs:
 if triton is not None:
     @triton.jit
     def _paged_attention_kernel(Q, KV, Tables, Pos, Acc, Max, Sum, scale, stride_qb, stride_tb, stride_pb, stride_blk, stride_pos, NB, BLOCKS_PER_SPLIT,
-                                KVH: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr):
+                                KVH: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+        _pdl_wait(PDL)                                                     # q and this step's key/value: the previous kernel's
         b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r, d, t = tl.arange(0, REP), tl.arange(0, HD), tl.arange(0, BS)
         heads = g * REP + r                                                # this KV head's query heads
@@ -453,7 +482,8 @@ if triton is not None:
         tl.store(Acc + row[:, None] * HD + d[None, :], acc)
 
     @triton.jit
-    def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
+    def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        _pdl_wait(PDL)
         bh = tl.program_id(0)                                              # one (row, query head)
         sp, d = tl.arange(0, SPLITS), tl.arange(0, HD)
         m = tl.load(Max + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
@@ -464,11 +494,12 @@ if triton is not None:
         out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
         tl.store(Out + bh * HD + d, out.to(Out.dtype.element_ty))
 
-def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, max_splits: int = 32) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, max_splits: int = 32,
+                    pdl: bool = False) -> torch.Tensor:
     """Decode attention straight from a paged cache layer: q (B, H, hd) (rows may be strided), `kv` one layer of
     `PagedKVCache.kv` (blocks, block_size, 2*kv_heads, hd), `tables` (B, NB) block ids, `positions` (B,): row b
     attends to its positions 0..positions[b]. Returns (B, H*hd) like SDPA over `cache.gather`. Needs Triton;
-    head_dim, block_size and heads per KV head must be powers of two."""
+    head_dim, block_size and heads per KV head must be powers of two. `pdl`: programmatic dependent launch (see `decode_one`)."""
     if triton is None: raise RuntimeError("paged_attention needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
     B, H, hd = q.shape
     _, bs, kvh2, hd_kv = kv.shape
@@ -483,15 +514,16 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
     top, total = torch.empty(B, H, splits, device=q.device, dtype=torch.float32), torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     _paged_attention_kernel[(B, KVH, splits)](q, kv, tables, positions, acc, top, total, hd ** -0.5, q.stride(0), tables.stride(0),
-                                              positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split, KVH=KVH, REP=H // KVH, HD=hd, BS=bs)
+                                              positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split, KVH=KVH, REP=H // KVH, HD=hd, BS=bs,
+                                              PDL=pdl, launch_pdl=pdl)
     out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype)
-    _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits))
+    _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl)
     return out
 
 if triton is not None:
     @triton.jit
     def _qkv_to_cache_kernel(X, W, LnW, Cos, Sin, Pos, Slot, Q, KV, K, eps, stride_rope,
-                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
         # each program: BLOCK_P pairs of rows (d, d + HD/2) of one head of q|k|v, the two rows that the rotary
         # embedding mixes; a weight row is read once, none is read rotated
         half = HD // 2
@@ -501,15 +533,20 @@ if triton is not None:
         row_b = row_a + half
         valid = head < H + 2 * KVH
         cols = tl.arange(0, BLOCK_K)
+        at_a, at_b, live = W + row_a[:, None] * K, W + row_b[:, None] * K, valid[:, None] & (cols[None, :] < K)
+        w_a = tl.load(at_a + cols[None, :], mask=live, other=0.0)    # first weight tiles, in flight across the wait
+        w_b = tl.load(at_b + cols[None, :], mask=live, other=0.0)
+        _pdl_wait(PDL)
         rstd = _rms_rstd(X, K, eps, BLOCK_K)                       # rms of the whole input vector
-        acc_a = tl.zeros([BLOCK_P], tl.float32)
-        acc_b = tl.zeros([BLOCK_P], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        x = _gemv_input(X, LnW, cols, K, rstd, True, False)
+        acc_a = tl.sum(w_a.to(tl.float32) * x[None, :], 1)
+        acc_b = tl.sum(w_b.to(tl.float32) * x[None, :], 1)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + cols
-            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32) * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = _gemv_input(X, LnW, kk, K, rstd, True, False)
             m = valid[:, None] & (kk[None, :] < K)
-            acc_a += tl.sum(tl.load(W + row_a[:, None] * K + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
-            acc_b += tl.sum(tl.load(W + row_b[:, None] * K + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+            acc_a += tl.sum(tl.load(at_a + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+            acc_b += tl.sum(tl.load(at_b + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
         pos = tl.load(Pos)
         cos_a = tl.load(Cos + pos * stride_rope + d).to(tl.float32)
         sin_a = tl.load(Sin + pos * stride_rope + d).to(tl.float32)
@@ -529,11 +566,11 @@ if triton is not None:
                                           key=["K", "H", "KVH", "HD"])(_qkv_to_cache_kernel)
 
 def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, kv: torch.Tensor, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 slots: torch.Tensor, kv: torch.Tensor, blocks: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """One row's attention input in one kernel: RMSNorm(x) times the q|k|v rows of `w_qkv` (the first
     (H + 2*KV) * hd rows of a fused weight), the rotary embedding at `positions` (1,) applied to q and k, and k|v
     written into the cache layer `kv` at `slots` (1,). Returns q (1, H, hd). `blocks=(pairs per program, BLOCK_K,
-    num_warps)` fixes the tile (else autotuned on first use, outside graph capture)."""
+    num_warps)` fixes the tile (else autotuned on first use, outside graph capture). `pdl`: see `decode_one`."""
     if triton is None: raise RuntimeError("qkv_to_cache needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
     cfg = model.config
     H, KVH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -545,11 +582,12 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     cos, sin = model.rope_cos, model.rope_sin
     args = (x.contiguous(), w_qkv, norm_weight, cos, sin, positions, slots, q, kv, K, cfg.norm_eps, cos.stride(0))
     n_pairs = (H + 2 * KVH) * hd // 2
-    if blocks is None: _qkv_to_cache_tuned[lambda m: (triton.cdiv(n_pairs, m["BLOCK_P"]),)](*args, H=H, KVH=KVH, HD=hd)
-    else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, H=H, KVH=KVH, HD=hd, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
+    flags = dict(H=H, KVH=KVH, HD=hd, PDL=pdl, launch_pdl=pdl)
+    if blocks is None: _qkv_to_cache_tuned[lambda m: (triton.cdiv(n_pairs, m["BLOCK_P"]),)](*args, **flags)
+    else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, **flags, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return q
 
-# %% ../../nbs/20_engine.ipynb #c027
+# %% ../../nbs/20_engine.ipynb #c028
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -592,7 +630,7 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c029
+# %% ../../nbs/20_engine.ipynb #c030
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -779,7 +817,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c039
+# %% ../../nbs/20_engine.ipynb #c040
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -848,7 +886,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c042
+# %% ../../nbs/20_engine.ipynb #c043
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
