@@ -126,16 +126,20 @@ def save_decode_results(res, out):
     from guide.core import atomic_write
     atomic_write(out / "serve_gpu_decode.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(14, 3.6), gridspec_kw=dict(width_ratios=[2, 1]))
-    names = ["ceiling", "GPU only\n(replay)", "paged KV path\n+PDL", "graphs+GEMV\n+paged KV path", "Triton GEMV\n+PDL", "guide graphs\n+Triton GEMV",
+    fig, ax = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw=dict(width_ratios=[3, 2]))
+    names = ["ceiling", "GPU only\n(replay)", "paged (+PDL),\n8 steps/graph", "paged KV path\n+PDL", "graphs+GEMV\n+paged KV path", "Triton GEMV\n+PDL", "guide graphs\n+Triton GEMV",
              "guide graphs\n+compile", "guide graphs\n(cuBLAS)", "guide\neager", "HF generate\nstatic+compile", "HF\ngenerate"]
     nan = float("nan")
-    vals = [res["ceiling_tokens_per_s"], res["batch1_graphs_replay_only_tokens_per_s"], res.get("batch1_graphs_paged_pdl_tokens_per_s", nan),
+    vals = [res["ceiling_tokens_per_s"], res["batch1_graphs_replay_only_tokens_per_s"], res.get("batch1_multistep_tokens_per_s", nan),
+            res.get("batch1_graphs_paged_pdl_tokens_per_s", nan),
             res["batch1_graphs_paged_tokens_per_s"], res.get("batch1_graphs_pdl_tokens_per_s", nan), res["batch1_graphs_tokens_per_s"],
             res.get("batch1_compiled_graphs_tokens_per_s", nan),
             res["batch1_graphs_cublas_tokens_per_s"], res["batch1_eager_tokens_per_s"],
             res.get("batch1_hf_static_compile_tokens_per_s", nan), res["batch1_hf_generate_tokens_per_s"]]
-    ax[0].bar(names, vals); ax[0].set_ylabel("tokens / s (batch 1)"); ax[0].tick_params(axis="x", labelsize=7)
+    names = [n.replace("\n", " ") for n in names]
+    ax[0].barh(names[::-1], vals[::-1]); ax[0].set_xlabel("tokens / s (batch 1)"); ax[0].tick_params(axis="y", labelsize=8)
+    ax[0].axvline(res["target_fraction"] * res["ceiling_tokens_per_s"], color="k", ls="--", lw=1, label=f"target: {res['target_fraction']:.0%} of the ceiling")
+    ax[0].legend(fontsize=7, loc="lower right")
     ax[0].set_title(f"{res['params'] / 1e9:.2f}B bf16 batch 1: the engine's default at {res['fraction_of_ceiling']:.0%} of the bandwidth ceiling")
     ax[1].plot(list(res["batched_tokens_per_s"]), list(res["batched_tokens_per_s"].values()), "o-", label="gather + SDPA")
     ax[1].plot(list(res["batched_paged_tokens_per_s"]), list(res["batched_paged_tokens_per_s"].values()), "s--", label="paged attention kernel")
@@ -150,7 +154,8 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     without CUDA graphs, and transformers `generate` on the same shape (eager with its dynamic cache, and with a static
     cache, with which generate compiles its forward with torch.compile's CUDA graphs); then batched
     decode throughput of the engine. On Hopper and later, also the batch-1 step launched with programmatic dependent
-    launch (`DecodeGraphs(pdl=True)`). Writes serve_gpu_decode.{json,png}."""
+    launch (`DecodeGraphs(pdl=True)`), and the paged path run 8 greedy steps per graph (`Engine(decode_steps=8)`).
+    Writes serve_gpu_decode.{json,png}."""
     from transformers import LlamaForCausalLM
     from guide.core import environment_info
     from guide.model import Llama, ModelConfig, hf_config
@@ -164,8 +169,9 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     copy_bw, read_bw = hbm_bandwidth(weight_bytes, device)
     bw = max(copy_bw, read_bw)
     ceiling = bw / read_bytes
-    def engine_tps(graphs, batch, n_steps, gemv=None, paged=False, pdl=False):
-        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=False)
+    def engine_tps(graphs, batch, n_steps, gemv=None, paged=False, pdl=False, decode_steps=1):
+        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=False,
+                     decode_steps=decode_steps)
         if graphs: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv, paged_attention=paged, pdl=pdl)
         prompts = [[1 + b] * 16 for b in range(batch)]
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
@@ -184,6 +190,9 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     if hopper:        # each kernel launched during the previous one's tail (programmatic dependent launch)
         res["batch1_graphs_pdl_tokens_per_s"] = engine_tps(True, 1, steps, pdl=True)
         res["batch1_graphs_paged_pdl_tokens_per_s"] = engine_tps(True, 1, steps, paged=True, pdl=True)
+    # the paged KV path (+ PDL on Hopper), 8 greedy steps per graph and host round trip (Engine(decode_steps=8))
+    res["multistep"] = dict(decode_steps=8, paged_attention=True, pdl=hopper)
+    res["batch1_multistep_tokens_per_s"] = engine_tps(True, 1, steps, paged=True, pdl=hopper, decode_steps=8)
     eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
     eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16])
     eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
@@ -195,6 +204,10 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True, pdl=True)
         eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
         res["batch1_graphs_paged_pdl_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
+    eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False, decode_steps=8)
+    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True, pdl=hopper)
+    eng.generate([[1] * 16], SamplingParams(max_tokens=24, ignore_eos=True))
+    res["batch1_multistep_replay_only_tokens_per_s"] = 8 * replay_tps(eng.graphs.graphs[(1, 16, 8)][0])
     del eng; torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1), flush=True)
     if compile:       # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
@@ -213,6 +226,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_paged"] = res["batch1_graphs_paged_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_multistep"] = res["batch1_multistep_tokens_per_s"] / ceiling
     for variant in ("pdl", "paged_pdl"):
         if f"batch1_graphs_{variant}_tokens_per_s" in res: res[f"fraction_of_ceiling_{variant}"] = res[f"batch1_graphs_{variant}_tokens_per_s"] / ceiling
     res["best_batch1_fraction_of_ceiling"] = max(v for k, v in res.items() if k.startswith("fraction_of_ceiling") and "replay" not in k)

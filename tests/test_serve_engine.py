@@ -53,6 +53,34 @@ def test_preemption_keeps_output(base):
     assert eng.num_free_blocks == 10
 
 
+def test_decode_steps_give_the_same_tokens_and_fall_back_when_they_must(base):
+    """`decode_steps=4`: greedy decode-only iterations run four steps in one go. Same tokens as one step at a time
+    (greedy, with a stop token inside a burst, beside sampled requests, under preemption); blocks all come back."""
+    model, tok = base
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(1, 30))] for _ in range(7)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True) for _ in prompts]
+    one = Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=3).generate(prompts, params)
+    burst = Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=3, decode_steps=4)
+    assert burst.generate(prompts, params) == one and burst.num_free_blocks == 200
+    stop = SamplingParams(max_tokens=40, stop_token_ids=[one[0]["token_ids"][min(5, len(one[0]["token_ids"]) - 1)]])
+    assert burst.generate(prompts[:1], stop) == Engine(model, tok, block_size=4, num_blocks=200).generate(prompts[:1], stop)
+    sampled = SamplingParams(max_tokens=25, temperature=1.0, seed=7, ignore_eos=True)   # a sampled request: one step at a time
+    mixed = [SamplingParams(max_tokens=25, ignore_eos=True), sampled]
+    assert burst.generate(prompts[:2], mixed) == Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=3).generate(prompts[:2], mixed)
+    tight = Engine(model, tok, block_size=4, num_blocks=10, max_batch_size=4, decode_steps=4)   # too few blocks to look ahead, preempts
+    short = [p[:8] for p in prompts[:4]]
+    res = tight.generate(short, [SamplingParams(max_tokens=28, ignore_eos=True)] * 4)
+    assert tight.stats["preemptions"] > 0
+    for p, r in zip(short, res):
+        assert r["token_ids"] == generate(model, torch.tensor([p]), 28)[0, len(p):].tolist()
+    assert tight.num_free_blocks == 10
+    with AsyncEngine(Engine(model, tok, block_size=4, num_blocks=200, decode_steps=4)) as ae:   # streamed in bursts: the same tokens
+        streamed = [t for out in ae.stream(prompts[0], params[0], timeout=60) for t in out.token_ids]
+    assert streamed == one[0]["token_ids"]
+    with pytest.raises(ValueError, match="decode_steps"): Engine(model, tok, decode_steps=0)
+
+
 def test_no_reservation_blocks_grow_one_at_a_time(base):
     model, tok = base
     eng = Engine(model, tok, block_size=4, num_blocks=64)
@@ -234,6 +262,9 @@ def test_cuda_graph_decode_equals_eager_engine():
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
     assert len(graphed.graphs.graphs) >= 3                     # several (batch, blocks) buckets were captured and replayed
     assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
+    ahead = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4)   # 4 greedy steps per graph
+    assert [r["token_ids"] for r in ahead.generate(prompts, params)] == [r["token_ids"] for r in want]
+    assert any(len(key) == 3 for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
     with torch.no_grad(): model.lm_head.weight.mul_(1.01)      # changed weights: the graphs are recaptured, not stale
     again = graphed.generate(prompts[:2], params[:2])
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in eager.generate(prompts[:2], params[:2])]

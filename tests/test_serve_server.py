@@ -204,6 +204,8 @@ def test_encoder_queue_full_gets_429_with_retry_after():
     finally: stop(proc)
     bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
+    bad = subprocess.run([GUIDE, "serve", "--decode-steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--decode-steps must be >= 1" in bad.stderr
 
 
 def test_disconnect_cancels_and_frees_blocks(server):

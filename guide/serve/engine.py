@@ -17,8 +17,8 @@ from ..model import Llama, from_hf, sample_next
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine',
-           'make_trace']
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'greedy_steps', 'RequestOutput', 'Request', 'Engine',
+           'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -266,7 +266,9 @@ def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, posit
     cos, sin = _rope_at(model, positions, x.dtype)
     mask = None if paged else _past_mask(positions, tables.shape[1] * cache.block_size, x.dtype)   # the paged kernel needs none
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
-        y = _static_attention(model, cache, i, slots, tables, mask, *_layer_qkv(model, w, x, cos, sin), positions if paged else None)
+        q, kv = _layer_qkv(model, w, x, cos, sin)
+        cache.write(i, slots, kv)
+        y = paged_attention(q, cache.kv[i], tables, positions) if paged else _gathered_attention(model, cache, i, tables, mask, q)
         x = _layer_out(model, w, x, y)
     return _head(model, x)
 
@@ -275,11 +277,8 @@ def _static_inputs(model, cache, tokens, positions, tables):
     bs = cache.block_size
     return model.embed_tokens(tokens), tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
 
-def _static_attention(model, cache, layer, slots, tables, mask, q, kv, positions=None):
-    """Write this step's k|v, attend over the padded block tables: (B, H*hd). With `positions`, the Triton kernel
-    `paged_attention` reads the blocks where they are (no gather, no mask)."""
-    cache.write(layer, slots, kv)
-    if positions is not None: return paged_attention(q, cache.kv[layer], tables, positions)
+def _gathered_attention(model, cache, layer, tables, mask, q):
+    "Decode attention of q (B, H, hd) over the padded block tables, gathered into contiguous keys/values for SDPA: (B, H*hd)."
     K, V = cache.gather(layer, tables)
     B = q.shape[0]
     return F.scaled_dot_product_attention(q.reshape(B, model.config.n_kv_heads, -1, model.config.head_dim), K, V, attn_mask=mask).reshape(B, -1)
@@ -389,7 +388,8 @@ def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, position
             y = paged_attention(q, cache.kv[i], tables, positions, pdl=pdl)
         else:
             q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps, pdl=pdl), cos, sin)
-            y = _static_attention(model, cache, i, slots, tables, mask, q, kv)
+            cache.write(i, slots, kv)
+            y = _gathered_attention(model, cache, i, tables, mask, q)
         x = gemv(y, w[1].t(), residual=x, pdl=pdl)                   # w[1] is o_proj's weight transposed: .t() is the weight
         x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps, pdl=pdl), w[3].t(), residual=x, glu=True, pdl=pdl)
     return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps, pdl=pdl)
@@ -402,7 +402,8 @@ class DecodeGraphs:
     bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
     `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
     `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile).
-    `pdl=True`: `decode_one` launches its kernels with programmatic dependent launch (needs a Hopper or later GPU)."""
+    `pdl=True`: `decode_one` launches its kernels with programmatic dependent launch (needs a Hopper or later GPU).
+    `graphs.greedy(tokens, positions, tables, n)` replays `n` greedy steps from one graph (`greedy_steps`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False, pdl: bool = False):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
@@ -423,21 +424,30 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool, self._weights = None, None
 
-    def _capture(self, B: int, NB: int):
+    def _capture(self, B: int, NB: int, n: int = 0):
         inp = torch.full((B, 2 + NB), self.cache.null_block, dtype=torch.long, device=self.model.device)
         inp[:, :2] = 0                                                   # token 0 at position 0 of the null block
         step = self.one if B == 1 else self.step
-        graph, out = capture_cuda_graph(lambda: step(self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:], self._weights),
-                                        self.pool, self.model.device)
+        args = (self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:])
+        run = (lambda: greedy_steps(step, *args, n, self._weights)) if n else (lambda: step(*args, self._weights))
+        graph, out = capture_cuda_graph(run, self.pool, self.model.device)
         self.pool = graph.pool()                                         # all graphs share one memory pool
         return graph, inp, out
 
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        return self._replay(tokens, positions, tables, 0)
+
+    def greedy(self, tokens: list[int], positions: list[int], tables: list[list[int]], n: int) -> torch.Tensor:
+        """`n` greedy steps replayed from one graph (`greedy_steps`): the tokens (B, n). Each row's table must
+        already hold the blocks of positions up to `positions[b] + n - 1`."""
+        return self._replay(tokens, positions, tables, n)
+
+    def _replay(self, tokens, positions, tables, n):
         B, nb = len(tokens), max(map(len, tables))
         if B > self.batch_sizes[-1] or nb > self.block_sizes[-1]: raise ValueError(f"{B} rows of {nb} blocks exceed the captured sizes")
         weights = _fused_weights(self.model)
         if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
-        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes))
+        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes)) + ((n,) if n else ())     # (batch, blocks[, steps])
         if key not in self.graphs: self.graphs[key] = self._capture(*key)
         graph, inp, out = self.graphs[key]
         null = self.cache.null_block
@@ -587,7 +597,20 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, **flags, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return q
 
-# %% ../../nbs/20_engine.ipynb #c028
+# %% ../../nbs/20_engine.ipynb #c026
+@torch.no_grad()
+def greedy_steps(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                 n: int, weights: list[tuple] | None = None) -> torch.Tensor:
+    """`n` greedy decode steps with no host round trip: each step's argmax is the next step's token, on the device,
+    so all `n` can be captured as one CUDA graph. `step` is `decode_static` or `decode_one` (or a partial of them);
+    `tables` (B, NB) must already hold the blocks of positions up to `positions + n - 1`. Returns the tokens (B, n)."""
+    out = []
+    for j in range(n):
+        tokens = step(model, cache, tokens, positions + j, tables, weights).argmax(-1)
+        out.append(tokens)
+    return torch.stack(out, 1)
+
+# %% ../../nbs/20_engine.ipynb #c030
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -630,23 +653,26 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c030
+# %% ../../nbs/20_engine.ipynb #c032
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
-    compiled first with `compile_decode=True`."""
+    compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration of greedy requests
+    runs `n` steps in one go (`greedy_steps`; one graph on CUDA), its tokens then streamed in bursts of `n`."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
-                 cuda_graphs: bool | None = None, compile_decode: bool = False):
+                 cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) != "llama":
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama model, got {type(model).__name__}")
             model = from_hf(model)
         if max_batch_size < 1: raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if decode_steps < 1: raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
+        self.decode_steps = decode_steps
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
@@ -740,24 +766,57 @@ class Engine:
     # ---- one iteration -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        "Admit, prefill, decode one token for every running request, sample; returns the outputs of this step."
+        """Admit, prefill, decode one token for every running request (or `decode_steps` tokens: see the class), sample;
+        returns the outputs of this step."""
         with self.lock:
             admitted = self._schedule()
             decode = [r for r in self.running if r not in admitted]
-            rows = admitted + decode
-            if not rows: return []
-            ids = [req.all_ids for req in admitted]              # prefill and decode in one pass over the weights
-            if self.graphs is not None and not admitted:
-                logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
-            else: logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
-                                        [r.num_tokens - 1 for r in decode], [r.table for r in decode])
-            self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
-            self.stats["steps"] += 1
-            tokens = self._sample(rows, logits)
-            outs = [self._append(req, t) for req, t in zip(rows, tokens)]
-        for req, out in zip(rows, outs):
+            if not admitted and not decode: return []
+            if not admitted and (n := self._lookahead(decode)) > 1: done = self._greedy_steps(decode, n)
+            else: done = self._one_step(admitted, decode)
+        for req, out in done:
             if req.callback: req.callback(out)
-        return outs
+        return [out for _, out in done]
+
+    def _one_step(self, admitted: list[Request], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
+        "Prefill the admitted requests and decode one token of the others, in one pass over the weights; sample; append."
+        rows = admitted + decode
+        ids = [req.all_ids for req in admitted]
+        if self.graphs is not None and not admitted:
+            logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+        else: logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
+                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+        self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
+        self.stats["steps"] += 1
+        return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits))]
+
+    def _lookahead(self, decode: list[Request]) -> int:
+        """How many steps this decode-only iteration runs: `decode_steps` if every request is greedy and has that many
+        tokens left, no request waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
+        n, alloc = self.decode_steps, self.cache.allocator
+        if n == 1 or self.waiting or any(r.params.temperature >= 1e-4 or r.params.max_tokens - len(r.output_ids) < n for r in decode):
+            return 1
+        need = [self.cache.blocks_for(r.num_tokens + n - 1) - len(r.table) for r in decode]   # positions up to num_tokens + n - 2
+        if sum(need) > alloc.num_free: return 1
+        for req, k in zip(decode, need):
+            if k > 0: req.table += alloc.allocate(k)
+        return n
+
+    def _greedy_steps(self, decode: list[Request], n: int) -> list[tuple[Request, RequestOutput]]:
+        "`n` greedy steps of the decode rows in one go (`greedy_steps`); each row's tokens are appended until it finishes."
+        tokens, positions, tables = [r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode]
+        if self.graphs is not None: ahead = self.graphs.greedy(tokens, positions, tables, n)
+        else:
+            dev, nb = self.model.device, max(map(len, tables))
+            padded = torch.tensor([t + [self.cache.null_block] * (nb - len(t)) for t in tables], device=dev)
+            ahead = greedy_steps(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), padded, n)
+        self.stats["decode_tokens"] += len(decode) * n; self.stats["steps"] += n
+        done = []
+        for req, row in zip(decode, ahead.tolist()):
+            for token in row:
+                done.append((req, self._append(req, token)))
+                if req.finished: break                          # the tokens computed after its stop are dropped
+        return done
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         """Greedy rows take the argmax; sampled rows without a seed that share temperature/top-k/top-p are sampled
@@ -817,7 +876,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c040
+# %% ../../nbs/20_engine.ipynb #c044
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -886,7 +945,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c043
+# %% ../../nbs/20_engine.ipynb #c047
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

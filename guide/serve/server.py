@@ -426,7 +426,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
 def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
-                encoder_delay: float = 0.005, encoder_queue: int = 1024) -> ServerState:
+                encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -435,7 +435,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
     engine = tok = None
     if model is not None:
         llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
-        engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size),
+        engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps),
                              step_delay=step_delay)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together")
     ap.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: 256 tokens per batch slot)")
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
+    ap.add_argument("--decode-steps", type=int, default=1, help="greedy decode steps per engine iteration when all running requests are greedy "
+                    "(fewer host round trips; tokens stream in bursts of this many)")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is cancelled")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -478,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {a.host} exposes the server beyond this machine", file=sys.stderr)
     if a.workers < 1: ap.error("--workers must be >= 1")
+    if min(a.max_batch_size, a.block_size, a.decode_steps) < 1: ap.error("--max-batch-size, --block-size and --decode-steps must be >= 1")
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
     if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
         ap.error("--encoder-batch-size and --encoder-queue must be >= 1, --encoder-delay >= 0")
@@ -494,7 +497,8 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     setup_torch(a.threads)
     encoder = False if a.no_encoder else RemoteBatcher(*remote, max_len=encoder_recipe(a.tier)["max_len"]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
-                        a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue)
+                        a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
+                        a.decode_steps)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
