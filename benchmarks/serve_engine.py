@@ -99,26 +99,50 @@ def replay_tps(graph, n=200):
     torch.cuda.synchronize(); return n / (time.perf_counter() - t)
 
 
-def gemv_bandwidth(model):
-    "HBM bytes/s of each batch-1 matmul of a layer and the head: guide's Triton `gemv` (with its fused extras) vs cuBLAS."
-    import triton.testing
-    from guide.serve.engine import GEMV_TILES, _fused_weights, gemv
-    w, D = _fused_weights(model)[0], model.config.dim
-    x, eps = torch.randn(1, D, device=model.device, dtype=torch.bfloat16), model.config.norm_eps
-    cases = dict(qkv_rot=(w[0], x, dict(norm_weight=w[4])), o=(w[1].t(), torch.randn(1, w[1].shape[0], device=x.device, dtype=x.dtype), dict(residual=x)),
-                 gate_up=(w[2], x, dict(norm_weight=w[5])), down=(w[3].t(), torch.randn(1, 2 * w[3].shape[0], device=x.device, dtype=x.dtype), dict(residual=x, glu=True)),
-                 lm_head=(model.lm_head.weight, x, dict(norm_weight=model.norm.weight)))
-    out = {}
-    for name, (W, inp, kw) in cases.items():
-        nbytes = W.numel() * W.element_size()
-        t_g = triton.testing.do_bench(lambda: gemv(inp, W, eps=eps, **kw), return_mode="median") * 1e-3
-        lin_in = inp[:, :W.shape[1]]
-        t_c = triton.testing.do_bench(lambda: torch.nn.functional.linear(lin_in, W), return_mode="median") * 1e-3
-        tiles = {"%dx%d/%dw" % b: triton.testing.do_bench(lambda: gemv(inp, W, eps=eps, blocks=b, **kw), warmup=5, rep=20,
-                                                          return_mode="median") * 1e3 for b in GEMV_TILES}   # each tile, us
-        out[name] = dict(shape=list(W.shape), MB=nbytes / 1e6, gemv_TBps=nbytes / t_g / 1e12, cublas_TBps=nbytes / t_c / 1e12,
-                         gemv_us=t_g * 1e6, cublas_us=t_c * 1e6, tiles_us=tiles)
+def gemv_bandwidth(model, reps=20):
+    """HBM bytes/s of each batch-1 matmul of a layer and of the head, timed the way the decode step runs them: inside
+    a CUDA graph, one call per layer's weight (22 different matrices, so the 50 MB L2 cache does not hold them
+    between calls), for every tile of GEMV_TILES, and on Hopper the three best again with programmatic dependent
+    launch (the calls of one matrix then overlap their neighbours' edges), against cuBLAS in the same graph.
+    (Timed one call at a time from Python instead, these kernels measure their launch, not their work.)"""
+    import torch.nn.functional as F
+    from guide.core import capture_cuda_graph
+    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, gemv, qkv_to_cache
+    cfg, layers, dev = model.config, _fused_weights(model), model.device
+    x = torch.randn(1, cfg.dim, device=dev, dtype=torch.bfloat16)
+    y, h = torch.randn(1, cfg.n_heads * cfg.head_dim, device=dev, dtype=x.dtype), torch.randn(1, 2 * cfg.hidden_dim, device=dev, dtype=x.dtype)
+    cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=2, block_size=16, device=dev, dtype=x.dtype)
+    pos = torch.tensor([3], device=dev)
+    n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    head = [(model.lm_head.weight, model.norm.weight)]
+    cases = dict(   # name: (weights, guide's call (i, w, tile, pdl), cuBLAS's call (w), bytes of one weight)
+        qkv_to_cache=(layers, lambda i, w, t, p: qkv_to_cache(model, x, w[0], w[4], pos, pos, cache.kv[i], blocks=t, pdl=p),
+                      lambda w: F.linear(x, w[0][:n_qkv]), n_qkv * cfg.dim * 2),
+        o=(layers, lambda i, w, t, p: gemv(y, w[1].t(), residual=x, blocks=t, pdl=p), lambda w: torch.addmm(x, y, w[1]), w_bytes(layers[0][1])),
+        gate_up=(layers, lambda i, w, t, p: gemv(x, w[2], norm_weight=w[5], eps=cfg.norm_eps, blocks=t, pdl=p), lambda w: F.linear(x, w[2]),
+                 w_bytes(layers[0][2])),
+        down=(layers, lambda i, w, t, p: gemv(h, w[3].t(), residual=x, glu=True, blocks=t, pdl=p), lambda w: torch.addmm(x, h[:, :cfg.hidden_dim], w[3]),
+              w_bytes(layers[0][3])),
+        lm_head=(head, lambda i, w, t, p: gemv(x, w[0], norm_weight=w[1], eps=cfg.norm_eps, blocks=t, pdl=p), lambda w: F.linear(x, w[0]), w_bytes(head[0][0])))
+    def per_call(run, calls):
+        graph, _ = capture_cuda_graph(run)
+        graph.replay(); torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(reps): graph.replay()
+        torch.cuda.synchronize(); return (time.perf_counter() - t) / reps / calls
+    hopper, out = torch.cuda.get_device_capability(dev) >= (9, 0), {}
+    for name, (ws, ours, cublas, nbytes) in cases.items():
+        run = lambda t, p: per_call(lambda: [ours(i, w, t, p) for i, w in enumerate(ws)], len(ws)) * 1e6
+        plain = {t: run(t, False) for t in GEMV_TILES}
+        tiles = {"%dx%d/%dw" % t: us for t, us in plain.items()}
+        if hopper: tiles.update({"%dx%d/%dw+pdl" % t: run(t, True) for t in sorted(plain, key=plain.get)[:3]})   # the three best, chained
+        t_c = per_call(lambda: [cublas(w) for w in ws], len(ws))
+        best = min(tiles, key=tiles.get)
+        out[name] = dict(MB=nbytes / 1e6, calls_per_graph=len(ws), best_tile=best, best_us=tiles[best], best_TBps=nbytes / tiles[best] / 1e6,
+                         cublas_us=t_c * 1e6, cublas_TBps=nbytes / t_c / 1e12, tiles_us=tiles)
     return out
+
+
+def w_bytes(w): return w.numel() * w.element_size()
 
 
 def save_decode_results(res, out):
@@ -181,8 +205,8 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
                bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
-    res["gemv_TBps"] = gemv_bandwidth(model)                   # each matrix of a layer: the Triton GEMV vs cuBLAS at batch 1
-    print(json.dumps(res["gemv_TBps"], indent=1), flush=True)
+    res["gemv_in_graph"] = gemv_bandwidth(model)               # each matrix of a layer, in a graph: every tile, with and without PDL, vs cuBLAS
+    print(json.dumps(res["gemv_in_graph"], indent=1), flush=True)
     res["batch1_graphs_cublas_tokens_per_s"] = engine_tps(True, 1, steps, gemv=False)
     res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)                  # batch-1 steps: decode_one (Triton GEMVs)
     res["batch1_graphs_paged_tokens_per_s"] = engine_tps(True, 1, steps, paged=True)  # + KV straight into and out of the blocks (qkv_to_cache, paged_attention)
