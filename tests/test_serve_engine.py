@@ -81,6 +81,21 @@ def test_decode_steps_give_the_same_tokens_and_fall_back_when_they_must(base):
     with pytest.raises(ValueError, match="decode_steps"): Engine(model, tok, decode_steps=0)
 
 
+def test_engine_serves_replaced_and_changed_weights(base):
+    "The fused serving weights follow the model: parameters loaded with assign=True (new objects) or changed in place."
+    import copy
+    model, tok = base
+    served, changed = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad(): changed.layers[-1].mlp.down_proj.weight.mul_(-4.0)
+    eng, p = Engine(served, tok, num_blocks=64), SamplingParams(max_tokens=8, ignore_eos=True)
+    before = eng.generate(["def"], p)
+    served.load_state_dict(changed.state_dict(), assign=True)
+    after = eng.generate(["def"], p)
+    assert after != before and after == Engine(changed, tok, num_blocks=64).generate(["def"], p)
+    with torch.no_grad(): served.layers[-1].mlp.down_proj.weight.copy_(model.layers[-1].mlp.down_proj.weight)
+    assert eng.generate(["def"], p) == before
+
+
 def test_no_reservation_blocks_grow_one_at_a_time(base):
     model, tok = base
     eng = Engine(model, tok, block_size=4, num_blocks=64)

@@ -6,6 +6,7 @@ import asyncio, itertools, math, queue, random, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter, getitem, is_
 from typing import AsyncIterator, Callable, Iterator
 
 import torch
@@ -123,15 +124,14 @@ class PagedKVCache:
 
 # %% ../../nbs/20_engine.ipynb #c015
 def _fused_weights(model: Llama) -> list[tuple]:
-    """Per layer (w_qkv, w_o, w_gate_up, w_down, ln1, ln2), built once and rebuilt when a parameter changes
-    (moved, loaded, trained). `w_qkv` holds the q, k, v rows and then the q, k rows *rotated* as `rotate_half`
+    """Per layer (w_qkv, w_o, w_gate_up, w_down, ln1, ln2), built once and rebuilt when a parameter changes (moved,
+    loaded, trained, replaced: `_params_unchanged`; a replaced submodule is not noticed: build a new engine). `w_qkv` holds the q, k, v rows and then the q, k rows *rotated* as `rotate_half`
     would rotate their outputs, so one matmul yields both halves that the rotary embedding mixes.
     The concatenations are copies: serving holds the q/k/v and gate/up weights twice (a 1.1B Llama's 2.2 GB of
     weights take 3.65 GB). Making the parameters views of the fused matrices would save that, but a state dict
     whose tensors share storage can no longer be saved with safetensors, so the model is left as it was."""
     got = model.__dict__.get("_serve_fused")
-    if got is not None and all(p.data_ptr() == d and p._version == v for p, d, v in got[0]): return got[1]
-    params = list(model.parameters())
+    if got is not None and _params_unchanged(got[0]): return got[1]
     cfg, layers = model.config, []
     def rot(w, heads):                                     # rows of rotate_half(w @ x), head by head
         w = w.view(heads, 2, cfg.head_dim // 2, -1)
@@ -142,8 +142,23 @@ def _fused_weights(model: Llama) -> list[tuple]:
         layers.append((torch.cat([wq, wk, a.v_proj.weight.detach(), rot(wq, cfg.n_heads), rot(wk, cfg.n_kv_heads)]),
                        a.o_proj.weight.detach().t(), torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
                        m.down_proj.weight.detach().t(), l.input_layernorm.weight.detach(), l.post_attention_layernorm.weight.detach()))
-    model.__dict__["_serve_fused"] = ([(p, p.data_ptr(), p._version) for p in params], layers)
+    model.__dict__["_serve_fused"] = (_params_state(model), layers)
     return layers
+
+_version = attrgetter("_version")
+
+def _params_state(model) -> tuple:
+    "Each parameter's place (its module's parameter dict, its name), the parameter, its version and its data pointer."
+    dicts, names = zip(*[(m._parameters, n) for m in model.modules() for n, p in m._parameters.items() if p is not None])
+    params = list(map(getitem, dicts, names))
+    return dicts, names, params, list(map(_version, params)), list(map(torch.Tensor.data_ptr, params))
+
+def _params_unchanged(state: tuple) -> bool:
+    """No parameter replaced (`load_state_dict(assign=True)`, a new `nn.Parameter`), changed in place (its version)
+    or moved (its data pointer). Runs every decode step: C-level maps, ~70 µs for 200 parameters on a slow CPU."""
+    dicts, names, params, versions, ptrs = state
+    current = list(map(getitem, dicts, names))
+    return all(map(is_, current, params)) and list(map(_version, current)) == versions and list(map(torch.Tensor.data_ptr, current)) == ptrs
 
 def _layer_qkv(model, w, x, cos, sin):
     "x (N, D) -> q (N, H, hd) and kv (N, 2*KV, hd) (keys then values), rotary applied; cos/sin (N, 1, hd). One matmul for all of it."
