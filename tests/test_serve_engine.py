@@ -367,7 +367,8 @@ def test_triton_kernels_compile_for_hopper():
     bf16, i64, f32 = "*bf16", "*i64", "*fp32"
     gemv_types = dict(X=bf16, W=bf16, Out=bf16, Res=bf16, LnW=bf16, eps="fp32")
     for n, k, _ in E.GEMV_TILES:
-        compile_(E._gemv_kernel, dict(NORM=True, GLU=True, RES=True, BLOCK_N=n, BLOCK_K=k), **gemv_types)
+        for norm, glu, res in ((True, False, False), (False, False, True), (False, True, True)):   # qkv/gate_up/head, o, down
+            compile_(E._gemv_kernel, dict(NORM=norm, GLU=glu, RES=res, BLOCK_N=n, BLOCK_K=k), **gemv_types)
         compile_(E._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
                  Pos=i64, Slot=i64, Q=bf16, KV=bf16, eps="fp32")
     compile_(E._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16), Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, scale="fp32")
