@@ -200,8 +200,11 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         prompts = [[1 + b] * 16 for b in range(batch)]
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
         torch.cuda.synchronize(); t = time.perf_counter()
-        eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True)); torch.cuda.synchronize()
-        return batch * n_steps / (time.perf_counter() - t)
+        out = eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True)); torch.cuda.synchronize()
+        tps = batch * n_steps / (time.perf_counter() - t)
+        tokens[(batch, graphs, gemv, paged, pdl, decode_steps)] = [r["token_ids"] for r in out]
+        return tps
+    tokens = {}          # what each variant decoded: a launch mode or a step loop must not change the tokens of the same kernels
     res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
                bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
@@ -251,6 +254,11 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_paged"] = res["batch1_graphs_paged_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_multistep"] = res["batch1_multistep_tokens_per_s"] / ceiling
+    same = lambda a, b: tokens.get(a, tokens[b]) == tokens[b]
+    res["same_tokens"] = dict(pdl=same((1, True, None, False, True, 1), (1, True, None, False, False, 1)),
+                              paged_pdl=same((1, True, None, True, True, 1), (1, True, None, True, False, 1)),
+                              multistep=tokens[(1, True, None, True, hopper, 8)] == tokens[(1, True, None, True, hopper, 1)])
+    if not all(res["same_tokens"].values()): print("WARNING: a launch mode or the multi-step loop changed the tokens:", res["same_tokens"], flush=True)
     for variant in ("pdl", "paged_pdl"):
         if f"batch1_graphs_{variant}_tokens_per_s" in res: res[f"fraction_of_ceiling_{variant}"] = res[f"batch1_graphs_{variant}_tokens_per_s"] / ceiling
     res["best_batch1_fraction_of_ceiling"] = max(v for k, v in res.items() if k.startswith("fraction_of_ceiling") and "replay" not in k)
