@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The gpu-tier benchmarks on one H100/H200, most important first, each under its own time limit (about 9 minutes
-# in all), so that one failing or slow part does not cost the others. Results land in benchmarks/results/.
+# The gpu-tier benchmarks on one H100/H200, each under its own time limit so that one failing or slow part does not
+# cost the others (all steps: at most ~22 minutes; a short session runs a few, e.g. `decode tests profile`).
+# Results land in benchmarks/results/.
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR] [STEPS...]   # needs CUDA; RESULTS_DIR defaults to benchmarks/results
-#   STEPS: any of tests decode profile http http-own batcher mfu (default: all); DECODE_ARGS="--no-compile --no-hf-compile" skips the torch.compile variants (guide's, transformers' static cache)
+#   STEPS: any of tests decode profile http http-own batcher mfu, run in the order given (default: all, in that order); DECODE_ARGS="--no-compile --no-hf-compile" skips the torch.compile variants (guide's, transformers' static cache)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -13,15 +14,19 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print
 status=0
 step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t=$SECONDS
          timeout "$limit" "$@" || { echo "=== FAILED ($?): $*"; status=1; }; echo "=== $((SECONDS - t)) s"; }
-want() { [[ " $steps " == *" $1 "* ]]; }
-want tests && step 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton"
-want decode && step 330 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res"
-want profile && step 120 sh -c "python3 benchmarks/profile_decode_gpu.py > '$res/decode_profile.txt'"
-want http && step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
-    --requests 400000 --time-limit 15 --shared-encoder --encoder-batch-size 128 --encoder-delay 0.002 --name serve_http_gpu --out "$res"
-want http-own && step 150 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 6 --clients 4 --concurrency 256 \
-    --requests 400000 --time-limit 15 --name serve_http_gpu_own_encoders --out "$res"
-want batcher && step 120 python3 benchmarks/serve_batcher.py --tier gpu --device cuda --requests 20000 --concurrency 64 \
-    --max-batch-size 64 --name serve_batcher_gpu --out "$res"
-want mfu && step 240 python3 benchmarks/train_mfu_gpu.py --out "$res"
+for s in $steps; do      # in the order given: put first what matters most if time may run out
+  case $s in
+    tests) step 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton" ;;
+    decode) step 330 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res" ;;
+    profile) step 120 sh -c "python3 benchmarks/profile_decode_gpu.py > '$res/decode_profile.txt'" ;;
+    http) step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
+            --requests 400000 --time-limit 15 --shared-encoder --encoder-batch-size 128 --encoder-delay 0.002 --name serve_http_gpu --out "$res" ;;
+    http-own) step 150 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 6 --clients 4 --concurrency 256 \
+            --requests 400000 --time-limit 15 --name serve_http_gpu_own_encoders --out "$res" ;;
+    batcher) step 120 python3 benchmarks/serve_batcher.py --tier gpu --device cuda --requests 20000 --concurrency 64 \
+            --max-batch-size 64 --name serve_batcher_gpu --out "$res" ;;
+    mfu) step 240 python3 benchmarks/train_mfu_gpu.py --out "$res" ;;
+    *) echo "unknown step: $s (steps: tests decode profile http http-own batcher mfu)"; status=1 ;;
+  esac
+done
 exit $status
