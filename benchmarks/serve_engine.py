@@ -110,7 +110,7 @@ def gemv_bandwidth(model, reps=20):
     from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, gemv, qkv_to_cache
     cfg, layers, dev = model.config, _fused_weights(model), model.device
     x = torch.randn(1, cfg.dim, device=dev, dtype=torch.bfloat16)
-    y, h = torch.randn(1, cfg.n_heads * cfg.head_dim, device=dev, dtype=x.dtype), torch.randn(1, 2 * cfg.hidden_dim, device=dev, dtype=x.dtype)
+    y, h = torch.randn(1, cfg.n_heads * cfg.head_dim, device=dev, dtype=x.dtype), torch.randn(1, cfg.hidden_dim, device=dev, dtype=x.dtype)
     cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=2, block_size=16, device=dev, dtype=x.dtype)
     pos = torch.tensor([3], device=dev)
     n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
@@ -119,9 +119,9 @@ def gemv_bandwidth(model, reps=20):
         qkv_to_cache=(layers, lambda i, w, t, p: qkv_to_cache(model, x, w[0], w[4], pos, pos, cache.kv[i], blocks=t, pdl=p),
                       lambda w: F.linear(x, w[0][:n_qkv]), n_qkv * cfg.dim * 2),
         o=(layers, lambda i, w, t, p: gemv(y, w[1].t(), residual=x, blocks=t, pdl=p), lambda w: torch.addmm(x, y, w[1]), w_bytes(layers[0][1])),
-        gate_up=(layers, lambda i, w, t, p: gemv(x, w[2], norm_weight=w[5], eps=cfg.norm_eps, blocks=t, pdl=p), lambda w: F.linear(x, w[2]),
+        gate_up=(layers, lambda i, w, t, p: gemv(x, w[2], norm_weight=w[5], eps=cfg.norm_eps, glu=True, blocks=t, pdl=p), lambda w: F.linear(x, w[2]),
                  w_bytes(layers[0][2])),
-        down=(layers, lambda i, w, t, p: gemv(h, w[3].t(), residual=x, glu=True, blocks=t, pdl=p), lambda w: torch.addmm(x, h[:, :cfg.hidden_dim], w[3]),
+        down=(layers, lambda i, w, t, p: gemv(h, w[3].t(), residual=x, blocks=t, pdl=p), lambda w: torch.addmm(x, h, w[3]),
               w_bytes(layers[0][3])),
         lm_head=(head, lambda i, w, t, p: gemv(x, w[0], norm_weight=w[1], eps=cfg.norm_eps, blocks=t, pdl=p), lambda w: F.linear(x, w[0]), w_bytes(head[0][0])))
     def per_call(run, calls):

@@ -367,7 +367,7 @@ def test_triton_kernels_compile_for_hopper():
     bf16, i64, f32 = "*bf16", "*i64", "*fp32"
     gemv_types = dict(X=bf16, W=bf16, Out=bf16, Res=bf16, LnW=bf16, eps="fp32")
     for n, k, _ in E.GEMV_TILES:
-        for norm, glu, res in ((True, False, False), (False, False, True), (False, True, True)):   # qkv/gate_up/head, o, down
+        for norm, glu, res in ((True, False, False), (True, True, False), (False, False, True)):   # qkv/head, gate_up, o/down
             compile_(E._gemv_kernel, dict(NORM=norm, GLU=glu, RES=res, BLOCK_N=n, BLOCK_K=k), **gemv_types)
         compile_(E._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
                  Pos=i64, Slot=i64, Q=bf16, KV=bf16, eps="fp32")
@@ -387,13 +387,15 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     for N, K in ((37, 70), (2048, 2048), (4864, 2048), (300, 5632)):
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         x, r = torch.randn(1, K, device="cuda", dtype=torch.bfloat16), torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
-        ln, gu = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn(1, 2 * K, device="cuda", dtype=torch.bfloat16)
-        W, g, u = w.float(), *gu.float().chunk(2, -1)
+        ln, w2 = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn(2 * N, K, device="cuda", dtype=torch.bfloat16)
+        W, xn = w.float(), F.rms_norm(x.float(), (K,), ln.float(), 1e-5)
+        g, u = (xn @ w2.float().T).chunk(2, -1)                 # gate rows then up rows
         for got, want in ((gemv(x, w), x.float() @ W.T),
-                          (gemv(x, w, residual=r, norm_weight=ln, eps=1e-5), F.rms_norm(x.float(), (K,), ln.float(), 1e-5) @ W.T + r.float()),
-                          (gemv(gu, w, residual=r, glu=True), (F.silu(g) * u) @ W.T + r.float())):
+                          (gemv(x, w, residual=r, norm_weight=ln, eps=1e-5), xn @ W.T + r.float()),
+                          (gemv(x, w2, norm_weight=ln, eps=1e-5, glu=True), F.silu(g) * u)):
             assert (got.float() - want).norm() / want.norm() < 1e-2
     with pytest.raises(ValueError, match="does not fit"): gemv(x, w.t())
+    with pytest.raises(ValueError, match="gate rows then up rows"): gemv(x, w2[1:], glu=True)
     model = _peaky_model("cuda")
     cache = PagedKVCache(3, 2, 32, num_blocks=8, block_size=8, device="cuda")
     tab = cache.allocator.allocate(2)

@@ -324,14 +324,9 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
 
     @triton.jit
-    def _gemv_input(X, LnW, kk, K, rstd, NORM: tl.constexpr, GLU: tl.constexpr):
-        # the vector a GEMV multiplies, at columns kk, in fp32: silu(gate) * up with GLU (X holds gate then up,
-        # 2K values), scaled by the RMSNorm (rstd and its weight) with NORM
-        if GLU:
-            g = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = g / (1.0 + tl.exp(-g)) * tl.load(X + K + kk, mask=kk < K, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+    def _gemv_input(X, LnW, kk, K, rstd, NORM: tl.constexpr):
+        # the vector a GEMV multiplies, at columns kk, in fp32; with NORM scaled by the RMSNorm (rstd and its weight)
+        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
         if NORM:
             x = x * rstd * tl.load(LnW + kk, mask=kk < K, other=0.0).to(tl.float32)
         return x
@@ -347,19 +342,30 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Out, Res, LnW, N, K, eps, NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # N outputs; with GLU, W holds N gate rows then N up rows and a program reduces each output's two together
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         at, live = W + rows[:, None] * K, rows[:, None] < N
         w = tl.load(at + cols[None, :], mask=live & (cols[None, :] < K), other=0.0)   # first weight tile, in flight across the wait
+        if GLU:
+            w_up = tl.load(at + N * K + cols[None, :], mask=live & (cols[None, :] < K), other=0.0)
         _pdl_wait(PDL)
         rstd = 1.0
         if NORM:                                                   # rms of the whole input vector
             rstd = _rms_rstd(X, K, eps, BLOCK_K)
-        acc = tl.sum(w.to(tl.float32) * _gemv_input(X, LnW, cols, K, rstd, NORM, GLU)[None, :], 1)
+        x = _gemv_input(X, LnW, cols, K, rstd, NORM)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], 1)            # (a 2-D accumulator reduced once at the end measured slower)
+        if GLU:
+            acc_up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + cols
-            w = tl.load(at + kk[None, :], mask=live & (kk[None, :] < K), other=0.0)
-            acc += tl.sum(w.to(tl.float32) * _gemv_input(X, LnW, kk, K, rstd, NORM, GLU)[None, :], 1)   # (a 2-D accumulator reduced once at the end measured slower)
+            x = _gemv_input(X, LnW, kk, K, rstd, NORM)
+            m = live & (kk[None, :] < K)
+            acc += tl.sum(tl.load(at + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+            if GLU:
+                acc_up += tl.sum(tl.load(at + N * K + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
+        if GLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up                # SwiGLU: silu(gate) * up
         if RES:
             acc += tl.load(Res + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
@@ -369,14 +375,15 @@ if triton is not None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 1e-5, glu: bool = False, blocks: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
-    """`w @ f(x) (+ residual)` for one row: x (1, K), or (1, 2K) = [gate, up] with `glu` (f = silu(gate) * up);
-    `norm_weight`: f = RMSNorm first; w (N, K) contiguous. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K,
+    """`w @ f(x) (+ residual)` for one row x (1, K), w (N, K) contiguous; `norm_weight`: f = RMSNorm, else identity.
+    `glu`: w holds N gate rows then N up rows (2N, K) and the result is SwiGLU's `silu(gate) * up` (1, N), each program
+    reducing a gate row and its up row together. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K,
     num_warps)` fixes the tile (else autotuned per shape on first use: do that outside graph capture).
     `pdl`: launch with programmatic dependent launch (Hopper and later; see `decode_one`)."""
     if triton is None: raise RuntimeError("gemv needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
-    N, K = w.shape
-    if x.shape != (1, 2 * K if glu else K) or not w.is_contiguous():
-        raise ValueError(f"gemv: x {tuple(x.shape)} does not fit a contiguous weight {tuple(w.shape)} (glu={glu})")
+    N, K = w.shape[0] // (2 if glu else 1), w.shape[1]
+    if x.shape != (1, K) or not w.is_contiguous() or (glu and w.shape[0] % 2):
+        raise ValueError(f"gemv: x {tuple(x.shape)} does not fit a contiguous weight {tuple(w.shape)}" + (" of gate rows then up rows" if glu else ""))
     x = x.contiguous()
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     args = (x, w, out, out if residual is None else residual.contiguous(), w if norm_weight is None else norm_weight, N, K, eps)
@@ -406,7 +413,7 @@ def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, position
             cache.write(i, slots, kv)
             y = _gathered_attention(model, cache, i, tables, mask, q)
         x = gemv(y, w[1].t(), residual=x, pdl=pdl)                   # w[1] is o_proj's weight transposed: .t() is the weight
-        x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps, pdl=pdl), w[3].t(), residual=x, glu=True, pdl=pdl)
+        x = gemv(gemv(x, w[2], norm_weight=w[5], eps=eps, glu=True, pdl=pdl), w[3].t(), residual=x, pdl=pdl)
     return gemv(x, model.lm_head.weight, norm_weight=model.norm.weight, eps=eps, pdl=pdl)
 
 class DecodeGraphs:
@@ -563,12 +570,12 @@ if triton is not None:
         w_b = tl.load(at_b + cols[None, :], mask=live, other=0.0)
         _pdl_wait(PDL)
         rstd = _rms_rstd(X, K, eps, BLOCK_K)                       # rms of the whole input vector
-        x = _gemv_input(X, LnW, cols, K, rstd, True, False)
+        x = _gemv_input(X, LnW, cols, K, rstd, True)
         acc_a = tl.sum(w_a.to(tl.float32) * x[None, :], 1)
         acc_b = tl.sum(w_b.to(tl.float32) * x[None, :], 1)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + cols
-            x = _gemv_input(X, LnW, kk, K, rstd, True, False)
+            x = _gemv_input(X, LnW, kk, K, rstd, True)
             m = valid[:, None] & (kk[None, :] < K)
             acc_a += tl.sum(tl.load(at_a + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
             acc_b += tl.sum(tl.load(at_b + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :], 1)
