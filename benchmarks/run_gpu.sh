@@ -16,7 +16,7 @@ step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t=$SECOND
          timeout "$limit" "$@" || { echo "=== FAILED ($?): $*"; status=1; }; echo "=== $((SECONDS - t)) s"; }
 for s in $steps; do      # in the order given: put first what matters most if time may run out
   case $s in
-    tests) step 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton" ;;
+    tests) step 240 python3 -m pytest -q -p no:cacheprovider tests/test_serve_engine.py -k "cuda or triton" ;;
     decode) step 330 python3 benchmarks/serve_engine.py --gpu-decode --device cuda ${DECODE_ARGS:-} --out "$res" ;;
     profile) step 120 sh -c "python3 benchmarks/profile_decode_gpu.py > '$res/decode_profile.txt'" ;;
     http) step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
