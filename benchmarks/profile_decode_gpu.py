@@ -2,7 +2,7 @@
 
 Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs),
 the same with the paged KV path (`qkv_to_cache` + `paged_attention`), that path launched with programmatic
-dependent launch (Hopper and later), and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
+dependent launch (Hopper and later) and run 8 greedy steps per graph, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
 (torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 
@@ -23,20 +23,21 @@ w = _fused_weights(m)
 args = (torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda"), torch.tensor([table], device="cuda"))
 graphs = DecodeGraphs(m, c, 1, block_buckets=[16])
 paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True)
-steps = {"graphed decode_one (what the engine runs)": lambda: graphs([5], [16], [table]),
-         "graphed decode_one, paged KV path (qkv_to_cache + paged_attention)": lambda: paged([5], [16], [table]),
-         "eager decode_static": lambda: decode_static(m, c, *args, w)}
-if torch.cuda.get_device_capability() >= (9, 0):                   # + programmatic dependent launch: kernels overlap their neighbours' edges
-    chained = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=True)
-    steps["graphed decode_one, paged KV path + PDL"] = lambda: chained([5], [16], [table])
-for name, step in steps.items():
+steps = {"graphed decode_one (what the engine runs)": (lambda: graphs([5], [16], [table]), 1),   # name: (one call, tokens it decodes)
+         "graphed decode_one, paged KV path (qkv_to_cache + paged_attention)": (lambda: paged([5], [16], [table]), 1),
+         "eager decode_static": (lambda: decode_static(m, c, *args, w), 1)}
+hopper = torch.cuda.get_device_capability() >= (9, 0)                # + programmatic dependent launch: kernels overlap their neighbours' edges
+chained = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=hopper)
+if hopper: steps["graphed decode_one, paged KV path + PDL"] = (lambda: chained([5], [16], [table]), 1)
+steps["8 greedy steps in one graph, paged KV path" + (" + PDL" if hopper else "")] = (lambda: chained.greedy([5], [16], [table], 8), 8)
+for name, (step, n) in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(50): step()
-    torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 50
+    torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 50 / n
     print(f"{name}: {dt * 1e6:.0f} us per token, {BYTES / dt / 1e12:.2f} TB/s of weights")
-for name, step in steps.items():
+for name, (step, n) in steps.items():
     with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(3): step()
+        for _ in range(max(1, 3 // n)): step()
         torch.cuda.synchronize()
-    print(f"\n{name}: CUDA kernels of 3 steps")
+    print(f"\n{name}: CUDA kernels of {max(1, 3 // n) * n} steps")
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
