@@ -681,7 +681,8 @@ class Engine:
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
     compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration of greedy requests
-    runs `n` steps in one go (`greedy_steps`; one graph on CUDA), its tokens then streamed in bursts of `n`."""
+    runs `n` steps in one go (`greedy_steps`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
+    then streamed in bursts."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1):
@@ -813,11 +814,14 @@ class Engine:
         return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits))]
 
     def _lookahead(self, decode: list[Request]) -> int:
-        """How many steps this decode-only iteration runs: `decode_steps` if every request is greedy and has that many
-        tokens left, no request waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
+        """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
+        tokens left, if every request is greedy, none waits to be admitted and the free list has the blocks for them
+        all (taken now); else 1."""
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting or any(r.params.temperature >= 1e-4 or r.params.max_tokens - len(r.output_ids) < n for r in decode):
-            return 1
+        if n == 1 or self.waiting or any(r.params.temperature >= 1e-4 for r in decode): return 1
+        left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
+        while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
+        if n == 1: return 1
         need = [self.cache.blocks_for(r.num_tokens + n - 1) - len(r.table) for r in decode]   # positions up to num_tokens + n - 2
         if sum(need) > alloc.num_free: return 1
         for req, k in zip(decode, need):
