@@ -836,12 +836,12 @@ class Engine:
             dev, nb = self.model.device, max(map(len, tables))
             padded = torch.tensor([t + [self.cache.null_block] * (nb - len(t)) for t in tables], device=dev)
             ahead = greedy_steps(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), padded, n)
-        self.stats["decode_tokens"] += len(decode) * n; self.stats["steps"] += n
         done = []
         for req, row in zip(decode, ahead.tolist()):
             for token in row:
                 done.append((req, self._append(req, token)))
                 if req.finished: break                          # the tokens computed after its stop are dropped
+        self.stats["decode_tokens"] += len(done); self.stats["steps"] += n
         return done
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
