@@ -124,11 +124,7 @@ def gemv_bandwidth(model, reps=20):
         down=(layers, lambda i, w, t, p: gemv(h, w[3].t(), residual=x, blocks=t, pdl=p), lambda w: torch.addmm(x, h, w[3]),
               w_bytes(layers[0][3])),
         lm_head=(head, lambda i, w, t, p: gemv(x, w[0], norm_weight=w[1], eps=cfg.norm_eps, blocks=t, pdl=p), lambda w: F.linear(x, w[0]), w_bytes(head[0][0])))
-    def per_call(run, calls):
-        graph, _ = capture_cuda_graph(run)
-        graph.replay(); torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(reps): graph.replay()
-        torch.cuda.synchronize(); return (time.perf_counter() - t) / reps / calls
+    def per_call(run, calls): return 1 / replay_tps(capture_cuda_graph(run)[0], reps) / calls
     hopper, out = torch.cuda.get_device_capability(dev) >= (9, 0), {}
     for name, (ws, ours, cublas, nbytes) in cases.items():
         run = lambda t, p: per_call(lambda: [ours(i, w, t, p) for i, w in enumerate(ws)], len(ws)) * 1e6
@@ -201,41 +197,37 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
         torch.cuda.synchronize(); t = time.perf_counter()
         out = eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True)); torch.cuda.synchronize()
-        tps = batch * n_steps / (time.perf_counter() - t)
-        tokens[(batch, graphs, gemv, paged, pdl, decode_steps)] = [r["token_ids"] for r in out]
-        return tps
+        return batch * n_steps / (time.perf_counter() - t), [r["token_ids"] for r in out]
+    def batch1(name, **kw):
+        "res[batch1_NAME_tokens_per_s]: the engine at batch 1; what it decoded goes to tokens[NAME]."
+        res[f"batch1_{name}_tokens_per_s"], tokens[name] = engine_tps(True, 1, steps, **kw)
+    def replay_only(decode_steps=1, **graph_kw):
+        "Tokens/s of a batch-1 decode graph replayed back to back: the GPU alone, no engine around it."
+        eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False, decode_steps=decode_steps)
+        eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], **graph_kw)
+        eng.generate([[1] * 16], SamplingParams(max_tokens=8 + 2 * decode_steps, ignore_eos=True))     # captures the graph
+        return decode_steps * replay_tps(eng.graphs.graphs[(1, 16) + ((decode_steps,) if decode_steps > 1 else ())][0])
     tokens = {}          # what each variant decoded: a launch mode or a step loop must not change the tokens of the same kernels
     res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
                bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
     res["gemv_in_graph"] = gemv_bandwidth(model)               # each matrix of a layer, in a graph: every tile, with and without PDL, vs cuBLAS
     print(json.dumps(res["gemv_in_graph"], indent=1), flush=True)
-    res["batch1_graphs_cublas_tokens_per_s"] = engine_tps(True, 1, steps, gemv=False)
-    res["batch1_graphs_tokens_per_s"] = engine_tps(True, 1, steps)                  # batch-1 steps: decode_one (Triton GEMVs)
-    res["batch1_graphs_paged_tokens_per_s"] = engine_tps(True, 1, steps, paged=True)  # + KV straight into and out of the blocks (qkv_to_cache, paged_attention)
+    batch1("graphs_cublas", gemv=False)
+    batch1("graphs")                                  # batch-1 steps: decode_one (Triton GEMVs)
+    batch1("graphs_paged", paged=True)                # + KV straight into and out of the blocks (qkv_to_cache, paged_attention)
     hopper = torch.cuda.get_device_capability(device) >= (9, 0)
     if hopper:        # each kernel launched during the previous one's tail (programmatic dependent launch)
-        res["batch1_graphs_pdl_tokens_per_s"] = engine_tps(True, 1, steps, pdl=True)
-        res["batch1_graphs_paged_pdl_tokens_per_s"] = engine_tps(True, 1, steps, paged=True, pdl=True)
+        batch1("graphs_pdl", pdl=True)
+        batch1("graphs_paged_pdl", paged=True, pdl=True)
     # the paged KV path (+ PDL on Hopper), 8 greedy steps per graph and host round trip (Engine(decode_steps=8))
     res["multistep"] = dict(decode_steps=8, paged_attention=True, pdl=hopper)
-    res["batch1_multistep_tokens_per_s"] = engine_tps(True, 1, steps, paged=True, pdl=hopper, decode_steps=8)
-    eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
-    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16])
-    eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
-    res["batch1_graphs_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
-    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True)
-    eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
-    res["batch1_graphs_paged_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
-    if hopper:
-        eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True, pdl=True)
-        eng.generate([[1] * 16], SamplingParams(max_tokens=8, ignore_eos=True))
-        res["batch1_graphs_paged_pdl_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16)][0])
-    eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False, decode_steps=8)
-    eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], paged_attention=True, pdl=hopper)
-    eng.generate([[1] * 16], SamplingParams(max_tokens=24, ignore_eos=True))
-    res["batch1_multistep_replay_only_tokens_per_s"] = 8 * replay_tps(eng.graphs.graphs[(1, 16, 8)][0])
-    del eng; torch.cuda.empty_cache()
+    batch1("multistep", paged=True, pdl=hopper, decode_steps=8)
+    res["batch1_graphs_replay_only_tokens_per_s"] = replay_only()
+    res["batch1_graphs_paged_replay_only_tokens_per_s"] = replay_only(paged_attention=True)
+    if hopper: res["batch1_graphs_paged_pdl_replay_only_tokens_per_s"] = replay_only(paged_attention=True, pdl=True)
+    res["batch1_multistep_replay_only_tokens_per_s"] = replay_only(8, paged_attention=True, pdl=hopper)
+    torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1), flush=True)
     if compile:       # compiled + graphed; one block bucket (16 blocks = 256 positions) so that the run compiles once
         eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False)
@@ -250,14 +242,12 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         res["fraction_of_ceiling_compiled"] = res["batch1_compiled_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_replay_only"] = res["batch1_graphs_replay_only_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_cublas"] = res["batch1_graphs_cublas_tokens_per_s"] / ceiling
-    res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))
+    res["batch1_eager_tokens_per_s"] = engine_tps(False, 1, min(steps, 64))[0]
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_paged"] = res["batch1_graphs_paged_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_multistep"] = res["batch1_multistep_tokens_per_s"] / ceiling
-    same = lambda a, b: tokens.get(a, tokens[b]) == tokens[b]
-    res["same_tokens"] = dict(pdl=same((1, True, None, False, True, 1), (1, True, None, False, False, 1)),
-                              paged_pdl=same((1, True, None, True, True, 1), (1, True, None, True, False, 1)),
-                              multistep=tokens[(1, True, None, True, hopper, 8)] == tokens[(1, True, None, True, hopper, 1)])
+    res["same_tokens"] = {a: tokens[a] == tokens[b] for a, b in (("graphs_pdl", "graphs"), ("graphs_paged_pdl", "graphs_paged"),
+                                                                 ("multistep", "graphs_paged_pdl" if hopper else "graphs_paged")) if a in tokens}
     if not all(res["same_tokens"].values()): print("WARNING: a launch mode or the multi-step loop changed the tokens:", res["same_tokens"], flush=True)
     for variant in ("pdl", "paged_pdl"):
         if f"batch1_graphs_{variant}_tokens_per_s" in res: res[f"fraction_of_ceiling_{variant}"] = res[f"batch1_graphs_{variant}_tokens_per_s"] / ceiling
@@ -273,8 +263,8 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     hf_tps(8)
     res["batch1_hf_generate_tokens_per_s"] = hf_tps()
     res["fraction_of_ceiling_hf"] = res["batch1_hf_generate_tokens_per_s"] / ceiling
-    res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps) for b in batches}
-    res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True) for b in batches}
+    res["batched_tokens_per_s"] = {b: engine_tps(True, b, steps)[0] for b in batches}
+    res["batched_paged_tokens_per_s"] = {b: engine_tps(True, b, steps, paged=True)[0] for b in batches}
     save_decode_results(res, out)              # saved now, in case the compilation below runs out of time
     if hf_compile:    # the reference point: a static KV cache, which makes generate compile its forward (CUDA graphs)
         t = time.perf_counter()
