@@ -134,6 +134,55 @@ def test_seed_and_stop_and_validation(base):
     with pytest.raises(TypeError): Engine(torch.nn.Linear(2, 2))
 
 
+def _sentencepiece_style_tokenizer():
+    "A Metaspace BPE (SentencePiece's `▁` for spaces, the leading one dropped when decoding), trained here."
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from guide.data import prose_corpus
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer, t.decoder = pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="first")
+    t.train_from_iterator(prose_corpus("train")[:200], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_incremental_detokenizer_joins_to_the_whole_decode(base):
+    """Byte-level BPE (characters split across tokens) and a SentencePiece-style tokenizer (a leading space that
+    depends on where decoding starts): for random ids and for real text, the pieces join to `decode(ids)`, and no
+    piece before the last ends in an incomplete character."""
+    from hypothesis import given, settings, strategies as st
+    from guide.serve.engine import IncrementalDetokenizer
+    tokenizers = [base[1], _sentencepiece_style_tokenizer()]
+    text = "def f(x):\n    return x  # héllo wörld — 日本語 ✓\n\nThe for statement is used to iterate."
+    sp = tokenizers[1].encode("the for statement")
+    assert tokenizers[1].decode(sp[1:]) == "for statement"        # where decoding starts decides the leading space
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(which=st.sampled_from([0, 1]), data=st.data())
+    def joins(which, data):
+        tok = tokenizers[which]
+        ids = data.draw(st.one_of(st.lists(st.integers(0, len(tok) - 1), min_size=1, max_size=60),
+                                  st.just(tok.encode(text)).flatmap(lambda t: st.integers(1, len(t)).map(lambda n: t[:n]))))
+        d = IncrementalDetokenizer(tok)
+        pieces = [d.add(t) for t in ids]
+        assert not any(p.endswith("\ufffd") for p in pieces)
+        assert "".join(pieces) + d.flush() == tok.decode(ids, skip_special_tokens=True)
+    joins()
+
+
+def test_stream_holds_back_what_may_start_a_stop_string(base):
+    model, tok = base
+    text = Engine(model, tok).generate(["def"], SamplingParams(max_tokens=40, ignore_eos=True))[0]["text"]
+    first, later = text[12:15], text[25:29]
+    assert first not in text[:12]
+    for stops in ([later, first], [first + "\x00", text[12:14] + "\x01", later]):    # the earliest ends it / prefixes held back, then released
+        eng = Engine(model, tok)
+        eng.add_request("def", SamplingParams(max_tokens=40, stop=stops, ignore_eos=True))
+        pieces = []
+        while eng.has_unfinished(): pieces += [o.text for o in eng.step()]
+        end = min(i for s in stops if (i := text.find(s)) >= 0)
+        assert "".join(pieces) == text[:end]
+
+
 def test_engine_takes_a_transformers_llama(base):
     from guide.model import to_hf
     model, tok = base

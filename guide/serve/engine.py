@@ -18,8 +18,8 @@ from ..model import Llama, from_hf, sample_next
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'greedy_steps', 'RequestOutput', 'Request', 'Engine',
-           'AsyncEngine', 'make_trace']
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'greedy_steps', 'IncrementalDetokenizer', 'RequestOutput',
+           'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -632,7 +632,31 @@ def greedy_steps(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, 
         out.append(tokens)
     return torch.stack(out, 1)
 
-# %% ../../nbs/20_engine.ipynb #c030
+# %% ../../nbs/20_engine.ipynb #c031
+class IncrementalDetokenizer:
+    """The text of a growing list of token ids, decoding a few ids per token rather than all of them.
+    `add(token)` returns the text that token completes ('' while a character is incomplete); `flush()` returns
+    what is still pending, incomplete or not (at the end of a request). Works with any tokenizer that has
+    `decode(ids, skip_special_tokens=True)`; the pieces join to the decoding of all the ids."""
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0                  # ids[prefix:read]: the last emitted piece, decoded as context
+        self.context = ""                            # its text, decoded alone
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str: return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if not final and (len(text) <= len(self.context) or text.endswith("\ufffd")): return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        new, self.context = text[len(self.context):], self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        return new
+
+# %% ../../nbs/20_engine.ipynb #c037
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -654,6 +678,7 @@ class Request:
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
+        self.detokenizer: IncrementalDetokenizer | None = None          # set by an engine with a tokenizer
         self.arrival = time.perf_counter() if arrival is None else arrival
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -675,7 +700,7 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c032
+# %% ../../nbs/20_engine.ipynb #c039
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -733,6 +758,7 @@ class Engine:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests: raise ValueError(f"request id {rid!r} is already in use")
             req = Request(rid, ids, params, self.model.device, callback=callback)
+            if self.tokenizer is not None: req.detokenizer = IncrementalDetokenizer(self.tokenizer)
             self.requests[rid] = req; self.waiting.append(req)
         return req
 
@@ -868,18 +894,16 @@ class Engine:
         if (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids: reason = "stop"
         elif len(req.output_ids) >= p.max_tokens: reason = "length"
         text_end = None
-        if self.tokenizer is not None:
-            keep = req.output_ids[:-1] if reason == "stop" else req.output_ids   # the eos token adds no text
-            req.text = self.tokenizer.decode(keep, skip_special_tokens=True)
+        if req.detokenizer is not None:
+            if reason != "stop": req.text += req.detokenizer.add(token)      # a stop token adds no text
+            if reason: req.text += req.detokenizer.flush()                   # the end: an incomplete character too
             text_end = len(req.text)
             if p.stop:
                 hit = [i for s in p.stop if (i := req.text.find(s, max(0, req.sent - len(s)))) >= 0]
                 if hit: text_end, reason = min(hit), "stop"; req.text = req.text[:text_end]
-            if reason is None:
-                text_end = len(req.text.rstrip("\ufffd"))    # an incomplete UTF-8 character waits for its next byte
-                for s in p.stop:                             # hold back a tail that may start a stop string
-                    for k in range(min(len(s) - 1, text_end), 0, -1):
-                        if req.text[:text_end].endswith(s[:k]): text_end = min(text_end, len(req.text[:text_end]) - k); break
+            if reason is None:                               # hold back a tail that may start a stop string
+                text_end -= max((k for s in p.stop for k in range(min(len(s) - 1, text_end), 0, -1)
+                                 if req.text.endswith(s[:k], 0, text_end)), default=0)
         delta = req.text[req.sent:text_end] if text_end is not None else ""
         if text_end is not None: req.sent = max(req.sent, text_end)
         if reason:
@@ -902,7 +926,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c044
+# %% ../../nbs/20_engine.ipynb #c051
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -971,7 +995,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c047
+# %% ../../nbs/20_engine.ipynb #c054
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
