@@ -29,7 +29,7 @@ steps = {"graphed decode_one (what the engine runs)": (lambda: graphs([5], [16],
 hopper = torch.cuda.get_device_capability() >= (9, 0)                # + programmatic dependent launch: kernels overlap their neighbours' edges
 chained = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=hopper)
 if hopper: steps["graphed decode_one, paged KV path + PDL"] = (lambda: chained([5], [16], [table]), 1)
-steps["8 greedy steps in one graph, paged KV path" + (" + PDL" if hopper else "")] = (lambda: chained.greedy([5], [16], [table], 8), 8)
+steps["8 greedy steps in one graph, paged KV path" + (" + PDL" if hopper else "")] = (lambda: chained.multi_step([5], [16], [table], 8), 8)
 for name, (step, n) in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(50): step()

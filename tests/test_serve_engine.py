@@ -2,6 +2,7 @@
 import importlib.util
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,8 +55,8 @@ def test_preemption_keeps_output(base):
 
 
 def test_decode_steps_give_the_same_tokens_and_fall_back_when_they_must(base):
-    """`decode_steps=4`: greedy decode-only iterations run four steps in one go. Same tokens as one step at a time
-    (greedy, with a stop token inside a burst, beside sampled requests, under preemption); blocks all come back."""
+    """`decode_steps=4`: decode-only iterations run four steps in one go. Same tokens as one step at a time
+    (greedy, with a stop token inside a burst, seeded sampled requests, under preemption); blocks all come back."""
     model, tok = base
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(1, 30))] for _ in range(7)]
@@ -65,9 +66,15 @@ def test_decode_steps_give_the_same_tokens_and_fall_back_when_they_must(base):
     assert burst.generate(prompts, params) == one and burst.num_free_blocks == 200
     stop = SamplingParams(max_tokens=40, stop_token_ids=[one[0]["token_ids"][min(5, len(one[0]["token_ids"]) - 1)]])
     assert burst.generate(prompts[:1], stop) == Engine(model, tok, block_size=4, num_blocks=200).generate(prompts[:1], stop)
-    sampled = SamplingParams(max_tokens=25, temperature=1.0, seed=7, ignore_eos=True)   # a sampled request: one step at a time
-    mixed = [SamplingParams(max_tokens=25, ignore_eos=True), sampled]
-    assert burst.generate(prompts[:2], mixed) == Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=3).generate(prompts[:2], mixed)
+    sampled = SamplingParams(max_tokens=25, temperature=1.0, top_k=40, seed=7, ignore_eos=True)   # sampled on the device: the same tokens
+    mixed = [SamplingParams(max_tokens=25, ignore_eos=True), sampled, SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True)]
+    def run(eng):
+        reqs, iterations = [eng.add_request(p, sp) for p, sp in zip(prompts[:3], mixed)], 0
+        while eng.has_unfinished(): eng.step(); iterations += 1
+        return [r.output_ids for r in reqs], iterations
+    (in_bursts, n_burst), (one_by_one, n_one) = run(burst), run(Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=3))
+    assert in_bursts[:2] == one_by_one[:2] and (n_burst, n_one) == (1 + 6, 25)   # the prefill gives a token, then 6 bursts of 4
+    assert in_bursts[2] != one_by_one[2]                       # no seed: a random one per request
     tight = Engine(model, tok, block_size=4, num_blocks=10, max_batch_size=4, decode_steps=4)   # too few blocks to look ahead, preempts
     short = [p[:8] for p in prompts[:4]]
     res = tight.generate(short, [SamplingParams(max_tokens=28, ignore_eos=True)] * 4)
@@ -157,12 +164,12 @@ def test_incremental_detokenizer_joins_to_the_whole_decode(base):
     assert tokenizers[1].decode(sp[1:]) == "for statement"        # where decoding starts decides the leading space
 
     @settings(max_examples=300, deadline=None, derandomize=True)
-    @given(which=st.sampled_from([0, 1]), data=st.data())
-    def joins(which, data):
+    @given(which=st.sampled_from([0, 1]), plain=st.booleans(), data=st.data())
+    def joins(which, plain, data):
         tok = tokenizers[which]
         ids = data.draw(st.one_of(st.lists(st.integers(0, len(tok) - 1), min_size=1, max_size=60),
                                   st.just(tok.encode(text)).flatmap(lambda t: st.integers(1, len(t)).map(lambda n: t[:n]))))
-        d = IncrementalDetokenizer(tok)
+        d = IncrementalDetokenizer(SimpleNamespace(decode=tok.decode) if plain else tok)     # plain: through `decode` only
         pieces = [d.add(t) for t in ids]
         assert not any(p.endswith("\ufffd") for p in pieces)
         assert "".join(pieces) + d.flush() == tok.decode(ids, skip_special_tokens=True)
@@ -328,7 +335,11 @@ def test_cuda_graph_decode_equals_eager_engine():
     assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
     ahead = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4)   # 4 greedy steps per graph
     assert [r["token_ids"] for r in ahead.generate(prompts, params)] == [r["token_ids"] for r in want]
-    assert any(len(key) == 3 for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
+    assert any(key[2] == 4 for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
+    sampled = [SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True) for i, n in enumerate(lens)]
+    want = eager.generate(prompts, sampled)                    # sampled on the device, inside the graphs: the same tokens
+    assert [r["token_ids"] for r in ahead.generate(prompts, sampled)] == [r["token_ids"] for r in want]
+    assert any(key[2] == 4 and key[3] for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
     with torch.no_grad(): model.lm_head.weight.mul_(1.01)      # changed weights: the graphs are recaptured, not stale
     again = graphed.generate(prompts[:2], params[:2])
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in eager.generate(prompts[:2], params[:2])]

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ..core import capture_cuda_graph
-from ..model import Llama, from_hf, sample_next
+from ..model import Llama, from_hf
 
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'greedy_steps', 'IncrementalDetokenizer', 'RequestOutput',
-           'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'sampling_tensors',
+           'multi_step', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -425,7 +425,7 @@ class DecodeGraphs:
     `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
     `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile).
     `pdl=True`: `decode_one` launches its kernels with programmatic dependent launch (needs a Hopper or later GPU).
-    `graphs.greedy(tokens, positions, tables, n)` replays `n` greedy steps from one graph (`greedy_steps`)."""
+    `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False, pdl: bool = False):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
@@ -443,39 +443,46 @@ class DecodeGraphs:
             if self.one is self.step or torch.cuda.get_device_capability(model.device) < (9, 0):
                 raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
             self.one = partial(self.one, pdl=True)
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: dict[tuple[int, int, int, bool], tuple] = {}
         self.pool, self._weights = None, None
 
-    def _capture(self, B: int, NB: int, n: int = 0):
-        inp = torch.full((B, 2 + NB), self.cache.null_block, dtype=torch.long, device=self.model.device)
-        inp[:, :2] = 0                                                   # token 0 at position 0 of the null block
+    def _capture(self, B: int, NB: int, n: int, sampled: bool):
+        dev = self.model.device
+        inp = torch.full((B, 4 + NB), self.cache.null_block, dtype=torch.long, device=dev)
+        inp[:, :4] = 0                          # token, position, seed, top_k; then the table: token 0 at position 0 of the null block
+        floats = torch.ones(B, 2, device=dev)   # temperature, top_p
         step = self.one if B == 1 else self.step
-        args = (self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 2:])
-        run = (lambda: greedy_steps(step, *args, n, self._weights)) if n else (lambda: step(*args, self._weights))
-        graph, out = capture_cuda_graph(run, self.pool, self.model.device)
+        args = (self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 4:])
+        sampling = (floats[:, 0], inp[:, 3], floats[:, 1], inp[:, 2]) if sampled else None
+        run = (lambda: multi_step(step, *args, n, self._weights, sampling)) if n else (lambda: step(*args, self._weights))
+        graph, out = capture_cuda_graph(run, self.pool, dev)
         self.pool = graph.pool()                                         # all graphs share one memory pool
-        return graph, inp, out
+        return graph, inp, floats, out
 
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        return self._replay(tokens, positions, tables, 0)
+        return self._replay(tokens, positions, tables, 0, None)
 
-    def greedy(self, tokens: list[int], positions: list[int], tables: list[list[int]], n: int) -> torch.Tensor:
-        """`n` greedy steps replayed from one graph (`greedy_steps`): the tokens (B, n). Each row's table must
-        already hold the blocks of positions up to `positions[b] + n - 1`."""
-        return self._replay(tokens, positions, tables, n)
+    def multi_step(self, tokens: list[int], positions: list[int], tables: list[list[int]], n: int,
+                   sampling: list[tuple] | None = None) -> torch.Tensor:
+        """`n` steps replayed from one graph (`multi_step`): the tokens (B, n); greedy, or with `sampling` one
+        `(temperature, top_k, top_p, seed)` per row. Each row's table must already hold the blocks of positions up
+        to `positions[b] + n - 1`."""
+        if n < 1: raise ValueError(f"n must be >= 1, got {n}")
+        return self._replay(tokens, positions, tables, n, sampling)
 
-    def _replay(self, tokens, positions, tables, n):
+    def _replay(self, tokens, positions, tables, n, sampling):
         B, nb = len(tokens), max(map(len, tables))
         if B > self.batch_sizes[-1] or nb > self.block_sizes[-1]: raise ValueError(f"{B} rows of {nb} blocks exceed the captured sizes")
         weights = _fused_weights(self.model)
         if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
-        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes)) + ((n,) if n else ())     # (batch, blocks[, steps])
+        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampling is not None)   # (batch, blocks, steps, sampled)
         if key not in self.graphs: self.graphs[key] = self._capture(*key)
-        graph, inp, out = self.graphs[key]
-        null = self.cache.null_block
-        rows = [[t, p] + tab + [null] * (key[1] - len(tab)) for t, p, tab in zip(tokens, positions, tables)]
-        rows += [[0, 0] + [null] * key[1]] * (key[0] - B)
-        inp.copy_(torch.tensor(rows))                                    # one host-to-device copy of all inputs
+        graph, inp, floats, out = self.graphs[key]
+        null, pad = self.cache.null_block, key[0] - B
+        settings = sampling or [(0.0, 0, 1.0, 0)] * B
+        rows = [[t, p, seed, k] + tab + [null] * (key[1] - len(tab)) for t, p, tab, (_, k, _, seed) in zip(tokens, positions, tables, settings)]
+        inp.copy_(torch.tensor(rows + [[0, 0, 0, 0] + [null] * key[1]] * pad))    # one host-to-device copy of all inputs
+        if sampling is not None: floats.copy_(torch.tensor([[t, p] for t, _, p, _ in sampling] + [[0.0, 1.0]] * pad))
         graph.replay()
         return out[:B]
 
@@ -620,26 +627,71 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     return q
 
 # %% ../../nbs/20_engine.ipynb #c026
+_M32 = 0xFFFFFFFF
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    "A 32-bit integer hash (lowbias32's shifts) on int64 tensors of values < 2**32; multipliers < 2**31 keep products exact."
+    x = x ^ (x >> 16); x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15); x = (x * 0x1B873593) & _M32
+    return x ^ (x >> 16)
+
+def sampling_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    "Standard Gumbel noise (B, V) that depends only on each row's seed (< 2**63) and position: a pure function, no state."
+    h = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
+    bits = _mix32((h[:, None] + torch.arange(vocab_size, device=seeds.device) * 0x9E3779B9) & _M32)
+    u = ((bits >> 9).float() + 0.5) / 2**23                # uniform in (0, 1): 23 bits, exact in float32
+    return -torch.log(-torch.log(u))
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One token per row of `logits` (B, V), each row with its own settings, all (B,) tensors: `temperature`
+    (< 1e-4: greedy), `top_k` (0: all), `top_p` (1: all), `seeds`, and `positions` (of the tokens being drawn).
+    Gumbel-max over the top-k / top-p filtered `logits / temperature` (the filters of `guide.model.sample_next`)."""
+    V = logits.shape[-1]
+    scaled = logits.float() / temperature.clamp_min(1e-4)[:, None]
+    s, order = scaled.sort(-1, descending=True)
+    rank = torch.arange(V, device=logits.device)
+    s = s.masked_fill((rank >= top_k[:, None]) & (top_k[:, None] > 0), float("-inf"))
+    p = s.softmax(-1)
+    s = s.masked_fill((p.cumsum(-1) - p > top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))   # the smallest set reaching top_p
+    kept = torch.empty_like(s).scatter_(-1, order, s)
+    drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
+    return torch.where(temperature < 1e-4, logits.argmax(-1), drawn)
+
+def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor, ...]:
+    "Per-row `(temperature, top_k, top_p, seed)` tuples as the four tensors `sample_rows` takes before `positions`."
+    t, k, p, seed = zip(*rows)
+    return (torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(k, device=device),
+            torch.tensor(p, dtype=torch.float32, device=device), torch.tensor(seed, device=device))
+
+# %% ../../nbs/20_engine.ipynb #c030
 @torch.no_grad()
-def greedy_steps(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-                 n: int, weights: list[tuple] | None = None) -> torch.Tensor:
-    """`n` greedy decode steps with no host round trip: each step's argmax is the next step's token, on the device,
-    so all `n` can be captured as one CUDA graph. `step` is `decode_static` or `decode_one` (or a partial of them);
+def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+               n: int, weights: list[tuple] | None = None, sampling: tuple | None = None) -> torch.Tensor:
+    """`n` decode steps with no host round trip: each step's token is the next step's input, on the device, so all
+    `n` can be captured as one CUDA graph. The token is the argmax, or with `sampling` (`sampling_tensors`'
+    four tensors) `sample_rows`' draw. `step` is `decode_static` or `decode_one` (or a partial of them);
     `tables` (B, NB) must already hold the blocks of positions up to `positions + n - 1`. Returns the tokens (B, n)."""
     out = []
     for j in range(n):
-        tokens = step(model, cache, tokens, positions + j, tables, weights).argmax(-1)
+        logits = step(model, cache, tokens, positions + j, tables, weights)
+        tokens = logits.argmax(-1) if sampling is None else sample_rows(logits, *sampling, positions + j + 1)
         out.append(tokens)
     return torch.stack(out, 1)
 
-# %% ../../nbs/20_engine.ipynb #c031
+# %% ../../nbs/20_engine.ipynb #c035
 class IncrementalDetokenizer:
     """The text of a growing list of token ids, decoding a few ids per token rather than all of them.
     `add(token)` returns the text that token completes ('' while a character is incomplete); `flush()` returns
     what is still pending, incomplete or not (at the end of a request). Works with any tokenizer that has
-    `decode(ids, skip_special_tokens=True)`; the pieces join to the decoding of all the ids."""
+    `decode(ids, skip_special_tokens=True)`; the pieces join to the decoding of all the ids. A transformers fast
+    tokenizer that does not clean up spaces is decoded by its Rust tokenizer directly (what its `decode` calls,
+    without ~4 µs of Python per call: two calls a token, every request, every step)."""
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self.decode = partial(backend.decode if fast else tokenizer.decode, skip_special_tokens=True)
+        self.ids: list[int] = []
         self.prefix = self.read = 0                  # ids[prefix:read]: the last emitted piece, decoded as context
         self.context = ""                            # its text, decoded alone
 
@@ -650,13 +702,13 @@ class IncrementalDetokenizer:
     def flush(self) -> str: return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        text = self.decode(self.ids[self.prefix:])
         if not final and (len(text) <= len(self.context) or text.endswith("\ufffd")): return ""
         self.prefix, self.read = self.read, len(self.ids)
-        new, self.context = text[len(self.context):], self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        new, self.context = text[len(self.context):], self.decode(self.ids[self.prefix:self.read])
         return new
 
-# %% ../../nbs/20_engine.ipynb #c037
+# %% ../../nbs/20_engine.ipynb #c041
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -683,10 +735,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(62))
+        self.seed = params.seed if params.seed is not None else random.getrandbits(63)   # with the position: the sampling noise
 
     @property
     def all_ids(self) -> list[int]: return self.prompt_ids + self.output_ids
@@ -700,13 +749,13 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c039
+# %% ../../nbs/20_engine.ipynb #c043
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
-    compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration of greedy requests
-    runs `n` steps in one go (`greedy_steps`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
+    compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration
+    runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
     then streamed in bursts."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
@@ -733,8 +782,6 @@ class Engine:
         self.lock = threading.RLock()
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0)
         self._ids = itertools.count()
-        self.generator = torch.Generator(device=model.device)        # for sampled requests that give no seed
-        self.generator.manual_seed(random.getrandbits(62))
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -821,7 +868,7 @@ class Engine:
             admitted = self._schedule()
             decode = [r for r in self.running if r not in admitted]
             if not admitted and not decode: return []
-            if not admitted and (n := self._lookahead(decode)) > 1: done = self._greedy_steps(decode, n)
+            if not admitted and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
             else: done = self._one_step(admitted, decode)
         for req, out in done:
             if req.callback: req.callback(out)
@@ -841,10 +888,9 @@ class Engine:
 
     def _lookahead(self, decode: list[Request]) -> int:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
-        tokens left, if every request is greedy, none waits to be admitted and the free list has the blocks for them
-        all (taken now); else 1."""
+        tokens left, if none waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting or any(r.params.temperature >= 1e-4 for r in decode): return 1
+        if n == 1 or self.waiting: return 1
         left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
         while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
         if n == 1: return 1
@@ -854,14 +900,16 @@ class Engine:
             if k > 0: req.table += alloc.allocate(k)
         return n
 
-    def _greedy_steps(self, decode: list[Request], n: int) -> list[tuple[Request, RequestOutput]]:
-        "`n` greedy steps of the decode rows in one go (`greedy_steps`); each row's tokens are appended until it finishes."
+    def _multi_step(self, decode: list[Request], n: int) -> list[tuple[Request, RequestOutput]]:
+        "`n` steps of the decode rows in one go (`multi_step`); each row's tokens are appended until it finishes."
         tokens, positions, tables = [r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode]
-        if self.graphs is not None: ahead = self.graphs.greedy(tokens, positions, tables, n)
+        sampling = self._sampling(decode)
+        if self.graphs is not None: ahead = self.graphs.multi_step(tokens, positions, tables, n, sampling)
         else:
             dev, nb = self.model.device, max(map(len, tables))
             padded = torch.tensor([t + [self.cache.null_block] * (nb - len(t)) for t in tables], device=dev)
-            ahead = greedy_steps(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), padded, n)
+            ahead = multi_step(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                               padded, n, sampling=sampling and sampling_tensors(sampling, dev))
         done = []
         for req, row in zip(decode, ahead.tolist()):
             for token in row:
@@ -870,21 +918,18 @@ class Engine:
         self.stats["decode_tokens"] += len(done); self.stats["steps"] += n
         return done
 
+    def _sampling(self, rows: list[Request]) -> list[tuple] | None:
+        "Each row's `(temperature, top_k, top_p, seed)` for `sample_rows`; None when every row is greedy (the argmax is enough)."
+        if all(r.params.temperature < 1e-4 for r in rows): return None
+        return [(p.temperature, p.top_k or 0, p.top_p or 1.0, r.seed) for r in rows for p in [r.params]]
+
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
-        """Greedy rows take the argmax; sampled rows without a seed that share temperature/top-k/top-p are sampled
-        together in one call from the engine's generator; a seeded row uses its own generator (same text whatever
-        else shares the batch)."""
-        out = logits.argmax(-1).tolist()
-        groups: dict[tuple, list[int]] = {}
-        for i, req in enumerate(rows):
-            p = req.params
-            if p.temperature < 1e-4: continue                    # dividing by ~0 would overflow: the limit is greedy
-            if p.seed is not None: out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, req.generator)[0])
-            else: groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        for (t, k, tp), idx in groups.items():
-            toks = sample_next(logits[idx], t, k, tp, self.generator).tolist()
-            for i, tok in zip(idx, toks): out[i] = tok
-        return out
+        """Greedy rows take the argmax, sampled rows a `sample_rows` draw, all rows in one call: noise from each
+        request's seed and the position of its new token, so its text does not depend on what else shares the batch."""
+        sampling = self._sampling(rows)
+        if sampling is None: return logits.argmax(-1).tolist()
+        positions = torch.tensor([r.num_tokens for r in rows], device=logits.device)
+        return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
 
     def _append(self, req: Request, token: int) -> RequestOutput:
         now = time.perf_counter()
@@ -926,7 +971,7 @@ class Engine:
                     if o.finished: res["finish_reason"] = o.finish_reason
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c051
+# %% ../../nbs/20_engine.ipynb #c055
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -995,7 +1040,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c054
+# %% ../../nbs/20_engine.ipynb #c058
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
