@@ -2,16 +2,16 @@
 
 # %% ../../nbs/25_abtest.ipynb #c003
 from __future__ import annotations
-import hashlib, math
+import copy, hashlib, math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 # %% auto #0
-__all__ = ['bucket', 'assign', 'VariantStats', 'Experiment', 'norm_cdf', 'norm_ppf', 'two_proportion_ztest', 'sample_size',
-           'simulate_aa', 'ztest_peeking_fpr', 'msprt_lambda', 'SequentialTest', 'msprt_fpr', 'wilson_lower', 'Canary',
-           'simulate_canary']
+__all__ = ['bucket', 'check_weights', 'assign', 'VariantStats', 'Experiment', 'norm_cdf', 'norm_ppf', 'check_counts',
+           'two_proportion_ztest', 'sample_size', 'simulate_aa', 'ztest_peeking_fpr', 'msprt_lambda', 'SequentialTest',
+           'msprt_fpr', 'exceedance_evidence', 'Canary', 'simulate_canary', 'rollback_rate']
 
 # %% ../../nbs/25_abtest.ipynb #c006
 def bucket(user_key: str, experiment: str) -> float:
@@ -19,10 +19,16 @@ def bucket(user_key: str, experiment: str) -> float:
     h = hashlib.sha256(f"{experiment}:{user_key}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
 
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    "`weights` if they are finite, non-negative numbers, not all zero; else ValueError."
+    if (not isinstance(weights, dict) or not weights or sum(weights.values()) <= 0
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weights.values())):
+        raise ValueError(f"weights must be finite, non-negative numbers, not all zero, got {weights}")
+    return weights
+
 def assign(user_key: str, experiment: str, weights: dict[str, float]) -> str:
-    "The variant of `user_key`: weighted by `weights` (non-negative, not all zero), sticky per experiment."
-    if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"weights must be non-negative and not all zero, got {weights}")
+    "The variant of `user_key`: weighted by `weights` (finite, non-negative, not all zero), sticky per experiment."
+    check_weights(weights)
     u, total, acc = bucket(str(user_key), experiment), sum(weights.values()), 0.0
     for name, w in weights.items():
         acc += w / total
@@ -48,12 +54,16 @@ class VariantStats:
     def p95(self) -> float: return float(np.percentile(self.latencies, 95)) if self.latencies else 0.0
 
 class Experiment:
-    "Route users to variants by sticky weighted hashing; optional shadow variant; per-variant stats."
+    """Route users to variants by sticky weighted hashing; per-variant stats of live traffic in `stats`; an optional
+    `shadow` variant gets a deep copy of each request made before the live handler runs, its answer is discarded and
+    its outcomes go to `shadow_stats` (not to `stats`, so a variant that is also live keeps honest live numbers)."""
     def __init__(self, name: str, handlers: dict[str, Callable], weights: dict[str, float], shadow: str | None = None):
+        check_weights(weights)
         if set(weights) - set(handlers): raise ValueError("every weighted variant needs a handler")
         if shadow is not None and shadow not in handlers: raise ValueError(f"shadow variant {shadow!r} has no handler")
         self.name, self.handlers, self.weights, self.shadow = name, handlers, dict(weights), shadow
         self.stats = {k: VariantStats() for k in handlers}
+        self.shadow_stats = VariantStats()
 
     def _call(self, variant: str, request):
         import time
@@ -63,13 +73,14 @@ class Experiment:
         return out, err, (time.perf_counter() - t0) * 1000
 
     def handle(self, user_key: str, request, success: Callable[[Any], bool] = lambda out: False):
-        "Answer `request` for `user_key` with its variant (shadow gets a copy, discarded). Returns (variant, output)."
+        "Answer `request` for `user_key` with its variant (the shadow gets a copy, its answer discarded). Returns (variant, output)."
         variant = assign(user_key, self.name, self.weights)
+        mirror = copy.deepcopy(request) if self.shadow and self.shadow != variant else None   # before the live handler can change it
         out, err, ms = self._call(variant, request)
         self.stats[variant].record(not err and success(out), err, ms)
-        if self.shadow and self.shadow != variant:
-            s_out, s_err, s_ms = self._call(self.shadow, request)
-            self.stats[self.shadow].record(not s_err and success(s_out), s_err, s_ms)
+        if mirror is not None:
+            s_out, s_err, s_ms = self._call(self.shadow, mirror)
+            self.shadow_stats.record(not s_err and success(s_out), s_err, s_ms)
         if err: raise out
         return variant, out
 
@@ -86,9 +97,16 @@ def norm_ppf(q: float) -> float:
         else: hi = mid
     return (lo + hi) / 2
 
+def check_counts(s1, n1, s2, n2):
+    "ValueError unless each group has an integer count of successes in [0, n] and n >= 1 (numpy integer arrays allowed)."
+    for s_, n_ in ((s1, n1), (s2, n2)):
+        s_, n_ = np.asarray(s_), np.asarray(n_)
+        if not (np.issubdtype(s_.dtype, np.integer) and np.issubdtype(n_.dtype, np.integer)) or (n_ < 1).any() or (s_ < 0).any() or (s_ > n_).any():
+            raise ValueError(f"need integer counts with 0 <= successes <= n and n >= 1, got {s_.tolist()} of {n_.tolist()}")
+
 def two_proportion_ztest(s1: int, n1: int, s2: int, n2: int) -> tuple[float, float]:
     "Pooled two-proportion z-test of rate 2 vs rate 1: (z, two-sided p-value)."
-    if min(n1, n2) <= 0: raise ValueError("both groups need at least one observation")
+    check_counts(s1, n1, s2, n2)
     p = (s1 + s2) / (n1 + n2)
     se = math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
     if se == 0: return 0.0, 1.0
@@ -121,22 +139,26 @@ def ztest_peeking_fpr(a, b, looks, alpha: float = 0.05) -> float:
 
 # %% ../../nbs/25_abtest.ipynb #c018
 def msprt_lambda(s1, n1, s2, n2, tau: float = 0.05):
-    "mSPRT mixture likelihood ratio for rate 2 - rate 1 (arrays broadcast); uses n = min(n1, n2) pairs."
+    """mSPRT mixture likelihood ratio for rate 2 - rate 1 (arrays broadcast); uses n = min(n1, n2) pairs and the
+    pooled variance; 1 (no evidence) while every observation is the same."""
+    check_counts(s1, n1, s2, n2)
+    if not tau > 0: raise ValueError(f"tau must be > 0, got {tau}")
     s1, n1, s2, n2 = (np.asarray(x, dtype=float) for x in (s1, n1, s2, n2))
-    n = np.minimum(n1, n2)
-    p1, p2 = s1 / n1, s2 / n2
-    V = np.clip(p1 * (1 - p1) + p2 * (1 - p2), 1e-9, None)
-    d = p2 - p1
-    t2 = tau ** 2
-    return np.sqrt(V / (V + n * t2)) * np.exp(n ** 2 * t2 * d ** 2 / (2 * V * (V + n * t2)))
+    n, pooled = np.minimum(n1, n2), (s1 + s2) / (n1 + n2)
+    V = 2 * pooled * (1 - pooled)
+    Vs, d, t2 = np.where(V > 0, V, 1.0), s2 / n2 - s1 / n1, tau ** 2
+    with np.errstate(over="ignore"):
+        lam = np.sqrt(Vs / (Vs + n * t2)) * np.exp(n ** 2 * t2 * d ** 2 / (2 * Vs * (Vs + n * t2)))
+    return np.where(V > 0, lam, 1.0)
 
 class SequentialTest:
     "mSPRT you may check after every observation: `update(...)` then `decision` ('continue' / 'reject')."
     def __init__(self, alpha: float = 0.05, tau: float = 0.05):
         if not 0 < alpha < 1: raise ValueError("alpha must be in (0, 1)")
+        if not tau > 0: raise ValueError(f"tau must be > 0, got {tau}")
         self.alpha, self.tau, self.max_lambda = alpha, tau, 0.0
     def update(self, s1: int, n1: int, s2: int, n2: int) -> str:
-        if min(n1, n2) > 0: self.max_lambda = max(self.max_lambda, float(msprt_lambda(s1, n1, s2, n2, self.tau)))
+        self.max_lambda = max(self.max_lambda, float(msprt_lambda(s1, n1, s2, n2, self.tau)))
         return self.decision
     @property
     def p_value(self) -> float: return min(1.0, 1.0 / self.max_lambda) if self.max_lambda > 0 else 1.0
@@ -147,20 +169,35 @@ def msprt_fpr(a, b, looks, alpha: float = 0.05, tau: float = 0.05) -> float:
     "Fraction of A/A simulations in which mSPRT ever rejects across all looks."
     return float((msprt_lambda(a, looks, b, looks, tau) >= 1 / alpha).any(1).mean())
 
-# %% ../../nbs/25_abtest.ipynb #c022
-def wilson_lower(k: int, n: int, z: float = 1.645) -> float:
-    "Lower end of the Wilson score interval for k successes in n (one-sided 95% by default)."
-    if n == 0: return 0.0
-    p = k / n
-    return (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+# %% ../../nbs/25_abtest.ipynb #c023
+def exceedance_evidence(k: int, n: int, bound: float, ratios=(1.5, 2.0, 3.0, 5.0)) -> float:
+    """Evidence that a rate is above `bound` after `k` events in `n` trials: the likelihood ratio of an equal mix of
+    the rates `bound * r` (r in `ratios`, capped below 1) against the rate `bound`. For any true rate <= bound it
+    reaches 1/alpha with probability <= alpha, however often it is checked (Ville's inequality)."""
+    if not 0 < bound < 1: raise ValueError(f"bound must be in (0, 1), got {bound}")
+    if not 0 <= k <= n: raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if not ratios or min(ratios) <= 1: raise ValueError(f"ratios must all be > 1, got {ratios}")
+    qs = [min(bound * r, (1 + bound) / 2) for r in ratios]
+    log_lr = [k * math.log(q / bound) + (n - k) * math.log((1 - q) / (1 - bound)) for q in qs]
+    top = max(log_lr)
+    return math.inf if top > 700 else math.exp(top) * sum(math.exp(x - top) for x in log_lr) / len(qs)
 
 class Canary:
-    "Staged rollout of `candidate` beside `stable`; rollback when error rate or p95 latency crosses its bound."
+    """Staged rollout of `candidate` beside `stable` (`stages`: increasing traffic shares in (0, 1]). Rolled back
+    when the error rate or the p95 latency is shown to be past its bound (`exceedance_evidence`, a false rollback
+    of a candidate within its bounds at most `alpha` of the time however long the rollout), or at a stage's gate
+    (`min_requests` at the stage) when the rollout's error rate so far or the stage's p95 is past its bound."""
     def __init__(self, stages=(0.01, 0.05, 0.25, 0.5, 1.0), max_error_rate: float = 0.02, max_p95_ms: float = 500.0,
-                 min_requests: int = 200):
-        self.stages, self.max_error_rate, self.max_p95_ms, self.min_requests = tuple(stages), max_error_rate, max_p95_ms, min_requests
+                 min_requests: int = 200, alpha: float = 0.05):
+        stages = tuple(stages)
+        if not stages or not all(0 < a <= 1 for a in stages) or list(stages) != sorted(stages):
+            raise ValueError(f"stages must be increasing traffic shares in (0, 1], got {stages}")
+        if not 0 < max_error_rate < 1 or not max_p95_ms > 0 or not 0 < alpha < 1 or min_requests < 1:
+            raise ValueError("need 0 < max_error_rate < 1, max_p95_ms > 0, 0 < alpha < 1 and min_requests >= 1")
+        self.stages, self.max_error_rate, self.max_p95_ms, self.min_requests, self.alpha = stages, max_error_rate, max_p95_ms, min_requests, alpha
         self.stage, self.state = 0, "rolling"        # rolling, done, rolled_back
-        self.stats = VariantStats()
+        self.stats = VariantStats()                   # this stage's requests
+        self.n = self.errors = self.slow = 0          # the whole rollout's
         self.history: list[tuple[str, float]] = [("start", self.stages[0])]
 
     @property
@@ -172,13 +209,14 @@ class Canary:
         "Record one candidate request; returns the state after checking the bounds."
         if self.state != "rolling": return self.state
         self.stats.record(error=error, latency_ms=latency_ms)
-        s = self.stats
-        clearly_bad = wilson_lower(s.errors, s.n) > self.max_error_rate or (s.n >= 50 and s.p95 > self.max_p95_ms)
-        at_gate = s.n >= self.min_requests
-        if clearly_bad or (at_gate and (s.error_rate > self.max_error_rate or s.p95 > self.max_p95_ms)):
+        self.n += 1; self.errors += bool(error); self.slow += latency_ms > self.max_p95_ms
+        shown_bad = max(exceedance_evidence(self.errors, self.n, self.max_error_rate),
+                        exceedance_evidence(self.slow, self.n, 0.05)) >= 2 / self.alpha
+        s, at_gate = self.stats, self.stats.n >= self.min_requests
+        if shown_bad or (at_gate and (self.errors / self.n > self.max_error_rate or s.p95 > self.max_p95_ms)):
             self.state = "rolled_back"; self.history.append(("rollback", 0.0))
         elif at_gate:
-            if self.stage == len(self.stages) - 1: self.state = "done"; self.history.append(("done", 1.0))
+            if self.stage == len(self.stages) - 1: self.state = "done"; self.history.append(("done", self.stages[-1]))
             else:
                 self.stage += 1; self.stats = VariantStats(); self.history.append(("advance", self.stages[self.stage]))
         return self.state
@@ -191,3 +229,13 @@ def simulate_canary(canary: Canary, error_rate: float, latency_ms: float, reques
         if assign(f"user{i}", "canary", canary.weights()) == "candidate":
             canary.record(bool(rng.random() < error_rate), float(rng.gamma(4, latency_ms / 4)))
     return canary
+
+def rollback_rate(error_rate: float, latency_ms: float, runs: int = 200, seed: int = 0, **canary_kw) -> float:
+    """Fraction of `runs` canaries rolled back for a candidate with this error rate and mean latency. The candidate's
+    requests are fed straight in: the traffic split decides how many users that takes, not what they see."""
+    rng, rolled = np.random.default_rng(seed), 0
+    for _ in range(runs):
+        c = Canary(**canary_kw)
+        while c.state == "rolling": c.record(bool(rng.random() < error_rate), float(rng.gamma(4, latency_ms / 4)))
+        rolled += c.state == "rolled_back"
+    return rolled / runs
