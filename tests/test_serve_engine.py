@@ -538,3 +538,38 @@ def test_triton_pdl_decode_equals_plain_decode():
             torch.testing.assert_close(eng.graphs([7], [pos], [table]).clone(), plain([7], [pos], [table]).clone(), atol=1e-3, rtol=1e-3)
         eng.cache.allocator.release(table)
     with pytest.raises(ValueError, match="pdl needs decode_one"): DecodeGraphs(model, eng.cache, 1, compile=True, pdl=True)
+
+
+def test_bad_params_and_callbacks_lose_only_their_own_request(base):
+    """Bad SamplingParams are refused at the door (a None stop_token_ids used to pass and then fail inside a step,
+    aborting every request in flight); a callback that raises loses its own request, not the others, and the
+    engine thread keeps serving; generate is all or nothing and leaves nothing queued."""
+    model, tok = base
+    for bad in [dict(stop_token_ids=[None]), dict(stop=5), dict(top_k=True), dict(seed=True), dict(ignore_eos="no")]:
+        with pytest.raises(ValueError): SamplingParams(**bad)
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
+    eng = Engine(model, tok)
+    with pytest.raises(TypeError, match="SamplingParams"): eng.add_request([1, 2], dict(max_tokens=3))
+    with pytest.raises(TypeError, match="prompt"): eng.add_request(5)
+    with pytest.raises(ValueError, match="token ids"): eng.add_request([True, 1])
+    eng.add_request([1], request_id="req-1")
+    assert eng.add_request([1]).id == "req-0" and eng.add_request([1]).id == "req-2"     # automatic ids skip a caller's
+    with pytest.raises(ValueError, match="2 prompts but 1"): eng.generate([[1], [2]], [SamplingParams()])
+    queued = len(eng.waiting)
+    with pytest.raises(ValueError): eng.generate([[1, 2], []])
+    assert len(eng.waiting) == queued                               # the good prompt was not left queued
+    eng = Engine(model, tok, num_blocks=64)
+    cut = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=50, ignore_eos=True), max_steps=3)[0]
+    assert cut["finish_reason"] == "abort" and not eng.has_unfinished() and eng.num_free_blocks == 64
+
+    def explode(out): raise RuntimeError("client bug")
+    got = []
+    good = eng.add_request([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), callback=got.append)
+    eng.add_request([4, 5], SamplingParams(max_tokens=8, ignore_eos=True), callback=explode)
+    while eng.has_unfinished(): eng.step()
+    assert len(good.output_ids) == 8 and got[-1].finish_reason == "length" and eng.stats["callback_errors"] == 1
+    assert eng.num_free_blocks == 64
+    with AsyncEngine(Engine(model, tok)) as ae:
+        ae.submit([4, 5], SamplingParams(max_tokens=8, ignore_eos=True), callback=explode)
+        tokens = [t for out in ae.stream([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), timeout=30) for t in out.token_ids]
+        assert len(tokens) == 8 and ae._thread.is_alive() and ae.error is None

@@ -37,18 +37,25 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
         if self.stop is None: self.stop = []
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if self.stop_token_ids is None: self.stop_token_ids = []
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")     # (NaN fails the range)
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 4:
-            raise ValueError("stop must be a non-empty string or a list of at most 4 non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 4:
+            raise ValueError(f"stop must be a non-empty string or a list of at most 4 non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
 # %% ../../nbs/20_engine.ipynb #c009
 class NoFreeBlocks(RuntimeError):
@@ -780,21 +787,25 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
-        self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0)
+        self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0)
         self._ids = itertools.count()
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
                     callback: Callable[[RequestOutput], None] | None = None) -> Request:
-        "Queue a prompt (text or token ids). Raises ValueError if it can never be served."
-        params = params or SamplingParams()
+        """Queue a prompt (text or token ids). Raises ValueError if it can never be served, TypeError for a prompt that
+        is neither text nor token ids or params that are not `SamplingParams`. `callback(output)` gets each step's output
+        (from the thread that steps the engine); a callback that raises loses its request (aborted), not the others."""
+        if params is None: params = SamplingParams()
+        if not isinstance(params, SamplingParams): raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None: raise ValueError("a text prompt needs a tokenizer")
             ids = self.tokenizer.encode(prompt)
-        else: ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)): ids = list(prompt)
+        else: raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids: raise ValueError("the prompt is empty")
         V = self.model.config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
+        if not all(_is_int(t) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
         if params.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
@@ -802,7 +813,8 @@ class Engine:
         if self.cache.blocks_for(total) > self.cache.num_blocks:
             raise ValueError(f"request needs {self.cache.blocks_for(total)} KV blocks, the cache has {self.cache.num_blocks}")
         with self.lock:
-            rid = request_id or f"req-{next(self._ids)}"
+            rid = request_id
+            while rid is None or (request_id is None and rid in self.requests): rid = f"req-{next(self._ids)}"   # skip ids a caller took
             if rid in self.requests: raise ValueError(f"request id {rid!r} is already in use")
             req = Request(rid, ids, params, self.model.device, callback=callback)
             if self.tokenizer is not None: req.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -819,8 +831,16 @@ class Engine:
             self.stats["aborted"] += 1
             self._finish(req, "abort")
             out = RequestOutput(req.id, [], "", True, "abort", len(req.prompt_ids), len(req.output_ids))
-        if req.callback: req.callback(out)
+        self._deliver(req, out)
         return True
+
+    def _deliver(self, req: Request, out: RequestOutput):
+        "Hand `out` to the request's callback; a callback that raises is dropped and its request aborted, the others go on."
+        if req.callback is None: return
+        try: req.callback(out)
+        except Exception:
+            req.callback = None; self.stats["callback_errors"] += 1
+            self.abort(req.id)
 
     def has_unfinished(self) -> bool: return bool(self.waiting or self.running)
 
@@ -870,8 +890,7 @@ class Engine:
             if not admitted and not decode: return []
             if not admitted and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
             else: done = self._one_step(admitted, decode)
-        for req, out in done:
-            if req.callback: req.callback(out)
+        for req, out in done: self._deliver(req, out)
         return [out for _, out in done]
 
     def _one_step(self, admitted: list[Request], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
@@ -959,9 +978,17 @@ class Engine:
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  max_steps: int = 100_000) -> list[dict]:
-        "Run prompts to completion; returns per prompt {token_ids, text, finish_reason}."
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        """Run prompts to completion; returns per prompt {token_ids, text, finish_reason}. All or nothing: a prompt
+        that cannot be queued raises before any runs. Requests still running after `max_steps` are aborted."""
+        if isinstance(params, list):
+            if len(params) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        else: params = [params] * len(prompts)
+        reqs = []
+        try:
+            for p, sp in zip(prompts, params): reqs.append(self.add_request(p, sp))
+        except Exception:
+            for r in reqs: self.abort(r.id)
+            raise
         results = {r.id: dict(token_ids=[], text="", finish_reason=None) for r in reqs}
         for _ in range(max_steps):
             if not self.has_unfinished(): break
@@ -969,6 +996,8 @@ class Engine:
                 if o.request_id in results:
                     res = results[o.request_id]; res["token_ids"] += o.token_ids; res["text"] += o.text
                     if o.finished: res["finish_reason"] = o.finish_reason
+        for r in reqs:
+            if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
 # %% ../../nbs/20_engine.ipynb #c055
