@@ -3,6 +3,7 @@
 # %% ../../nbs/23_optimize.ipynb #c003
 from __future__ import annotations
 import copy, hashlib, logging, math, warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,25 +56,49 @@ def empty_past(model: Llama, batch: int = 1) -> torch.Tensor:
 
 # %% ../../nbs/23_optimize.ipynb #c009
 def _weights_key(module: nn.Module, extra: str = "") -> str:
+    "A hash of everything an export bakes in: parameters, all buffers (persistent or not) and `module.config`."
     h = hashlib.sha256(extra.encode())
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(getattr(module, "config", None)).encode())
+    tensors = [("param", n, t) for n, t in module.named_parameters()] + [("buffer", n, t) for n, t in module.named_buffers()]
+    for kind, name, t in sorted(tensors, key=lambda x: x[:2]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())     # raw bytes: works for bfloat16 too
     return h.hexdigest()[:16]
 
+@contextmanager
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    "Raise the level of the named loggers (the empty name is the root logger) inside the block; restore them after."
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    try:
+        for lg in loggers: lg.setLevel(level)
+        yield
+    finally:
+        for lg, lv in zip(loggers, saved): lg.setLevel(lv)
+
+def _export_path(path, kind: str, model: nn.Module, version: str) -> tuple[Path, bool]:
+    "The file to export to, and whether an existing file there may be reused (only the implicit, content-keyed cache)."
+    if path is None: return cache_dir("onnx") / f"{kind}-{_weights_key(model, version)}.onnx", True
+    if not isinstance(path, (str, Path)): raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    if not str(path): raise ValueError("path is empty")
+    return Path(path), False
+
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> Path:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         return atomic_write(path, lambda tmp: torch.onnx.export(
             module, args, str(tmp), dynamo=True, external_data=False, verbose=False,
             input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes))
 
 def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
-    "Export the decode step of `model` to ONNX (cached under GUIDE_CACHE/onnx when `path` is None)."
+    """Export the decode step of `model` to ONNX: to `path` (always rewritten), or when `path` is None to
+    GUIDE_CACHE/onnx under a hash of the weights, buffers and config (reused if already there)."""
     from torch.export import Dim
+    if not isinstance(model, Llama): raise TypeError(f"model must be a guide Llama, got {type(model).__name__}")
     model = copy.deepcopy(model).cpu().eval()        # export a CPU copy; the caller's model stays where it is
-    path = Path(path) if path else cache_dir("onnx") / f"decoder-{_weights_key(model, 'dec1')}.onnx"
-    if path.exists(): return path
+    path, reusable = _export_path(path, "decoder", model, "dec2")
+    if reusable and path.exists(): return path
     c = model.config
     B, T, P = Dim("batch", min=1, max=256), Dim("seq", min=1, max=c.max_seq_len), Dim("past", min=1, max=c.max_seq_len - 1)
     ex_ids = torch.randint(0, c.vocab_size, (2, 3))
@@ -83,11 +108,14 @@ def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
                    {"input_ids": {0: B, 1: T}, "past_k": {1: B, 3: P}, "past_v": {1: B, 3: P}})
 
 def export_encoder(model: nn.Module, path: str | Path | None = None) -> Path:
-    "Export a chapter-21 `TextEncoder` (ids, mask) -> (class_logits, sentence_embedding) to ONNX (cached)."
+    """Export a chapter-21 `TextEncoder` (ids, mask) -> (class_logits, sentence_embedding) to ONNX: to `path`
+    (always rewritten), or when `path` is None to the content-keyed cache, as `export_decoder`."""
     from torch.export import Dim
+    if not isinstance(model, nn.Module) or not hasattr(model, "max_len"):
+        raise TypeError(f"model must be a TextEncoder (an nn.Module with max_len), got {type(model).__name__}")
     model = copy.deepcopy(model).cpu().eval()
-    path = Path(path) if path else cache_dir("onnx") / f"encoder-{_weights_key(model, 'enc2')}.onnx"
-    if path.exists(): return path
+    path, reusable = _export_path(path, "encoder", model, "enc3")
+    if reusable and path.exists(): return path
     B, T = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=model.max_len)
     x, m = pad_batch([[5, 6, 7], [8, 9]])
     return _export(model, (x, m), path, ["input_ids", "attention_mask"], ["class_logits", "sentence_embedding"],
@@ -114,27 +142,56 @@ class OrtDecoder:
     def step(self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray):
         return self.session.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_k": past_k, "past_v": past_v})
 
-    def generate(self, ids, max_new_tokens: int) -> list[list[int]]:
-        "Greedy continuation of each row of `ids` (B, T): new token ids per row."
-        ids = np.asarray(ids, dtype=np.int64)
+    @property
+    def vocab_size(self) -> int | None:
+        "The last dimension of the `logits` output when the graph fixes it, else None."
+        v = self.session.get_outputs()[0].shape[-1]
+        return v if isinstance(v, int) else None
+
+    def _check(self, ids, max_new_tokens, max_seq_len) -> np.ndarray:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        try: ids = np.asarray(ids)
+        except ValueError as e: raise ValueError(f"ids must be a rectangular (batch, time) array: {e}") from None
+        if ids.dtype.kind not in "iu": raise TypeError(f"ids must hold integers, got dtype {ids.dtype}")
+        if ids.ndim != 2 or ids.size == 0: raise ValueError(f"ids must be a non-empty (batch, time) array, got shape {ids.shape}")
+        V = self.vocab_size
+        if V is not None and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"token ids must be in [0, {V}), got values in [{ids.min()}, {ids.max()}]")
+        if max_seq_len is not None and ids.shape[1] + max_new_tokens > max_seq_len:
+            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={max_seq_len}")
+        return ids.astype(np.int64)
+
+    def generate(self, ids, max_new_tokens: int, *, max_seq_len: int | None = None) -> list[list[int]]:
+        """Greedy continuation of each row of `ids` (B, T): `max_new_tokens` new token ids per row. Pass the
+        model's `max_seq_len` to have a too-long request refused up front."""
+        ids = self._check(ids, max_new_tokens, max_seq_len)
         L, H, D = self.shape
         past = np.zeros((L, ids.shape[0], H, 0, D), dtype=np.float32)
         logits, pk, pv = self.step(ids, past, past.copy())
         out = []
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None]
             out.append(nxt)
-            logits, pk, pv = self.step(nxt, pk, pv)
+            if i + 1 < max_new_tokens: logits, pk, pv = self.step(nxt, pk, pv)   # the last token needs no step
         return np.concatenate(out, 1).tolist()
 
-# %% ../../nbs/23_optimize.ipynb #c015
+# %% ../../nbs/23_optimize.ipynb #c017
 def quantize_int8(src: str | Path, dst: str | Path | None = None) -> Path:
-    "Dynamic int8 quantization (weights int8, activations quantized at run time) of an ONNX model."
+    """Dynamic int8 quantization (weights int8, activations quantized at run time) of an ONNX model. An explicit
+    `dst` is always rebuilt; the default `<src>.int8.onnx` is reused only while it is newer than `src`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    src = Path(src); dst = Path(dst) if dst else src.with_name(src.stem + ".int8.onnx")
-    if dst.exists(): return dst
-    logging.getLogger().setLevel(logging.ERROR)     # quantize_dynamic suggests pre-processing through the root logger
-    return atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8))
+    for name, p in (("src", src), ("dst", dst)):
+        if p is not None and not isinstance(p, (str, Path)): raise TypeError(f"{name} must be a str or Path, got {type(p).__name__}")
+    src = Path(src)
+    if not src.is_file(): raise FileNotFoundError(f"no ONNX model at {src}")
+    reusable = dst is None
+    dst = src.with_name(src.stem + ".int8.onnx") if reusable else Path(dst)
+    if dst.resolve() == src.resolve(): raise ValueError(f"dst must differ from src ({src}): quantizing in place would destroy the source")
+    if reusable and dst.exists() and dst.stat().st_mtime_ns > src.stat().st_mtime_ns: return dst
+    with _quiet_loggers(""):        # quantize_dynamic suggests pre-processing through the root logger
+        return atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8))
 
 class OrtEncoder:
     "Run an exported encoder: `(ids, mask)` tensors or arrays -> (class_logits, sentence_embedding) arrays."
@@ -143,7 +200,7 @@ class OrtEncoder:
         ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
         return self.session.run(None, {"input_ids": ids, "attention_mask": mask})
 
-# %% ../../nbs/23_optimize.ipynb #c019
+# %% ../../nbs/23_optimize.ipynb #c021
 def trt_available() -> bool:
     "True when the `tensorrt` Python package imports and a CUDA device exists."
     try:
@@ -186,16 +243,38 @@ class TrtRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        trt, stream = self.trt, torch.cuda.current_stream()
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        "The torch dtype of the engine's tensor `name`."
+        pairs = [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                 ("int64", torch.int64), ("int32", torch.int32), ("int8", torch.int8), ("uint8", torch.uint8), ("bool", torch.bool)]
+        dtypes = {getattr(self.trt, k): v for k, v in pairs if hasattr(self.trt, k)}
+        trt_dtype = self.engine.get_tensor_dtype(name)
+        if trt_dtype not in dtypes: raise TypeError(f"engine tensor {name!r} has dtype {trt_dtype}, which this runner does not support")
+        return dtypes[trt_dtype]
+
+    def _checked_inputs(self, feeds) -> dict[str, torch.Tensor]:
+        "Contiguous copies of the feeds after checking names, types, device and dtypes; the caller's dict is not touched."
+        if not isinstance(feeds, dict): raise TypeError(f"feeds must be a dict of name -> tensor, got {type(feeds).__name__}")
+        missing, extra = [n for n in self.inputs if n not in feeds], sorted(set(feeds) - set(self.inputs), key=str)
+        if missing: raise KeyError(f"missing engine inputs {missing}; the engine takes {self.inputs}")
+        if extra: raise ValueError(f"unknown inputs {extra}; the engine takes {self.inputs}")
+        ready = {}
         for n in self.inputs:
-            t = feeds[n].contiguous()
-            feeds[n] = t
+            t, want = feeds[n], self._torch_dtype(n)
+            if not isinstance(t, torch.Tensor): raise TypeError(f"input {n!r} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != want: raise TypeError(f"input {n!r} has dtype {t.dtype}; the engine expects {want}")
+            if not t.is_cuda: raise ValueError(f"input {n!r} is on {t.device}; TensorRT runs on CUDA tensors")
+            ready[n] = t.contiguous()           # kept alive in `ready` until the engine has run
+        return ready
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = self._checked_inputs(feeds)
+        stream = torch.cuda.current_stream()
+        for n, t in inputs.items():
             self.context.set_input_shape(n, tuple(t.shape)); self.context.set_tensor_address(n, t.data_ptr())
         out = {}
         for n in self.outputs:
-            out[n] = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtypes[self.engine.get_tensor_dtype(n)], device="cuda")
+            out[n] = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self._torch_dtype(n), device="cuda")
             self.context.set_tensor_address(n, out[n].data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream): raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
