@@ -190,6 +190,82 @@ def test_overload_gets_429_with_retry_after(slow_server):
     assert r.status_code == 200
 
 
+def test_a_burst_respects_the_queue_bound(slow_server):
+    "Ten streams sent at once with --max-pending 4: four are served, six get 429 (before, all ten passed the check)."
+    proc, server = slow_server
+    body = {"model": "tiny-base", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}
+    async def one(c):
+        async with c.stream("POST", server + "/v1/completions", json=body) as r:
+            return r.status_code, [line async for line in r.aiter_lines() if line]
+    async def burst():
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=20)) as c:
+            return await asyncio.gather(*[one(c) for _ in range(10)])
+    got = asyncio.run(burst())
+    codes = sorted(code for code, _ in got)
+    assert codes == [200] * 4 + [429] * 6, codes
+    assert all(lines[-1] == "data: [DONE]" for code, lines in got if code == 200)
+    assert wait_idle(server)
+
+
+@pytest.fixture(scope="module")
+def small_cache():
+    "An in-process server whose KV cache (4 blocks of 16) is smaller than the context (512), with a 100 kB body limit."
+    from guide.serve.server import build_app, build_state, serve_in_thread
+    state = build_state(num_blocks=4, max_body_bytes=100_000, request_timeout=3)
+    server, thread, base = serve_in_thread(build_app(state))
+    try: yield state, base
+    finally: server.should_exit = True; thread.join(10)
+
+
+def test_limits_are_4xx_and_cheap(small_cache):
+    """A request the KV cache cannot hold is a 400, streamed or not (it was a 500, or a 200 cut short); a body over the
+    limit is a 413; a prompt too long for any tokenization is refused without tokenizing it; unknown paths share one
+    metrics label; every error is counted under its status."""
+    state, base = small_cache
+    body = {"model": "tiny-base", "prompt": "x", "max_tokens": 300}
+    for stream in (False, True):
+        r = httpx.post(base + "/v1/completions", json=body | {"stream": stream}, timeout=30)
+        assert r.status_code == 400 and "KV blocks" in r.json()["error"]["message"], r.text
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x" * 200_000}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    def chunks():
+        yield b'{"model": "tiny-base", "prompt": "'
+        for _ in range(30): yield b"y" * 10_000
+        yield b'"}'
+    r = httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text                                    # chunked: no content-length to check up front
+    t = time.perf_counter()
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "z" * 90_000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert time.perf_counter() - t < 2
+    for i in range(20): httpx.get(f"{base}/v1/nothing{i}")
+    text = httpx.get(base + "/metrics").text
+    assert "nothing" not in text and 'route="other",status="404"' in text and 'route="/v1/completions",status="400"' in text
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 8}, timeout=30)
+    assert r.status_code == 200 and state.engine.engine.num_free_blocks == 4
+
+
+def test_a_slow_or_stopped_encoder_answers_408_or_503(small_cache):
+    """An encoder batch that takes longer than request_timeout (3 s) is a 408 after it, not a wait for the batch; a
+    stopped batcher is a 503 at once, and /health says so."""
+    from guide.serve.batcher import DynamicBatcher
+    state, base = small_cache
+    real = state.encoder
+    def slow_model(seqs, length): time.sleep(6); return real.fn(seqs, length)
+    slow_model.max_len = real.fn.max_len
+    state.encoder = DynamicBatcher(slow_model, 4, 0.001).start()
+    try:
+        t = time.perf_counter()
+        r = httpx.post(base + "/v1/embeddings", json={"model": "tiny-encoder", "input": "import os"}, timeout=30)
+        assert r.status_code == 408 and 2.5 < time.perf_counter() - t < 5.5, (r.text, time.perf_counter() - t)
+    finally: state.encoder.stop(); state.encoder = real
+    real.stop()
+    r = httpx.post(base + "/v1/embeddings", json={"model": "tiny-encoder", "input": "import os"}, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "encoder_unavailable", r.text
+    h = httpx.get(base + "/health")
+    assert h.status_code == 503 and h.json()["encoder"] == "stopped"
+
+
 def test_encoder_queue_full_gets_429_with_retry_after():
     "The encoder's bounded queue (--encoder-queue 2): a request of 50 texts overflows it and gets 429; the ones queued are dropped, the worker lives on."
     proc, base = start_server("--no-llm", "--encoder-queue", "2", "--encoder-batch-size", "1", "--encoder-delay", "0")
@@ -204,8 +280,9 @@ def test_encoder_queue_full_gets_429_with_retry_after():
     finally: stop(proc)
     bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
-    bad = subprocess.run([GUIDE, "serve", "--decode-steps", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--decode-steps must be >= 1" in bad.stderr
+    for flags in (["--decode-steps", "0"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"], ["--drain-timeout", "-1"]):
+        bad = subprocess.run([GUIDE, "serve", *flags], capture_output=True, text=True)
+        assert bad.returncode == 2 and flags[0] in bad.stderr and "Traceback" not in bad.stderr, (flags, bad.stderr)
 
 
 def test_disconnect_cancels_and_frees_blocks(server):

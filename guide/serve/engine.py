@@ -2,7 +2,7 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, itertools, math, queue, random, threading, time, uuid
+import asyncio, itertools, math, queue, random, threading, time, uuid, weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -1057,10 +1057,17 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-    async def agenerate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        "Yield deltas in asyncio; cancelling the consumer (e.g. a client disconnect) aborts the request."
+    def agenerate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit now (from a running event loop; bad input raises here, before any await) and return an async iterator
+        of the deltas. Closing it early, cancelling its consumer (a client disconnect) or dropping it unstarted aborts
+        the request."""
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         req = self.submit(prompt, params, request_id, lambda o: loop.call_soon_threadsafe(q.put_nowait, o))
+        deltas = self._deltas(req, q)
+        weakref.finalize(deltas, self.abort, req.id)     # an iterator never started runs no `finally`
+        return deltas
+
+    async def _deltas(self, req: Request, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 out = await q.get()

@@ -21,9 +21,9 @@ from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
-__all__ = ['SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError', 'error_response',
-           'install_error_handlers', 'Metrics', 'ServerState', 'InflightMiddleware', 'build_app', 'DrainingServer',
-           'bind_socket', 'serve_in_thread', 'build_state', 'main']
+__all__ = ['API_ROUTES', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError',
+           'error_response', 'install_error_handlers', 'Metrics', 'ServerState', 'InflightMiddleware', 'build_app',
+           'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -151,10 +151,13 @@ class ServerState:
     "What the routes share: models, limits, the drain flag, metrics."
     def __init__(self, engine: AsyncEngine | None, tokenizer, model_name: str, encoder: DynamicBatcher | None = None,
                  encoder_tokenizer=None, encoder_name: str = "tiny-encoder", max_pending: int = 64,
-                 request_timeout: float = 60.0, encoder_labels: tuple[str, ...] = ("prose", "code")):
+                 request_timeout: float = 60.0, encoder_labels: tuple[str, ...] = ("prose", "code"), max_body_bytes: int = 4 << 20):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.encoder, self.encoder_tokenizer, self.encoder_name, self.encoder_labels = encoder, encoder_tokenizer, encoder_name, encoder_labels
-        self.max_pending, self.request_timeout = max_pending, request_timeout
+        self.max_pending, self.request_timeout, self.max_body_bytes = max_pending, request_timeout, max_body_bytes
+        # no token is longer than this many characters: a text over `n * longest` characters has over `n` tokens,
+        # so it can be refused (or cut) before the tokenizer spends seconds on megabytes
+        self.longest_token = {k: max(map(len, t.get_vocab())) for k, t in (("llm", tokenizer), ("encoder", encoder_tokenizer)) if t is not None}
         self.draining, self.inflight, self.ready = False, 0, False
         self.metrics = Metrics()
         if engine is not None: self.metrics.bind_engine(engine.engine)
@@ -162,22 +165,38 @@ class ServerState:
         end = tokenizer.convert_tokens_to_ids("<|end|>") if tokenizer is not None else None
         self.chat_stop_ids = [end] if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None) else []
 
+API_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify", "/v1/models")
+
 class InflightMiddleware:
-    "Counts API requests in flight, answers 503 while draining, records request metrics."
+    """Counts API requests in flight, answers 503 while draining and 413 for a body over `max_body_bytes`, records
+    request metrics (by route: any path that is not an API route counts as "other", so clients cannot mint series)."""
     def __init__(self, app, state: ServerState): self.app, self.state = app, state
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        st, route, status = self.state, scope["path"], [0]
+        st, status = self.state, [0]
+        route = scope["path"] if scope["path"] in API_ROUTES else "other"
         if st.draining:
             st.metrics.rejected.labels("draining").inc()
             resp = error_response(503, "server is shutting down", "server_error", code="draining", headers={"Retry-After": "1"})
             return await resp(scope, receive, send)
+        too_large = f"the request body is over {st.max_body_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > st.max_body_bytes:
+            st.metrics.requests.labels(route, "413").inc()
+            return await error_response(413, too_large, code="body_too_large")(scope, receive, send)
+        received = [0]
+        async def receive_limited():           # a chunked body has no content-length: count as it arrives
+            msg = await receive()
+            received[0] += len(msg.get("body", b""))
+            if received[0] > st.max_body_bytes: raise StarletteHTTPException(413, too_large)
+            return msg
         async def send_wrapper(msg):
             if msg["type"] == "http.response.start": status[0] = msg["status"]
             await send(msg)
         st.inflight += 1; st.metrics.inflight.inc(); t0 = time.perf_counter()
-        try: await self.app(scope, receive, send_wrapper)
+        try: await self.app(scope, receive_limited, send_wrapper)
+        except Exception: status[0] = status[0] or 500; raise
         finally:
             st.inflight -= 1; st.metrics.inflight.dec()
             st.metrics.requests.labels(route, str(status[0])).inc()
@@ -195,6 +214,20 @@ def _admit(st: ServerState):
         st.metrics.rejected.labels("overload").inc()
         raise APIError(429, "too many requests in the queue, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
 
+def _check_chars(st: ServerState, n_chars: int, param: str):
+    "Refuse a text that cannot fit the context whatever its tokens, before tokenizing it (see `ServerState.longest_token`)."
+    ctx = st.engine.engine.max_seq_len
+    if n_chars > ctx * st.longest_token["llm"]:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens; the input has {n_chars} characters, "
+                       f"more than {ctx} tokens", param=param, code="context_length_exceeded")
+
+def _submit(st: ServerState, ids: list[int], sp: SamplingParams):
+    """Queue the request in the engine now, before any response starts: the queue bound counts it at once (no await
+    between the check and the queueing), and a request the engine refuses (e.g. more KV blocks than the cache has) is a 400."""
+    _admit(st)
+    try: return st.engine.agenerate(ids, sp)
+    except ValueError as e: raise APIError(400, str(e), code="invalid_request") from None
+
 def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop_ids: list[int]) -> SamplingParams:
     try: sp = body.sampling(stop_ids)
     except ValueError as e: raise APIError(400, str(e)) from None
@@ -204,13 +237,13 @@ def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop
                        f"max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
     return sp
 
-async def _collect(st: ServerState, request: Request, prompt_ids, sp: SamplingParams) -> tuple[str, str, int]:
-    "Run a request to the end; abort it on timeout or disconnect."
+async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int]:
+    "Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect."
     text, reason, n = [], None, 0
     t0 = time.perf_counter()
     async def run():
         nonlocal reason, n
-        async for out in st.engine.agenerate(prompt_ids, sp):
+        async for out in deltas:
             if n == 0 and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0)
             text.append(out.text); n = out.completion_tokens
             if out.finished: reason = out.finish_reason
@@ -238,11 +271,11 @@ def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
 
 def _sse(obj) -> str: return f"data: {json.dumps(obj)}\n\n"
 
-async def _stream(st: ServerState, prompt_ids, sp: SamplingParams, chunk):
-    "Server-sent events: one `chunk(text, finish_reason)` per engine delta, then [DONE]. Cancellation aborts the request."
+async def _stream(st: ServerState, gen, chunk):
+    """Server-sent events of a submitted request (`_submit`'s deltas): one `chunk(text, finish_reason)` per engine
+    delta, then [DONE]. Cancellation aborts the request."""
     t0, first, n = time.perf_counter(), True, 0
     deadline = t0 + st.request_timeout
-    gen = st.engine.agenerate(prompt_ids, sp)
     try:
         while True:
             try: out = await asyncio.wait_for(gen.__anext__(), timeout=max(0.0, deadline - time.perf_counter()))
@@ -283,10 +316,11 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        e = st.engine
+        e, b = st.engine, st.encoder
         ok = e is None or (e._thread is not None and e._thread.is_alive() and e.error is None)
-        return JSONResponse({"status": "ok" if ok else "degraded", "engine_error": repr(e.error) if e and e.error else None,
-                             "pid": os.getpid()}, 200 if ok else 503)
+        encoder_ok = b is None or (b._thread is not None and b._thread.is_alive())
+        return JSONResponse({"status": "ok" if ok and encoder_ok else "degraded", "engine_error": repr(e.error) if e and e.error else None,
+                             "encoder": None if b is None else "ok" if encoder_ok else "stopped", "pid": os.getpid()}, 200 if ok and encoder_ok else 503)
 
     @app.get("/ready")
     async def ready():
@@ -310,22 +344,22 @@ def build_app(state: ServerState) -> FastAPI:
         if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
             if len(p) != 1: raise APIError(400, "this server takes one prompt per request", param="prompt")
             p = p[0]
-        if isinstance(p, str): ids = st.tokenizer.encode(p)
+        if isinstance(p, str): _check_chars(st, len(p), "prompt"); ids = st.tokenizer.encode(p)
         else:
             ids = list(p)
             V = st.engine.engine.model.config.vocab_size
             if not all(0 <= t < V for t in ids): raise APIError(400, f"token ids must be in [0, {V})", param="prompt")
         if not ids: raise APIError(400, "the prompt is empty", param="prompt")
         sp = _sampling(st, body, ids, [])
-        _admit(st)
+        deltas = _submit(st, ids, sp)
         st.metrics.prompt_tokens.inc(len(ids))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(text, reason):
                 return dict(id=cid, object="text_completion", created=created, model=st.model_name,
                             choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)])
-            return StreamingResponse(_stream(st, ids, sp, chunk), media_type="text/event-stream")
-        text, reason, n = await _collect(st, request, ids, sp)
+            return StreamingResponse(_stream(st, deltas, chunk), media_type="text/event-stream")
+        text, reason, n = await _collect(st, request, deltas)
         return dict(id=cid, object="text_completion", created=created, model=st.model_name,
                     choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)],
                     usage=dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
@@ -333,10 +367,11 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         _check_model(st, body.model)
+        _check_chars(st, sum(len(m.content) for m in body.messages), "messages")
         ids = st.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         sp = _sampling(st, body, ids, st.chat_stop_ids)
-        _admit(st)
+        deltas = _submit(st, ids, sp)
         st.metrics.prompt_tokens.inc(len(ids))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
@@ -346,8 +381,8 @@ def build_app(state: ServerState) -> FastAPI:
                 if not sent_role[0]: delta = {"role": "assistant", **delta}; sent_role[0] = True
                 return dict(id=cid, object="chat.completion.chunk", created=created, model=st.model_name,
                             choices=[dict(index=0, delta=delta, logprobs=None, finish_reason=reason)])
-            return StreamingResponse(_stream(st, ids, sp, chunk), media_type="text/event-stream")
-        text, reason, n = await _collect(st, request, ids, sp)
+            return StreamingResponse(_stream(st, deltas, chunk), media_type="text/event-stream")
+        text, reason, n = await _collect(st, request, deltas)
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
                     choices=[dict(index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=reason)],
                     usage=dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
@@ -357,16 +392,24 @@ def build_app(state: ServerState) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > 256: raise APIError(400, "input must be a text or a list of 1 to 256 texts", param="input")
         tok, max_len = st.encoder_tokenizer, st.encoder.fn.max_len
-        ids = encode_texts(tok, texts, max_len)
+        keep = (max_len + 8) * st.longest_token["encoder"]          # characters that hold the first max_len tokens and then some
+        ids = encode_texts(tok, [t[:keep] for t in texts], max_len)
         futs = []
         try:          # a full queue raises at the call (DynamicBatcher) or on the future (shared model process)
             for x in ids: futs.append(st.encoder.asubmit(x, timeout=st.request_timeout))
-            res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
+            res = await asyncio.wait_for(asyncio.gather(*futs), st.request_timeout)   # a stuck encoder must not hold the client
+        except asyncio.TimeoutError:
+            for f in futs: f.cancel()
+            st.metrics.cancelled.labels("timeout").inc()
+            raise APIError(408, "the encoder did not answer in time", "timeout_error", code="timeout") from None
         except QueueFull:
             for f in futs: f.cancel()                    # the ones already queued are skipped when their batch runs
             st.metrics.rejected.labels("overload").inc()
             raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}) from None
         except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
+        except RuntimeError as e:                          # the batcher was stopped or its model process is gone
+            for f in futs: f.cancel()
+            raise APIError(503, f"the encoder is unavailable: {e}", "server_error", code="encoder_unavailable", headers={"Retry-After": "1"}) from None
         return ids, res
 
     @app.post("/v1/embeddings")
@@ -426,7 +469,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
 def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
-                encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1) -> ServerState:
+                encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -445,7 +488,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
         batcher = DynamicBatcher(fn, encoder_batch_size, encoder_delay, encoder_queue)
     if not encoder and model is None: raise ValueError("nothing to serve: no LLM and no encoder")
     name = "" if model is None else model if model == "tiny-base" else os.path.basename(os.path.normpath(str(model)))
-    return ServerState(engine, tok, name, batcher, enc_tok, max_pending=max_pending, request_timeout=request_timeout)
+    return ServerState(engine, tok, name, batcher, enc_tok, max_pending=max_pending, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
 
 def main(argv: list[str] | None = None) -> int:
     "`guide serve`: an OpenAI-compatible server on 127.0.0.1."
@@ -466,11 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together")
     ap.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: 256 tokens per batch slot)")
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
-    ap.add_argument("--decode-steps", type=int, default=1, help="greedy decode steps per engine iteration when all running requests are greedy "
+    ap.add_argument("--decode-steps", type=int, default=1, help="decode steps per engine iteration, sampled on the device "
                     "(fewer host round trips; tokens stream in bursts of this many)")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is cancelled")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body; bigger ones get 413")
     ap.add_argument("--encoder-batch-size", type=int, default=32, help="most texts the encoder runs together")
     ap.add_argument("--encoder-delay", type=float, default=0.005, help="seconds the first text of a batch may wait for more")
     ap.add_argument("--encoder-queue", type=int, default=1024, help="texts waiting for the encoder before answering 429")
@@ -480,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {a.host} exposes the server beyond this machine", file=sys.stderr)
     if a.workers < 1: ap.error("--workers must be >= 1")
-    if min(a.max_batch_size, a.block_size, a.decode_steps) < 1: ap.error("--max-batch-size, --block-size and --decode-steps must be >= 1")
+    if min(a.max_batch_size, a.block_size, a.decode_steps, a.max_pending, a.max_body_bytes) < 1 or (a.num_blocks is not None and a.num_blocks < 1):
+        ap.error("--max-batch-size, --block-size, --decode-steps, --max-pending, --max-body-bytes and --num-blocks must be >= 1")
+    if not a.request_timeout > 0 or not a.drain_timeout >= 0: ap.error("--request-timeout must be > 0 and --drain-timeout >= 0")
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
     if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
         ap.error("--encoder-batch-size and --encoder-queue must be >= 1, --encoder-delay >= 0")
@@ -498,7 +544,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     encoder = False if a.no_encoder else RemoteBatcher(*remote, max_len=encoder_recipe(a.tier)["max_len"]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
-                        a.decode_steps)
+                        a.decode_steps, a.max_body_bytes)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
