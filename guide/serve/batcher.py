@@ -2,7 +2,7 @@
 
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
-import asyncio, concurrent.futures, copy, hashlib, itertools, json, math, os, queue, random, threading, time
+import asyncio, concurrent.futures, copy, hashlib, itertools, json, math, numbers, os, queue, random, threading, time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -228,6 +228,7 @@ class _LoopFuture:
     __slots__ = ("loop", "fut", "outcome")
     def __init__(self, loop): self.loop, self.fut, self.outcome = loop, loop.create_future(), None
     def set_running_or_notify_cancel(self) -> bool: return not self.fut.cancelled()
+    def done(self) -> bool: return self.outcome is not None
     def set_result(self, r): self.outcome = (True, r)
     def set_exception(self, e): self.outcome = (False, e)
 
@@ -246,27 +247,53 @@ def _notify(slots: list):
         try: loop.call_soon_threadsafe(_settle, items)
         except RuntimeError: pass                           # that loop is closed: nobody waits any more
 
+def _resolve(fut, result=None, error: BaseException | None = None):
+    "Settle `fut` with `result` or `error`, unless it is settled already or its caller cancelled it."
+    if fut.done(): return
+    try: fut.set_result(result) if error is None else fut.set_exception(error)
+    except concurrent.futures.InvalidStateError: pass        # cancelled by its caller just now
+
 class DynamicBatcher:
     """Group single requests into batches for `fn(list_of_token_lists, pad_length) -> list_of_results`.
-    Flush at `max_batch_size` or after `max_queue_delay` s; bucket by length; bounded queue; per-request deadlines."""
+    Flush at `max_batch_size` or after `max_queue_delay` s; bucket by length; bounded queue; per-request deadlines.
+    `stop()` fails every request still waiting (RuntimeError); `start()` serves again."""
     def __init__(self, fn: Callable[[list[list[int]], int], list], max_batch_size: int = 32, max_queue_delay: float = 0.005,
                  max_queue_size: int = 1024, buckets: tuple[int, ...] = (32, 64, 128)):
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay >= 0")
-        self.fn, self.max_batch_size, self.max_queue_delay, self.buckets = fn, max_batch_size, max_queue_delay, tuple(sorted(buckets))
+        if not callable(fn): raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if not (isinstance(max_batch_size, numbers.Integral) and max_batch_size >= 1): raise ValueError(f"max_batch_size must be an int >= 1, not {max_batch_size!r}")
+        if not (isinstance(max_queue_size, numbers.Integral) and max_queue_size >= 1): raise ValueError(f"max_queue_size must be an int >= 1, not {max_queue_size!r}")
+        if not 0 <= max_queue_delay < math.inf: raise ValueError(f"max_queue_delay must be finite seconds >= 0, not {max_queue_delay!r}")
+        buckets = tuple(sorted(buckets))
+        if not buckets or not all(isinstance(b, numbers.Integral) and b >= 1 for b in buckets): raise ValueError(f"buckets must be one or more ints >= 1, not {buckets!r}")
+        self.fn, self.max_batch_size, self.max_queue_delay, self.buckets = fn, max_batch_size, max_queue_delay, buckets
         self.queue: queue.Queue = queue.Queue(max_queue_size)
         self.stats = dict(batches=0, items=0, dropped_deadline=0, rejected=0, errors=0)
         self._stop = threading.Event(); self._thread: threading.Thread | None = None
+        self._lock, self._stopped = threading.Lock(), False    # stopped: submit refuses, so nothing waits on a dead queue
 
     def start(self) -> "DynamicBatcher":
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="guide-batcher", daemon=True); self._thread.start()
+        if self._thread is not None and self._thread.is_alive():
+            if not self._stop.is_set(): return self             # running already
+            self._thread.join()                                 # a stopping thread ends its batch and fails what waits
+        with self._lock: self._stopped = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="guide-batcher", daemon=True); self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0):
+        "Stop the thread; every request still queued or waiting for a batch fails with RuntimeError."
+        with self._lock: self._stopped = True
         self._stop.set()
         if self._thread: self._thread.join(timeout)
+        self._fail_queued([])                                    # the thread does this too, unless a batch still runs
+
+    def _fail_queued(self, pending: list):
+        "Fail `pending` and everything left in the queue: the batcher stopped."
+        while True:
+            try: pending.append(self.queue.get_nowait())
+            except queue.Empty: break
+        for item in pending: _resolve(item[3], error=RuntimeError("batcher stopped"))
+        _notify([item[3] for item in pending])
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
@@ -278,10 +305,12 @@ class DynamicBatcher:
     def _put(self, ids, timeout, fut):
         if not ids: raise ValueError("empty input")
         deadline = None if timeout is None else time.monotonic() + timeout
-        try: self.queue.put_nowait((time.monotonic(), deadline, list(ids), fut))
-        except queue.Full:
-            self.stats["rejected"] += 1
-            raise QueueFull(f"queue is full ({self.queue.maxsize} waiting)") from None
+        with self._lock:
+            if self._stopped: raise RuntimeError("batcher stopped")
+            try: self.queue.put_nowait((time.monotonic(), deadline, list(ids), fut))
+            except queue.Full:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"queue is full ({self.queue.maxsize} waiting)") from None
         return fut
 
     def asubmit(self, ids: list[int], timeout: float | None = None) -> asyncio.Future:
@@ -292,7 +321,7 @@ class DynamicBatcher:
     def _loop(self):
         pending: list = []
         while not self._stop.is_set():
-            if pending: wait = max(0.0, self.max_queue_delay - (time.monotonic() - pending[0][0]))
+            if pending: wait = min(0.05, max(0.0, self.max_queue_delay - (time.monotonic() - pending[0][0])))   # wakes to see stop()
             else: wait = 0.05
             try:
                 pending.append(self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait())
@@ -302,18 +331,23 @@ class DynamicBatcher:
                                 self.max_batch_size, self.max_queue_delay): continue
             batch, pending = pending[:self.max_batch_size], pending[self.max_batch_size:]
             self._run(batch)
+        self._fail_queued(pending)
 
     def _run(self, batch):
         try: self._run_groups(batch)
+        except Exception as e:                                   # a bug here must not end the thread: fail this batch, serve on
+            self.stats["errors"] += 1
+            for item in batch: _resolve(item[3], error=e)
         finally: _notify([item[3] for item in batch])
 
     def _run_groups(self, batch):
         now, live = time.monotonic(), []
         for item in batch:
+            if not item[3].set_running_or_notify_cancel(): continue    # its caller cancelled it
             if item[1] is not None and now > item[1]:
                 self.stats["dropped_deadline"] += 1
-                item[3].set_exception(DeadlineExceeded("deadline passed while queued"))
-            elif item[3].set_running_or_notify_cancel(): live.append(item)
+                _resolve(item[3], error=DeadlineExceeded("deadline passed while queued"))
+            else: live.append(item)
         groups: dict[int, list] = {}
         if getattr(self.fn, "packed", False):         # the fn does not pad its per-token work: one call, no buckets
             if live: groups[self.buckets[-1]] = live
@@ -322,11 +356,12 @@ class DynamicBatcher:
         for L, items in sorted(groups.items()):
             try:
                 seqs = [it[2][:L] for it in items]
-                results = self.fn(seqs, max(len(x) for x in seqs))     # pad to the group's longest, at most the bucket
-                for it, r in zip(items, results): it[3].set_result(r)
+                results = list(self.fn(seqs, max(len(x) for x in seqs)))     # pad to the group's longest, at most the bucket
+                if len(results) != len(items): raise RuntimeError(f"the model function returned {len(results)} results for {len(items)} inputs")
+                for it, r in zip(items, results): _resolve(it[3], r)
             except Exception as e:
                 self.stats["errors"] += 1
-                for it in items: it[3].set_exception(e)
+                for it in items: _resolve(it[3], error=e)
             self.stats["batches"] += 1; self.stats["items"] += len(items)
 
 # %% ../../nbs/21_batcher.ipynb #c016
@@ -414,7 +449,7 @@ def encoder_fn(model: TextEncoder, pad_id: int = 0, cuda_graphs: bool | None = N
     fn.packed, fn.max_len, fn.graphed, fn.run = True, model.max_len, graphed, run
     return fn
 
-# %% ../../nbs/21_batcher.ipynb #c020
+# %% ../../nbs/21_batcher.ipynb #c022
 def _take(chunks: list, n: int) -> list:
     "Cut the first `n` rows off the queued chunks (each a dict of equal-length row arrays + `flat` token ids)."
     out = []
@@ -546,7 +581,7 @@ def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int
     enc, tok, _ = tiny_encoder(tier, seed, device=device)
     return encoder_fn(enc, tok.pad_token_id, max_batch_size=max_batch_size)
 
-# %% ../../nbs/21_batcher.ipynb #c024
+# %% ../../nbs/21_batcher.ipynb #c026
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
     "Send `inputs` from `concurrency` threads, each waiting for its answer; stops at `time_limit` s. Returns throughput and latency percentiles."
     lat, lock, it = [], threading.Lock(), iter(inputs)

@@ -2,13 +2,13 @@
 
 # %% ../../nbs/24_multimodel.ipynb #c003
 from __future__ import annotations
-import collections, concurrent.futures, itertools, multiprocessing as mp, os, queue, threading, time
+import collections, concurrent.futures, itertools, multiprocessing as mp, numbers, os, queue, threading, time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from .batcher import QueueFull
+from .batcher import QueueFull, _resolve
 
 # %% auto #0
 __all__ = ['ModelSpec', 'ModelWorker', 'PoolFull', 'ModelPool', 'llm_scorer', 'encoder_classifier', 'shared_loader', 'probe',
@@ -26,6 +26,12 @@ class ModelSpec:
     cpus: set[int] | None = None         # pin the worker processes to these CPU cores (Linux), like a cgroup cpuset
     nice: int = 0                        # CPU priority of the workers (0..19, higher = yields more), like a cgroup cpu.weight
     threads: int = 1                     # torch threads per worker process: its share of the cores
+
+    def __post_init__(self):
+        if not callable(self.loader): raise TypeError(f"{self.name}: loader must be callable, not {type(self.loader).__name__}")
+        for field in ("concurrency", "max_queue", "memory_bytes", "threads"):
+            v = getattr(self, field)
+            if not (isinstance(v, numbers.Integral) and v >= 1): raise ValueError(f"{self.name}: {field} must be an int >= 1, not {v!r}")
 
 def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None, nice: int = 0):
     import torch
@@ -46,34 +52,68 @@ def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None, ni
         except Exception as e: outq.put((rid, False, repr(e)))
 
 class ModelWorker:
-    "One model in its own process(es): bounded pending requests, futures for answers."
+    """One model in its own process(es): bounded pending requests, futures for answers. If a process dies, the
+    pending requests fail and the worker is dead (`alive` false); a closed or dead worker's `submit` raises."""
     def __init__(self, spec: ModelSpec, start_timeout: float = 60.0):
         self.spec, ctx = spec, mp.get_context("fork")
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.lock, self.ids = threading.Lock(), itertools.count()
+        self.stats = collections.Counter()
+        self.closed, self.dead = False, None         # dead: why it stopped answering
         self.inq, self.outq = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq, spec.threads, spec.cpus, spec.nice), daemon=True)
                       for _ in range(spec.concurrency)]
         for p in self.procs: p.start()
         self.nbytes, loaded = 0, 0
-        t0 = time.monotonic()
+        t_end = time.monotonic() + start_timeout
         while loaded < spec.concurrency:
-            try: kind, pid, info = self.outq.get(timeout=max(0.1, start_timeout - (time.monotonic() - t0)))
-            except queue.Empty: self.close(); raise TimeoutError(f"{spec.name}: workers did not start") from None
+            exited = self._exit_codes()              # an exited process's last message is in the pipe already: read it first
+            try: kind, pid, info = self.outq.get(timeout=1.0 if exited else 0.1)
+            except queue.Empty:
+                if exited: self.close(); raise RuntimeError(f"{spec.name}: a worker process exited while loading (exit codes {exited})") from None
+                if time.monotonic() > t_end: self.close(); raise TimeoutError(f"{spec.name}: workers did not start") from None
+                continue
             if kind == "failed": self.close(); raise RuntimeError(f"{spec.name}: worker failed to load: {info}")
             self.nbytes = max(self.nbytes, info); loaded += 1
-        self.pending: dict[int, concurrent.futures.Future] = {}
-        self.lock, self.ids = threading.Lock(), itertools.count()
-        self.stats = collections.Counter()
         self._collector = threading.Thread(target=self._collect, daemon=True); self._collector.start()
 
-    def _collect(self):
+    def _exit_codes(self) -> list[int]:
+        return [p.exitcode for p in self.procs if p.exitcode is not None]
+
+    @property
+    def alive(self) -> bool: return not self.closed and self.dead is None
+
+    def _collect(self, check_every: float = 0.5):
+        next_check = time.monotonic() + check_every
+        while not self.closed:
+            try: msg = self.outq.get(timeout=check_every)
+            except queue.Empty: msg = None
+            except (EOFError, OSError, ValueError): return       # the queue is gone
+            if msg is not None:
+                if msg[0] is None: return                         # close()
+                self._answer(*msg)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
+                exited = self._exit_codes()
+                if exited and not self.closed: self._die(f"a worker process died (exit codes {exited})"); return
+
+    def _answer(self, rid, ok, value):
+        with self.lock: fut = self.pending.pop(rid, None)
+        if fut is not None: _resolve(fut, value) if ok else _resolve(fut, error=RuntimeError(value))
+
+    def _die(self, reason: str):
+        "Settle the answers that did arrive, fail every other pending request, refuse new ones."
         while True:
-            try: rid, ok, value = self.outq.get()
-            except (EOFError, OSError, ValueError): return
-            if rid is None: return
-            with self.lock: fut = self.pending.pop(rid, None)
-            if fut is None: continue
-            if ok: fut.set_result(value)
-            else: fut.set_exception(RuntimeError(value))
+            try: rid, ok, value = self.outq.get_nowait()
+            except (queue.Empty, EOFError, OSError, ValueError): break
+            if rid is not None: self._answer(rid, ok, value)
+        self._fail_pending(reason, dead=True)
+
+    def _fail_pending(self, reason: str, dead: bool = False):
+        with self.lock:
+            if dead: self.dead = reason
+            failed, self.pending = list(self.pending.values()), {}
+        for f in failed: _resolve(f, error=RuntimeError(f"{self.spec.name}: {reason}"))
 
     @property
     def busy(self) -> int:
@@ -82,35 +122,43 @@ class ModelWorker:
     def submit(self, payload) -> concurrent.futures.Future:
         "Queue one request; QueueFull when `max_queue` requests are already pending for this model."
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self.lock:
+        with self.lock:                              # close() and the collector cannot come between the check and the put
+            if not self.alive: raise RuntimeError(f"{self.spec.name}: the worker is " + ("closed" if self.closed else f"dead: {self.dead}"))
             if len(self.pending) >= self.spec.max_queue:
                 self.stats["rejected"] += 1
                 raise QueueFull(f"{self.spec.name}: {len(self.pending)} requests pending")
             rid = next(self.ids); self.pending[rid] = fut; self.stats["accepted"] += 1
-        self.inq.put((rid, payload))
+            self.inq.put((rid, payload))
         return fut
 
     def close(self, timeout: float = 5.0):
+        "Stop the processes; requests still pending fail with RuntimeError."
+        with self.lock:
+            if self.closed: return
+            self.closed = True
+        self._fail_pending("the worker was closed")
         for _ in self.procs: self.inq.put(None)
         for p in self.procs:
             p.join(timeout)
             if p.is_alive(): p.terminate(); p.join(1)
         try: self.outq.put((None, None, None))
         except (ValueError, OSError): pass
-        with getattr(self, "lock", threading.Lock()):
-            for f in getattr(self, "pending", {}).values(): f.cancel()
 
-# %% ../../nbs/24_multimodel.ipynb #c008
+# %% ../../nbs/24_multimodel.ipynb #c009
 class PoolFull(RuntimeError):
     "No idle model can be unloaded to make room under the pool's memory budget."
 
 class ModelPool:
     "Models with their own workers, limits and budgets; LRU load/unload under a total memory budget."
     def __init__(self, total_memory_bytes: int):
+        if not (isinstance(total_memory_bytes, numbers.Integral) and total_memory_bytes >= 1): raise ValueError(f"total_memory_bytes must be an int >= 1, not {total_memory_bytes!r}")
         self.total = total_memory_bytes
         self.specs: dict[str, ModelSpec] = {}
         self.workers: collections.OrderedDict[str, ModelWorker] = collections.OrderedDict()   # LRU order: oldest first
-        self.lock = threading.RLock()
+        self.loading: dict[str, concurrent.futures.Future] = {}      # models whose workers are starting
+        self.pins: collections.Counter[ModelWorker] = collections.Counter()   # requests between finding a worker and queueing on it
+        self.lock = threading.Lock()
+        self.closed = False
         self.events: list[tuple[str, str]] = []
 
     def register(self, spec: ModelSpec):
@@ -118,35 +166,77 @@ class ModelPool:
         self.specs[spec.name] = spec
 
     @property
-    def used(self) -> int: return sum(w.spec.memory_bytes for w in self.workers.values())
+    def used(self) -> int:
+        "Declared memory of the loaded models and of those being loaded."
+        return sum(w.spec.memory_bytes for w in self.workers.values()) + sum(self.specs[n].memory_bytes for n in self.loading)
 
-    def _ensure(self, name: str) -> ModelWorker:
+    def _ensure(self, name: str, pin: bool = False) -> ModelWorker:
+        "The live worker of `name`, loaded if need be (`pin`: count one more request about to be queued on it)."
         if name not in self.specs: raise KeyError(f"unknown model {name!r}")
+        while True:
+            with self.lock:
+                if self.closed: raise RuntimeError("the pool is closed")
+                w = self.workers.get(name)
+                if w is not None and w.alive:
+                    self.workers.move_to_end(name)
+                    if pin: self.pins[w] += 1
+                    return w
+                loading = self.loading.get(name)
+                if loading is None:                  # this thread loads it
+                    victims = self._make_room(name)
+                    loading = self.loading[name] = concurrent.futures.Future()
+                    break
+            loading.result()                         # another thread is loading it: wait for that load, then look again
+        for v in victims: v.close()
+        try: w = ModelWorker(self.specs[name])
+        except BaseException as e:
+            with self.lock: del self.loading[name]
+            loading.set_exception(e); raise
         with self.lock:
-            if name in self.workers:
-                self.workers.move_to_end(name); return self.workers[name]
-            spec = self.specs[name]
-            for victim in list(self.workers):
-                if self.used + spec.memory_bytes <= self.total: break
-                if self.workers[victim].busy == 0: self.unload(victim)
-            if self.used + spec.memory_bytes > self.total:
-                raise PoolFull(f"cannot load {name}: {self.used} of {self.total} bytes in use by busy models")
-            self.workers[name] = ModelWorker(spec); self.events.append(("load", name))
-            return self.workers[name]
+            del self.loading[name]
+            closed = self.closed
+            if not closed:
+                self.workers[name] = w; self.events.append(("load", name))
+                if pin: self.pins[w] += 1
+        if closed:                                   # close() came while it loaded
+            w.close(); loading.set_exception(RuntimeError("the pool is closed")); raise RuntimeError("the pool is closed")
+        loading.set_result(w)
+        return w
+
+    def _make_room(self, name: str) -> list[ModelWorker]:
+        "Under the lock: take out a dead worker of `name`, then least recently used idle workers until `name` fits; returns them to close."
+        out = []
+        if name in self.workers: out.append(self.workers.pop(name)); self.events.append(("died", name))
+        need = self.specs[name].memory_bytes
+        idle = [n for n, w in self.workers.items() if (w.busy == 0 and not self.pins[w]) or not w.alive]
+        if self.used - sum(self.workers[n].spec.memory_bytes for n in idle) + need > self.total:
+            raise PoolFull(f"cannot load {name}: {self.used} of {self.total} bytes in use by busy or loading models")
+        for victim in idle:
+            if self.used + need <= self.total: break
+            out.append(self.workers.pop(victim)); self.events.append(("unload", victim))
+        return out
 
     def unload(self, name: str):
+        "Close the worker of `name`; its pending requests fail."
         with self.lock:
             w = self.workers.pop(name, None)
-            if w: w.close(); self.events.append(("unload", name))
+            if w: self.events.append(("unload", name))
+        if w: w.close()
 
     def submit(self, name: str, payload) -> concurrent.futures.Future:
         "Send `payload` to model `name` (loaded on demand); QueueFull when that model's queue is full."
-        return self._ensure(name).submit(payload)
+        w = self._ensure(name, pin=True)
+        try: return w.submit(payload)
+        finally:
+            with self.lock:
+                self.pins[w] -= 1
+                if not self.pins[w]: del self.pins[w]
 
     def close(self):
+        with self.lock: self.closed = True
         for n in list(self.workers): self.unload(n)
 
-# %% ../../nbs/24_multimodel.ipynb #c010
+# %% ../../nbs/24_multimodel.ipynb #c011
 def llm_scorer(tier: str = "tiny", seed: int = 0):
     "Loader: the tiny base LM; fn(token ids) -> mean log-prob of the sequence."
     import torch
@@ -176,7 +266,7 @@ def shared_loader(tier: str = "tiny", seed: int = 0):
     fns = {"A": a, "B": b}
     return (lambda p: fns[p[0]](p[1])), na + nb
 
-# %% ../../nbs/24_multimodel.ipynb #c013
+# %% ../../nbs/24_multimodel.ipynb #c014
 def probe(call: Callable[[], Any], n: int = 150, time_limit: float = 30.0, gap: float = 0.002) -> np.ndarray:
     "Latencies (ms) of up to `n` sequential calls, stopping at `time_limit` s."
     out, t_end = [], time.monotonic() + time_limit

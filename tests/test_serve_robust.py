@@ -1,0 +1,191 @@
+"""Serving under failure: the dynamic batcher (chapter 21) and the model pool (chapter 24) settle every request,
+whatever callers, model functions and worker processes do."""
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+
+import pytest
+
+from guide.serve.batcher import DeadlineExceeded, DynamicBatcher
+from guide.serve.multimodel import ModelPool, ModelSpec, ModelWorker, PoolFull
+
+
+def lengths(seqs, L): return [len(s) for s in seqs]
+
+
+def slow_lengths(seqs, L):
+    time.sleep(0.1)
+    return [len(s) for s in seqs]
+
+
+# --- DynamicBatcher ---------------------------------------------------------------------------------------------
+
+def test_batcher_survives_a_cancelled_late_request():
+    "A request cancelled by its caller after its deadline passed used to kill the batcher thread (InvalidStateError)."
+    with DynamicBatcher(slow_lengths, max_batch_size=1, max_queue_delay=0) as b:
+        first = b.submit([1, 2]); time.sleep(0.02)
+        gone = [b.submit([3], timeout=0.01) for _ in range(3)]
+        for f in gone: f.cancel()
+        assert first.result(5) == 2
+        assert b.submit([4]).result(5) == 1 and b._thread.is_alive()
+        late = b.submit([5], timeout=0); time.sleep(0.05)
+        with pytest.raises(DeadlineExceeded): late.result(5)
+
+
+def test_batcher_fails_a_group_with_too_few_results():
+    b = DynamicBatcher(lambda seqs, L: [0], max_batch_size=4)
+    futs = [b.submit([i + 1]) for i in range(3)]
+    with b:
+        for f in futs:
+            with pytest.raises(RuntimeError, match="1 results for 3 inputs"): f.result(5)
+        assert b.stats["errors"] == 1
+
+
+def test_batcher_survives_a_bug_outside_the_model_call():
+    "An exception anywhere in a batch's handling fails that batch; the thread serves the next one."
+    class Flaky:
+        calls = 0
+        @property
+        def packed(self):
+            Flaky.calls += 1
+            if Flaky.calls == 1: raise KeyError("boom")
+            return False
+        def __call__(self, seqs, L): return lengths(seqs, L)
+    with DynamicBatcher(Flaky(), max_batch_size=1, max_queue_delay=0) as b:
+        with pytest.raises(KeyError): b.submit([1]).result(5)
+        assert b.submit([1, 2]).result(5) == 2
+
+
+def test_batcher_stop_fails_held_and_queued_requests():
+    b = DynamicBatcher(slow_lengths, max_batch_size=2, max_queue_delay=10).start()
+    held = b.submit([1]); time.sleep(0.1)                            # taken by the thread, waiting for a fuller batch
+    t0 = time.monotonic(); b.stop()
+    assert time.monotonic() - t0 < 1                                 # does not sleep out max_queue_delay
+    with pytest.raises(RuntimeError, match="batcher stopped"): held.result(1)
+    with pytest.raises(RuntimeError, match="batcher stopped"): b.submit([6])
+    b.start()                                                        # serves again
+    running = [b.submit([1]), b.submit([2])]; time.sleep(0.03)      # a full batch: the model is running it
+    queued = [b.submit([3]), b.submit([4])]                          # still in the queue when stop() comes
+    b.stop()
+    assert [f.result(1) for f in running] == [1, 1]
+    for f in queued:
+        with pytest.raises(RuntimeError, match="batcher stopped"): f.result(1)
+    assert b.queue.qsize() == 0
+
+
+def test_batcher_stop_fails_asyncio_requests():
+    async def main():
+        b = DynamicBatcher(lengths, max_batch_size=8, max_queue_delay=10).start()
+        futs = [b.asubmit([i + 1]) for i in range(3)]
+        await asyncio.sleep(0.1)
+        await asyncio.get_running_loop().run_in_executor(None, b.stop)
+        return await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 2)
+    out = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "stopped" in str(r) for r in out), out
+
+
+@pytest.mark.parametrize("bad", [dict(buckets=()), dict(buckets=(0, 8)), dict(max_batch_size=0), dict(max_queue_size=0),
+                                 dict(max_queue_delay=-0.1), dict(max_queue_delay=float("inf")), dict(max_queue_delay=float("nan"))])
+def test_batcher_refuses_bad_settings(bad):
+    with pytest.raises(ValueError): DynamicBatcher(lengths, **bad)
+
+
+# --- ModelWorker / ModelPool ------------------------------------------------------------------------------------
+
+def echo(): return (lambda p: p), 10
+def slow_load(): time.sleep(2); return (lambda p: p), 10
+def crashy(): return (lambda p: os._exit(1) if p == "crash" else p), 10
+
+
+@pytest.mark.parametrize("field", ["concurrency", "max_queue", "memory_bytes", "threads"])
+def test_model_spec_refuses_bad_limits(field):
+    with pytest.raises(ValueError, match=field): ModelSpec("m", echo, **{field: 0})
+
+
+def test_unloaded_worker_refuses_submit():
+    "A worker handed out, then unloaded by another model's load, refuses the request instead of losing it."
+    pool = ModelPool(100)
+    pool.register(ModelSpec("A", echo, memory_bytes=60)); pool.register(ModelSpec("B", echo, memory_bytes=60))
+    try:
+        w = pool._ensure("A")
+        assert pool.submit("B", "b").result(5) == "b" and pool.events[-2:] == [("unload", "A"), ("load", "B")]
+        with pytest.raises(RuntimeError, match="closed"): w.submit("a")
+    finally: pool.close()
+
+
+def test_pinned_worker_is_not_unloaded():
+    "Between finding its worker and queueing on it, a request pins the worker: another model's load cannot evict it."
+    pool = ModelPool(100)
+    pool.register(ModelSpec("A", echo, memory_bytes=60)); pool.register(ModelSpec("B", echo, memory_bytes=60))
+    try:
+        w = pool._ensure("A", pin=True)
+        with pytest.raises(PoolFull): pool.submit("B", "b")
+        assert w.submit("a").result(5) == "a"
+        pool.pins[w] -= 1
+        assert pool.submit("B", "b").result(5) == "b"
+    finally: pool.close()
+
+
+def test_concurrent_submits_to_two_models_all_settle():
+    "Two models that do not fit together, hammered from threads: every future settles (answer, PoolFull or QueueFull)."
+    pool = ModelPool(100)
+    pool.register(ModelSpec("A", echo, memory_bytes=60)); pool.register(ModelSpec("B", echo, memory_bytes=60))
+    futs, errors = [], []
+    def client(name):
+        for i in range(15):
+            try: futs.append(pool.submit(name, i))
+            except RuntimeError as e: errors.append(e)
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in "ABAB"]
+        for t in threads: t.start()
+        for t in threads: t.join(30)
+        done, not_done = concurrent.futures.wait(futs, timeout=10)
+        assert not not_done and len(futs) + len(errors) == 60
+    finally: pool.close()
+
+
+def test_loading_one_model_does_not_block_another():
+    pool = ModelPool(1000)
+    pool.register(ModelSpec("A", echo, memory_bytes=10)); pool.register(ModelSpec("S", slow_load, memory_bytes=10))
+    try:
+        assert pool.submit("A", 0).result(5) == 0
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            loads = [ex.submit(lambda: pool.submit("S", 1).result(10)) for _ in range(2)]   # two requests, one load
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert pool.submit("A", 2).result(5) == 2
+            assert time.monotonic() - t0 < 1.0
+            assert pool.used == 20                   # the model being loaded counts against the budget
+            assert [f.result(15) for f in loads] == [1, 1]
+        assert pool.events.count(("load", "S")) == 1
+    finally: pool.close()
+
+
+def test_dead_worker_fails_its_requests_and_reloads():
+    w = ModelWorker(ModelSpec("C", crashy, max_queue=8))
+    try:
+        assert w.submit("ok").result(5) == "ok"
+        futs = [w.submit("crash"), w.submit("later")]
+        for f in futs:
+            with pytest.raises(RuntimeError, match="died"): f.result(5)
+        assert w.busy == 0 and not w.alive
+        with pytest.raises(RuntimeError, match="dead"): w.submit("x")
+    finally: w.close()
+    pool = ModelPool(100)
+    pool.register(ModelSpec("C", crashy, memory_bytes=60))
+    try:
+        with pytest.raises(RuntimeError, match="died"): pool.submit("C", "crash").result(5)
+        assert pool.submit("C", "again").result(5) == "again"
+        assert pool.events == [("load", "C"), ("died", "C"), ("load", "C")]
+    finally: pool.close()
+
+
+def test_worker_that_fails_to_load_reports_why():
+    def broken(): raise OSError("weights missing")
+    with pytest.raises(RuntimeError, match="weights missing"): ModelWorker(ModelSpec("X", broken))
+    def vanish(): os._exit(3)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited while loading"): ModelWorker(ModelSpec("Y", vanish))
+    assert time.monotonic() - t0 < 5
