@@ -141,10 +141,14 @@ def _fsync_dir(path: Path):
         finally: os.close(fd)
     except OSError: pass            # some file systems cannot fsync a folder
 
+_UMASK = os.umask(0o022); os.umask(_UMASK)           # read once: mkstemp/mkdtemp make private files, the result should not be
+
 def atomic_write(path: str | Path, write) -> Path:
-    "Call `write(tmp_path)`, fsync the file, then rename it to `path`: readers never see a partial file."
+    """Call `write(tmp_path)`, fsync the file, then rename it to `path`: readers never see a partial file. The file
+    gets the permissions a plain `open` would give (mkstemp's are owner-only)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
@@ -158,6 +162,7 @@ def atomic_dir(path: str | Path):
     "Yield a fresh temporary folder beside `path`; if the block succeeds it replaces `path`, if it raises it is removed."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         for f in tmp.rglob("*"):

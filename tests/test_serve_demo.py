@@ -64,3 +64,8 @@ def test_chromium_screenshot(demo_url, tmp_path):
     shot = chromium_screenshot(demo_url, tmp_path / "chat.png")
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape[0] >= 600 and img.std() > 5          # a rendered page, not a blank one
+
+
+def test_demo_refuses_a_missing_model_folder():
+    r = subprocess.run([GUIDE, "demo", "chat", "--model", "/no/such/model"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no such model folder" in r.stderr and "Traceback" not in r.stderr, r.stderr

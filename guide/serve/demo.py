@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1"); ap.add_argument("--port", type=int, default=7860, help="0 picks a free port")
     ap.add_argument("--device", default=None); ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.model != "tiny-base" and not os.path.isdir(a.model): ap.error(f"--model {a.model}: no such model folder")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from guide.core import setup_torch
     from guide.pretrained import load, tiny_base

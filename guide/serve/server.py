@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {a.host} exposes the server beyond this machine", file=sys.stderr)
     if a.workers < 1: ap.error("--workers must be >= 1")
+    if not a.no_llm and a.model != "tiny-base" and not os.path.isdir(a.model): ap.error(f"--model {a.model}: no such model folder")
     if min(a.max_batch_size, a.block_size, a.decode_steps, a.max_pending, a.max_body_bytes) < 1 or (a.num_blocks is not None and a.num_blocks < 1):
         ap.error("--max-batch-size, --block-size, --decode-steps, --max-pending, --max-body-bytes and --num-blocks must be >= 1")
     if not a.request_timeout > 0 or not a.drain_timeout >= 0: ap.error("--request-timeout must be > 0 and --drain-timeout >= 0")
