@@ -86,7 +86,9 @@ def test_fuzz_request_bodies_then_engine_is_healthy(client):
             err = r.json()["error"]
             assert isinstance(err["message"], str) and err["type"] == "invalid_request_error"
         elif '"stream": true' in body.decode("utf-8", "replace"):
-            assert r.text.rstrip().endswith("data: [DONE]") or "error" in r.text
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events and events[-1] == "[DONE]", r.text                  # a stream always ends properly
+            assert all("choices" in json.loads(e) or "error" in json.loads(e) for e in events[:-1]), r.text
 
     case()
     print(dict(seen))
