@@ -395,21 +395,25 @@ def build_app(state: ServerState) -> FastAPI:
         keep = (max_len + 8) * st.longest_token["encoder"]          # characters that hold the first max_len tokens and then some
         ids = encode_texts(tok, [t[:keep] for t in texts], max_len)
         futs = []
+        def expire():                 # a stuck or slow encoder must not hold the client: its answers come too late
+            for f in futs:
+                if not f.done(): f.set_exception(DeadlineExceeded("the encoder did not answer in time"))
+        timer = asyncio.get_running_loop().call_later(st.request_timeout, expire)   # one timer, not a task per request
         try:          # a full queue raises at the call (DynamicBatcher) or on the future (shared model process)
             for x in ids: futs.append(st.encoder.asubmit(x, timeout=st.request_timeout))
-            res = await asyncio.wait_for(asyncio.gather(*futs), st.request_timeout)   # a stuck encoder must not hold the client
-        except asyncio.TimeoutError:
-            for f in futs: f.cancel()
-            st.metrics.cancelled.labels("timeout").inc()
-            raise APIError(408, "the encoder did not answer in time", "timeout_error", code="timeout") from None
+            res = [await futs[0]] if len(futs) == 1 else await asyncio.gather(*futs)
         except QueueFull:
             for f in futs: f.cancel()                    # the ones already queued are skipped when their batch runs
             st.metrics.rejected.labels("overload").inc()
             raise APIError(429, "encoder queue is full, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}) from None
-        except DeadlineExceeded: raise APIError(408, "request timed out in the queue", "timeout_error", code="timeout") from None
+        except DeadlineExceeded:
+            for f in futs: f.cancel()
+            st.metrics.cancelled.labels("timeout").inc()
+            raise APIError(408, "request timed out", "timeout_error", code="timeout") from None
         except RuntimeError as e:                          # the batcher was stopped or its model process is gone
             for f in futs: f.cancel()
             raise APIError(503, f"the encoder is unavailable: {e}", "server_error", code="encoder_unavailable", headers={"Retry-After": "1"}) from None
+        finally: timer.cancel()
         return ids, res
 
     @app.post("/v1/embeddings")
