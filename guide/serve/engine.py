@@ -729,7 +729,7 @@ class RequestOutput:
 
 class Request:
     "One generation request inside the engine."
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, device, arrival: float | None = None,
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None,
                  callback: Callable[[RequestOutput], None] | None = None):
         self.id, self.prompt_ids, self.params, self.callback = request_id, list(prompt_ids), params, callback
         self.output_ids: list[int] = []
@@ -816,7 +816,7 @@ class Engine:
             rid = request_id
             while rid is None or (request_id is None and rid in self.requests): rid = f"req-{next(self._ids)}"   # skip ids a caller took
             if rid in self.requests: raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, ids, params, self.model.device, callback=callback)
+            req = Request(rid, ids, params, callback=callback)
             if self.tokenizer is not None: req.detokenizer = IncrementalDetokenizer(self.tokenizer)
             self.requests[rid] = req; self.waiting.append(req)
         return req
