@@ -263,7 +263,7 @@ def test_a_slow_or_stopped_encoder_answers_408_or_503(small_cache):
     r = httpx.post(base + "/v1/embeddings", json={"model": "tiny-encoder", "input": "import os"}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "encoder_unavailable", r.text
     h = httpx.get(base + "/health")
-    assert h.status_code == 503 and h.json()["encoder"] == "stopped"
+    assert h.status_code == 503 and h.json()["encoder"] == "unavailable"
 
 
 def test_encoder_queue_full_gets_429_with_retry_after():
@@ -370,6 +370,41 @@ def test_prefork_workers_encoder_only(shared):
         assert not [p for p in children if _alive(p)], "a worker or the encoder process outlived the server"
     finally:
         stop(proc)
+
+
+def test_a_dead_shared_encoder_is_503_at_once():
+    """SIGKILL the shared encoder's model process: every worker's /health turns 503 within seconds and encoder requests
+    get 503 encoder_unavailable at once (not a wait for the request timeout); SIGTERM still stops the server, exit 1."""
+    proc, base = start_server("--no-llm", "--workers", "2", "--shared-encoder", "--request-timeout", "60")
+    try:
+        model_procs = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+        assert len(model_procs) == 1, [(p, _cmdline(p)) for p in _children(proc.pid)]
+        body = {"model": "tiny-encoder", "input": "import os"}
+        assert httpx.post(base + "/v1/classify", json=body).status_code == 200
+        os.kill(model_procs[0], signal.SIGKILL)
+        unhealthy, t0 = set(), time.monotonic()
+        while len(unhealthy) < 2 and time.monotonic() - t0 < 15:
+            with httpx.Client() as c: h = c.get(base + "/health")     # a new connection each time: both workers answer
+            if h.status_code == 503:
+                assert h.json()["encoder"] == "unavailable", h.text
+                unhealthy.add(h.json()["pid"])
+            time.sleep(0.05)
+        assert len(unhealthy) == 2, unhealthy
+        for _ in range(4):
+            t = time.perf_counter()
+            with httpx.Client() as c: r = c.post(base + "/v1/classify", json=body, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "encoder_unavailable", r.text
+            assert time.perf_counter() - t < 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1
+    finally:
+        stop(proc)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f: return f.read().replace(b"\0", b" ").decode()
+    except OSError: return ""
 
 
 def _alive(pid: int) -> bool:

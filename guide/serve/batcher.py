@@ -2,7 +2,7 @@
 
 # %% ../../nbs/21_batcher.ipynb #c003
 from __future__ import annotations
-import asyncio, concurrent.futures, copy, hashlib, itertools, json, math, numbers, os, queue, random, threading, time
+import asyncio, concurrent.futures, copy, hashlib, itertools, json, math, numbers, os, queue, random, select, threading, time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -287,6 +287,11 @@ class DynamicBatcher:
         if self._thread: self._thread.join(timeout)
         self._fail_queued([])                                    # the thread does this too, unless a batch still runs
 
+    @property
+    def alive(self) -> bool:
+        "Started, not stopped, and its thread running (what a health check asks)."
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
     def _fail_queued(self, pending: list):
         "Fail `pending` and everything left in the queue: the batcher stopped."
         while True:
@@ -523,12 +528,25 @@ class RemoteBatcher:
     """A front process's handle on a `batcher_process`: `asubmit(ids, timeout)` returns an asyncio future of
     `{probs, embedding}` (the embedding a float32 array), like `DynamicBatcher.asubmit`; but a full queue or a passed
     deadline arrive on the future (as QueueFull / DeadlineExceeded), not at the call. The requests of one event-loop
-    tick go out as one message. Call `start()` on the event loop that will submit."""
-    def __init__(self, front: int, requests, replies, max_len: int = 128):
-        self.front, self.requests, self.replies = front, requests, replies
+    tick go out as one message. Call `start()` on the event loop that will submit.
+    `sentinel`: the model process's `multiprocessing` sentinel (a file descriptor, inherited by forked fronts) that
+    becomes readable when that process ends. With it, a dead model process is noticed: `alive` turns false, the
+    requests waiting on it fail with RuntimeError, and `asubmit` raises RuntimeError, instead of every request
+    waiting for its deadline."""
+    def __init__(self, front: int, requests, replies, max_len: int = 128, sentinel: int | None = None):
+        self.front, self.requests, self.replies, self.sentinel = front, requests, replies, sentinel
         self.fn = SimpleNamespace(max_len=max_len)                  # what the server reads off a batcher's function
         self.loop, self._pending, self._outbox, self._ids, self._thread = None, {}, [], itertools.count(), None
+        self.gone: str | None = None                                # why the model process cannot answer any more
         self.stats = dict(requests=0, messages_sent=0, replies=0)
+
+    @property
+    def alive(self) -> bool:
+        "Started, reading replies, and its model process (when a sentinel says which) still running."
+        return self._thread is not None and self._thread.is_alive() and self.gone is None and not self._process_ended()
+
+    def _process_ended(self) -> bool:
+        return self.sentinel is not None and bool(select.select([self.sentinel], [], [], 0)[0])
 
     def start(self) -> "RemoteBatcher":
         self.loop = asyncio.get_running_loop()
@@ -544,6 +562,7 @@ class RemoteBatcher:
     def asubmit(self, ids: list[int], timeout: float | None = None) -> asyncio.Future:
         if not ids: raise ValueError("empty input")
         if len(ids) > self.fn.max_len: raise ValueError(f"{len(ids)} tokens, the encoder takes at most {self.fn.max_len}")   # would fail its whole batch
+        if self.gone is not None: raise RuntimeError(self.gone)
         rid, fut = next(self._ids), self.loop.create_future()
         self._pending[rid] = fut; self.stats["requests"] += 1
         if not self._outbox: self.loop.call_soon(self._flush)         # once per event-loop tick
@@ -559,9 +578,23 @@ class RemoteBatcher:
                                             deadlines=np.fromiter((d for _, _, d in out), np.float64, n))))
         self.stats["messages_sent"] += 1
 
-    def _read(self):
-        while (msg := self.replies.get()) is not None:
+    def _read(self, check_every: float = 0.5):
+        ended = False
+        while True:
+            try: msg = self.replies.get(timeout=check_every)
+            except queue.Empty:
+                if ended:                          # and what it wrote just before it ended has been read
+                    self.loop.call_soon_threadsafe(self._fail_all, "the encoder's model process has exited"); return
+                ended = self._process_ended()
+                continue
+            if msg is None: return
             self.loop.call_soon_threadsafe(self._settle, msg)
+
+    def _fail_all(self, reason: str):
+        self.gone = reason
+        for fut in self._pending.values():
+            if not fut.done(): fut.set_exception(RuntimeError(reason))
+        self._pending.clear()
 
     def _settle(self, msg):
         rids, status, probs, emb, error = msg
@@ -581,7 +614,7 @@ def load_encoder_fn(tier: str = "tiny", seed: int = 0, device=None, threads: int
     enc, tok, _ = tiny_encoder(tier, seed, device=device)
     return encoder_fn(enc, tok.pad_token_id, max_batch_size=max_batch_size)
 
-# %% ../../nbs/21_batcher.ipynb #c026
+# %% ../../nbs/21_batcher.ipynb #c028
 def closed_loop(call: Callable[[list[int]], Any], inputs: list[list[int]], concurrency: int = 32, time_limit: float = 60.0) -> dict:
     "Send `inputs` from `concurrency` threads, each waiting for its answer; stops at `time_limit` s. Returns throughput and latency percentiles."
     lat, lock, it = [], threading.Lock(), iter(inputs)

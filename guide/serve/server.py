@@ -2,7 +2,7 @@
 
 # %% ../../nbs/22_server.ipynb #c003
 from __future__ import annotations
-import argparse, asyncio, base64, json, multiprocessing, os, signal, socket, sys, threading, time, uuid
+import argparse, asyncio, base64, json, multiprocessing, multiprocessing.connection, os, signal, socket, sys, threading, time, uuid
 from functools import partial
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -318,9 +318,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         e, b = st.engine, st.encoder
         ok = e is None or (e._thread is not None and e._thread.is_alive() and e.error is None)
-        encoder_ok = b is None or (b._thread is not None and b._thread.is_alive())
+        encoder_ok = b is None or b.alive                # a shared encoder's model process may have died
         return JSONResponse({"status": "ok" if ok and encoder_ok else "degraded", "engine_error": repr(e.error) if e and e.error else None,
-                             "encoder": None if b is None else "ok" if encoder_ok else "stopped", "pid": os.getpid()}, 200 if ok and encoder_ok else 503)
+                             "encoder": None if b is None else "ok" if encoder_ok else "unavailable", "pid": os.getpid()}, 200 if ok and encoder_ok else 503)
 
     @app.get("/ready")
     async def ready():
@@ -543,10 +543,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) -> int:
     """Load the models and run one uvicorn server on `sock` until SIGTERM has drained it. `remote`: (worker index,
-    requests queue, replies queue) of a shared encoder process, instead of loading the encoder here."""
+    requests queue, replies queue, process sentinel) of a shared encoder process, instead of loading the encoder here."""
     from guide.core import setup_torch
     setup_torch(a.threads)
-    encoder = False if a.no_encoder else RemoteBatcher(*remote, max_len=encoder_recipe(a.tier)["max_len"]) if remote else True
+    encoder = False if a.no_encoder else RemoteBatcher(*remote[:3], max_len=encoder_recipe(a.tier)["max_len"], sentinel=remote[3]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
                         a.decode_steps, a.max_body_bytes)
@@ -573,7 +573,7 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
         model_proc.start()
         while not ready.wait(0.5):
             if not model_proc.is_alive(): print("guide serve: the encoder process failed to start", file=sys.stderr, flush=True); return 1
-        remote = [(i, requests, replies[i]) for i in range(a.workers)]
+        remote = [(i, requests, replies[i], model_proc.sentinel) for i in range(a.workers)]
     pids = []
     for i in range(a.workers):
         pid = os.fork()
@@ -587,6 +587,14 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
             try: os.kill(p, sig)
             except ProcessLookupError: pass
     signal.signal(signal.SIGTERM, forward); signal.signal(signal.SIGINT, forward)
+    encoder_died, stopping = [], threading.Event()
+    def watch_encoder():           # the workers see it too (their /health and encoder routes answer 503): say why
+        multiprocessing.connection.wait([model_proc.sentinel])
+        if not stopping.is_set():
+            encoder_died.append(model_proc.exitcode)
+            print(f"guide serve: the encoder process exited (code {model_proc.exitcode}); the workers answer 503 for the encoder "
+                  "and on /health until the server is restarted", file=sys.stderr, flush=True)
+    if model_proc is not None: threading.Thread(target=watch_encoder, name="guide-watch-encoder", daemon=True).start()
     print(f"guide serve: {a.workers} workers listening on {url}", flush=True)
     codes = []
     for p in pids:
@@ -594,8 +602,9 @@ def _prefork(a, sock: socket.socket, url: str) -> int:
             try: codes.append(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])); break
             except ChildProcessError: codes.append(0); break
             except InterruptedError: continue
+    stopping.set()
     if model_proc is not None:
         requests.put(None); model_proc.join(10)
         if model_proc.is_alive(): model_proc.terminate()
     print("guide serve: stopped", flush=True)
-    return 0 if all(c == 0 for c in codes) else 1
+    return 0 if all(c == 0 for c in codes) and not encoder_died else 1
