@@ -1,5 +1,6 @@
 "Regression tests for guide.serve.optimize: export caching, int8 staleness, logging state, OrtDecoder and TrtRunner checks."
 import logging
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -109,10 +110,18 @@ def test_quantize_int8_is_never_stale(tmp_path):
     src = matmul_model(tmp_path / "m.onnx", w1)
     q = quantize_int8(src)
     np.testing.assert_allclose(run_mm(q, x), x @ w1, atol=0.2)
-    stamp = q.stat().st_mtime_ns
-    assert quantize_int8(src) == q and q.stat().st_mtime_ns == stamp       # newer than its source: reused
-    matmul_model(src, w2)                                                  # the source changes
+    built = q.stat().st_ino                                                # a rebuild is a new file (atomic replace)
+    assert quantize_int8(src) == q and q.stat().st_ino == built            # the same source: reused
+    os.utime(src)                                                          # touched, same content: still reused
+    assert quantize_int8(src) == q and q.stat().st_ino == built
+    matmul_model(src, w2)                                                  # the source changes, and its mtime goes
+    old = q.stat().st_mtime_ns - 10**9                                     # backwards (a copy that keeps times, a restore)
+    os.utime(src, ns=(old, old))
     np.testing.assert_allclose(run_mm(quantize_int8(src), x), x @ w2, atol=0.2)
+    built = q.stat().st_ino
+    q.with_name(q.name + ".source-sha256").write_text("0" * 64)            # a stamp that does not match: rebuilt
+    np.testing.assert_allclose(run_mm(quantize_int8(src), x), x @ w2, atol=0.2)
+    assert q.stat().st_ino != built
     dst = tmp_path / "explicit.onnx"
     dst.write_bytes(b"stale")
     np.testing.assert_allclose(run_mm(quantize_int8(src, dst), x), x @ w2, atol=0.2)

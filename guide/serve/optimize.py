@@ -180,7 +180,8 @@ class OrtDecoder:
 # %% ../../nbs/23_optimize.ipynb #c017
 def quantize_int8(src: str | Path, dst: str | Path | None = None) -> Path:
     """Dynamic int8 quantization (weights int8, activations quantized at run time) of an ONNX model. An explicit
-    `dst` is always rebuilt; the default `<src>.int8.onnx` is reused only while it is newer than `src`."""
+    `dst` is always rebuilt; the default `<src>.int8.onnx` is reused only while `src` has the content it was built
+    from (its sha256, kept beside it in `<dst>.source-sha256`; a modification time can go backwards)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     for name, p in (("src", src), ("dst", dst)):
         if p is not None and not isinstance(p, (str, Path)): raise TypeError(f"{name} must be a str or Path, got {type(p).__name__}")
@@ -189,9 +190,14 @@ def quantize_int8(src: str | Path, dst: str | Path | None = None) -> Path:
     reusable = dst is None
     dst = src.with_name(src.stem + ".int8.onnx") if reusable else Path(dst)
     if dst.resolve() == src.resolve(): raise ValueError(f"dst must differ from src ({src}): quantizing in place would destroy the source")
-    if reusable and dst.exists() and dst.stat().st_mtime_ns > src.stat().st_mtime_ns: return dst
+    with open(src, "rb") as f: digest = hashlib.file_digest(f, "sha256").hexdigest()
+    stamp = dst.with_name(dst.name + ".source-sha256")
+    if reusable and dst.is_file() and stamp.is_file() and stamp.read_text() == digest: return dst
+    stamp.unlink(missing_ok=True)                  # first: a crash below leaves no stamp that vouches for the old dst
     with _quiet_loggers(""):        # quantize_dynamic suggests pre-processing through the root logger
-        return atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8))
+        atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8))
+    atomic_write(stamp, lambda tmp: tmp.write_text(digest))
+    return dst
 
 class OrtEncoder:
     "Run an exported encoder: `(ids, mask)` tensors or arrays -> (class_logits, sentence_embedding) arrays."
