@@ -28,6 +28,19 @@ def test_allocator_free_list():
     a.release(got[:2])
     with pytest.raises(ValueError): a.release(got[:1])
     assert a.num_free == 2
+    for bad in (0, -1, "3", 2.0, True): pytest.raises(ValueError, BlockAllocator, bad)
+    for bad in (-1, 1.5, "1"): pytest.raises(ValueError, a.allocate, bad)
+    assert a.num_free == 2
+
+
+def test_bad_engine_arguments_are_clear_errors():
+    from guide.serve.engine import IncrementalDetokenizer, make_trace
+    model = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
+    for kw in (dict(block_size=0), dict(block_size=2.5), dict(max_batch_size=0), dict(max_prefill_tokens=0),
+               dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8")):
+        with pytest.raises(ValueError, match=next(iter(kw))): Engine(model, **kw)
+    with pytest.raises(TypeError, match="decode"): IncrementalDetokenizer(None)
+    with pytest.raises(ValueError, match="vocab_size"): make_trace(3, 2)
 
 
 def test_greedy_equals_generate_under_continuous_batching(base):

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/25_abtest.ipynb #c003
 from __future__ import annotations
-import copy, hashlib, math
+import copy, hashlib, math, numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +44,8 @@ class VariantStats:
     errors: int = 0
     latencies: list = field(default_factory=list)
     def record(self, success: bool = False, error: bool = False, latency_ms: float | None = None):
+        if latency_ms is not None and not (isinstance(latency_ms, numbers.Real) and 0 <= latency_ms < math.inf):
+            raise ValueError(f"latency_ms must be a finite number >= 0, got {latency_ms!r}")
         self.n += 1; self.successes += bool(success); self.errors += bool(error)
         if latency_ms is not None: self.latencies.append(latency_ms)
     @property
@@ -233,6 +235,7 @@ def simulate_canary(canary: Canary, error_rate: float, latency_ms: float, reques
 def rollback_rate(error_rate: float, latency_ms: float, runs: int = 200, seed: int = 0, **canary_kw) -> float:
     """Fraction of `runs` canaries rolled back for a candidate with this error rate and mean latency. The candidate's
     requests are fed straight in: the traffic split decides how many users that takes, not what they see."""
+    if not (isinstance(runs, numbers.Integral) and runs >= 1): raise ValueError(f"runs must be an int >= 1, got {runs!r}")
     rng, rolled = np.random.default_rng(seed), 0
     for _ in range(runs):
         c = Canary(**canary_kw)

@@ -24,6 +24,7 @@ __all__ = ['ENCODER_RECIPE', 'ENCODER_RECIPES', 'snippets', 'flatten_texts', 'En
 # %% ../../nbs/21_batcher.ipynb #c006
 def snippets(split: str, n: int, seed: int = 0, max_chars: int = 240) -> list[tuple[str, int]]:
     "Up to `n` (text, label) pairs from `split`: label 0 = prose (help topics), 1 = code (stdlib), balanced."
+    if not (isinstance(n, numbers.Integral) and n >= 0): raise ValueError(f"n must be an int >= 0, got {n!r}")
     rng = random.Random(seed)
     out = []
     for label, docs in ((0, prose_corpus(split)), (1, code_corpus(split, 400_000))):
@@ -139,10 +140,13 @@ def length_groups(lens: list[int], overhead: int = 8000) -> list[tuple[int, int]
 
 def pad_batch(seqs: list[list[int]], pad_id: int = 0, length: int | None = None, device=None):
     "Right-pad token lists to `length` (default: the longest): (ids, mask) tensors."
-    L = length or max(len(s) for s in seqs)
+    if not seqs: raise ValueError("need at least one token list")
+    longest = max(len(s) for s in seqs)
+    if length is not None and length < longest: raise ValueError(f"length {length} is shorter than the longest token list ({longest})")
+    L = length or longest
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs): ids[i, :len(s)] = torch.tensor(s[:L]); mask[i, :len(s)] = 1
+    for i, s in enumerate(seqs): ids[i, :len(s)] = torch.tensor(s); mask[i, :len(s)] = 1
     return ids.to(device), mask.to(device)
 
 # %% ../../nbs/21_batcher.ipynb #c008

@@ -64,7 +64,7 @@ class NoFreeBlocks(RuntimeError):
 class BlockAllocator:
     "A free list of KV-cache block ids."
     def __init__(self, num_blocks: int):
-        if num_blocks < 1: raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if not (_is_int(num_blocks) and num_blocks >= 1): raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))   # pop() hands out 0, 1, 2, … first
         self._free_set = set(self.free)
@@ -74,6 +74,7 @@ class BlockAllocator:
 
     def allocate(self, n: int = 1) -> list[int]:
         "Take `n` blocks off the free list (all or none)."
+        if not (_is_int(n) and n >= 0): raise ValueError(f"n must be an integer >= 0, got {n!r}")
         if n > len(self.free): raise NoFreeBlocks(f"asked for {n} blocks, {len(self.free)} free")
         out = [self.free.pop() for _ in range(n)]
         self._free_set.difference_update(out)
@@ -92,7 +93,8 @@ class PagedKVCache:
     `k[layer]` and `v[layer]` are views of its halves."""
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
                  device=None, dtype=torch.float32):
-        if block_size < 1: raise ValueError(f"block_size must be >= 1, got {block_size}")
+        for name, v in (("block_size", block_size), ("num_blocks", num_blocks)):
+            if not (_is_int(v) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.block_size, self.num_blocks, self.n_kv_heads = block_size, num_blocks, n_kv_heads
         self.null_block = num_blocks            # one more block that no request owns: padding rows of a fixed-shape step use it
         self.kv = [torch.zeros(num_blocks + 1, block_size, 2 * n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -695,6 +697,7 @@ class IncrementalDetokenizer:
     tokenizer that does not clean up spaces is decoded by its Rust tokenizer directly (what its `decode` calls,
     without ~4 µs of Python per call: two calls a token, every request, every step)."""
     def __init__(self, tokenizer):
+        if not callable(getattr(tokenizer, "decode", None)): raise TypeError(f"tokenizer must have a decode method, got {type(tokenizer).__name__}")
         backend = getattr(tokenizer, "backend_tokenizer", None)
         fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
         self.decode = partial(backend.decode if fast else tokenizer.decode, skip_special_tokens=True)
@@ -771,8 +774,9 @@ class Engine:
             if getattr(getattr(model, "config", None), "model_type", None) != "llama":
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama model, got {type(model).__name__}")
             model = from_hf(model)
-        if max_batch_size < 1: raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if decode_steps < 1: raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        for name, v in (("block_size", block_size), ("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
+                        ("decode_steps", decode_steps)):
+            if not (_is_int(v) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
@@ -1083,6 +1087,7 @@ def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), out
     `prompt_range`; output lengths are log-normal (median `output_median`, log-space sigma `output_sigma`, clipped
     to `output_range`): long-tailed like chat traffic, where most answers are short and a few run very long."""
     if n < 1 or output_median <= 0 or output_sigma < 0: raise ValueError("need n >= 1, output_median > 0, output_sigma >= 0")
+    if vocab_size < 4: raise ValueError(f"vocab_size must be >= 4 (prompt ids are drawn from 3 up), got {vocab_size}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
