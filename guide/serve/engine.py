@@ -18,8 +18,9 @@ from ..model import Llama, from_hf
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'sampling_tensors',
-           'multi_step', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'filters',
+           'sampling_tensors', 'multi_step', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine',
+           'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -452,17 +453,18 @@ class DecodeGraphs:
             if self.one is self.step or torch.cuda.get_device_capability(model.device) < (9, 0):
                 raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
             self.one = partial(self.one, pdl=True)
-        self.graphs: dict[tuple[int, int, int, bool], tuple] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple] = {}
         self.pool, self._weights = None, None
 
-    def _capture(self, B: int, NB: int, n: int, sampled: bool):
+    def _capture(self, B: int, NB: int, n: int, sampled: int):
         dev = self.model.device
         inp = torch.full((B, 4 + NB), self.cache.null_block, dtype=torch.long, device=dev)
         inp[:, :4] = 0                          # token, position, seed, top_k; then the table: token 0 at position 0 of the null block
         floats = torch.ones(B, 2, device=dev)   # temperature, top_p
         step = self.one if B == 1 else self.step
         args = (self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 4:])
-        sampling = (floats[:, 0], inp[:, 3], floats[:, 1], inp[:, 2]) if sampled else None
+        top_k_top_p = (inp[:, 3], floats[:, 1]) if sampled == 2 else (None, None)     # 1: sampled, no row filters: no sort
+        sampling = (floats[:, 0], *top_k_top_p, inp[:, 2]) if sampled else None
         run = (lambda: multi_step(step, *args, n, self._weights, sampling)) if n else (lambda: step(*args, self._weights))
         graph, out = capture_cuda_graph(run, self.pool, dev)
         self.pool = graph.pool()                                         # all graphs share one memory pool
@@ -484,7 +486,8 @@ class DecodeGraphs:
         if B > self.batch_sizes[-1] or nb > self.block_sizes[-1]: raise ValueError(f"{B} rows of {nb} blocks exceed the captured sizes")
         weights = _fused_weights(self.model)
         if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
-        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampling is not None)   # (batch, blocks, steps, sampled)
+        sampled = 0 if sampling is None else 2 if filters(sampling) else 1                          # greedy, sampled, filtered
+        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampled)   # (batch, blocks, steps, sampled)
         if key not in self.graphs: self.graphs[key] = self._capture(*key)
         graph, inp, floats, out = self.graphs[key]
         null, pad = self.cache.null_block, key[0] - B
@@ -651,29 +654,37 @@ def sampling_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int
     u = ((bits >> 9).float() + 0.5) / 2**23                # uniform in (0, 1): 23 bits, exact in float32
     return -torch.log(-torch.log(u))
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                 seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One token per row of `logits` (B, V), each row with its own settings, all (B,) tensors: `temperature`
     (< 1e-4: greedy), `top_k` (0: all), `top_p` (1: all), `seeds`, and `positions` (of the tokens being drawn).
-    Gumbel-max over the top-k / top-p filtered `logits / temperature` (the filters of `guide.model.sample_next`)."""
+    Gumbel-max over the top-k / top-p filtered `logits / temperature` (the filters of `guide.model.sample_next`).
+    `top_k` and `top_p` both None: no row filters, and the sort over the vocabulary is skipped."""
     V = logits.shape[-1]
-    scaled = logits.float() / temperature.clamp_min(1e-4)[:, None]
-    s, order = scaled.sort(-1, descending=True)
-    rank = torch.arange(V, device=logits.device)
-    s = s.masked_fill((rank >= top_k[:, None]) & (top_k[:, None] > 0), float("-inf"))
-    p = s.softmax(-1)
-    s = s.masked_fill((p.cumsum(-1) - p > top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))   # the smallest set reaching top_p
-    kept = torch.empty_like(s).scatter_(-1, order, s)
+    kept = logits.float() / temperature.clamp_min(1e-4)[:, None]
+    if top_k is not None:
+        s, order = kept.sort(-1, descending=True)
+        rank = torch.arange(V, device=logits.device)
+        s = s.masked_fill((rank >= top_k[:, None]) & (top_k[:, None] > 0), float("-inf"))
+        p = s.softmax(-1)
+        s = s.masked_fill((p.cumsum(-1) - p > top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))   # the smallest set reaching top_p
+        kept = torch.empty_like(s).scatter_(-1, order, s)
     drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
     return torch.where(temperature < 1e-4, logits.argmax(-1), drawn)
 
-def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor, ...]:
-    "Per-row `(temperature, top_k, top_p, seed)` tuples as the four tensors `sample_rows` takes before `positions`."
-    t, k, p, seed = zip(*rows)
-    return (torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(k, device=device),
-            torch.tensor(p, dtype=torch.float32, device=device), torch.tensor(seed, device=device))
+def filters(rows: list[tuple]) -> bool:
+    "Whether any of the `(temperature, top_k, top_p, seed)` rows has a top-k or top-p filter (then `sample_rows` sorts)."
+    return any(k > 0 or p < 1 for _, k, p, _ in rows)
 
-# %% ../../nbs/20_engine.ipynb #c030
+def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ...]:
+    """Per-row `(temperature, top_k, top_p, seed)` tuples as the four tensors `sample_rows` takes before `positions`;
+    top_k and top_p are None when no row filters (the OpenAI API's default: a temperature and nothing else)."""
+    t, k, p, seed = zip(*rows)
+    temperature, seeds = torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(seed, device=device)
+    if not filters(rows): return temperature, None, None, seeds
+    return temperature, torch.tensor(k, device=device), torch.tensor(p, dtype=torch.float32, device=device), seeds
+
+# %% ../../nbs/20_engine.ipynb #c032
 @torch.no_grad()
 def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                n: int, weights: list[tuple] | None = None, sampling: tuple | None = None) -> torch.Tensor:
@@ -688,7 +699,7 @@ def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, po
         out.append(tokens)
     return torch.stack(out, 1)
 
-# %% ../../nbs/20_engine.ipynb #c035
+# %% ../../nbs/20_engine.ipynb #c037
 class IncrementalDetokenizer:
     """The text of a growing list of token ids, decoding a few ids per token rather than all of them.
     `add(token)` returns the text that token completes ('' while a character is incomplete); `flush()` returns
@@ -718,7 +729,7 @@ class IncrementalDetokenizer:
         new, self.context = text[len(self.context):], self.decode(self.ids[self.prefix:self.read])
         return new
 
-# %% ../../nbs/20_engine.ipynb #c041
+# %% ../../nbs/20_engine.ipynb #c043
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -759,7 +770,7 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c043
+# %% ../../nbs/20_engine.ipynb #c045
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -1004,7 +1015,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c055
+# %% ../../nbs/20_engine.ipynb #c057
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1080,7 +1091,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c058
+# %% ../../nbs/20_engine.ipynb #c060
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
