@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from .core import Tier, atomic_dir, get_tier
 
 # %% auto #0
-__all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope', 'KVCache', 'attend', 'Attention', 'MLP', 'Block',
-           'Llama', 'sample_next', 'generate_naive', 'generate', 'save_model', 'load_model', 'hf_config', 'to_hf',
-           'from_hf']
+__all__ = ['HF_ARCHS', 'ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope', 'KVCache', 'attend', 'Attention',
+           'MLP', 'Block', 'Llama', 'sample_next', 'generate_naive', 'generate', 'save_model', 'load_model',
+           'hf_config', 'to_hf', 'from_hf']
 
 # %% ../nbs/02_model.ipynb #c006
 @dataclass
@@ -297,15 +297,22 @@ def to_hf(model: Llama):
     if model.config.tie_embeddings: hf.tie_weights()
     return hf.to(model.device).eval()
 
+HF_ARCHS = ("llama", "mistral")      # one decoder: RMSNorm, rotary, grouped-query attention, SwiGLU
+
 def from_hf(hf_model) -> Llama:
-    "A guide `Llama` from a transformers `LlamaForCausalLM` (any Llama-architecture checkpoint without rope scaling)."
+    """A guide `Llama` from a transformers Llama or Mistral causal LM (no rope scaling, no biases). Mistral's
+    sliding window, when shorter than its context, becomes the context: within the window, attention over the
+    window is attention over everything."""
     c = hf_model.config
+    if getattr(c, "model_type", None) not in HF_ARCHS: raise ValueError(f"from_hf converts {HF_ARCHS} models, not {getattr(c, 'model_type', None)!r}")
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False): raise ValueError("biases are not supported")
+    if getattr(c, "hidden_act", "silu") != "silu": raise ValueError(f"the MLP activation must be silu, not {c.hidden_act!r}")
+    context = min(c.max_position_embeddings, getattr(c, "sliding_window", None) or c.max_position_embeddings)
     cfg = ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                       n_kv_heads=c.num_key_value_heads or c.num_attention_heads, hidden_dim=c.intermediate_size,
-                      max_seq_len=c.max_position_embeddings, rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps,
+                      max_seq_len=context, rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps,
                       tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
-    if getattr(c, "head_dim", cfg.head_dim) != cfg.head_dim: raise ValueError("head_dim other than hidden_size/heads is not supported")
+    if (getattr(c, "head_dim", None) or cfg.head_dim) != cfg.head_dim: raise ValueError("head_dim other than hidden_size/heads is not supported")
     model = Llama(cfg)
     state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -210,6 +210,24 @@ def test_engine_takes_a_transformers_llama(base):
     assert out == generate(model, torch.tensor([tok.encode("def")]), 10)[0, -10:].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_engine_greedy_equals_transformers_generate(arch):
+    """A transformers Llama or Mistral (random weights, no download) served by the engine: the same greedy tokens as
+    the model's own `generate`, for a batch of prompts of different lengths."""
+    import transformers
+    Config, Model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(0)
+    hf = Model(Config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
+    prompts = [[5, 17, 33], [40, 2, 9, 71, 12, 8, 30], [88]]
+    got = Engine(hf, max_batch_size=4).generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    for p, r in zip(prompts, got):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(p):]
+        assert r["token_ids"] == want.tolist()
+    with pytest.raises(TypeError, match="Llama or Mistral"): Engine(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+
+
 def test_stream_close_aborts(base):
     model, tok = base
     with AsyncEngine(Engine(model, tok, num_blocks=32)) as ae:

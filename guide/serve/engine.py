@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import capture_cuda_graph
-from ..model import Llama, from_hf
+from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
@@ -773,7 +773,7 @@ class Request:
 # %% ../../nbs/20_engine.ipynb #c045
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
-    transformers Llama, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
+    transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
     compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration
     runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
@@ -782,8 +782,8 @@ class Engine:
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1):
         if not isinstance(model, Llama):
-            if getattr(getattr(model, "config", None), "model_type", None) != "llama":
-                raise TypeError(f"Engine needs a guide Llama or a transformers Llama model, got {type(model).__name__}")
+            if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
+                raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
             model = from_hf(model)
         for name, v in (("block_size", block_size), ("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
                         ("decode_steps", decode_steps)):
