@@ -11,7 +11,7 @@ import torch
 
 from .core import Timer, atomic_dir, cache_dir, get_tier, pick_device, progress, seed_everything, tier_recipe
 from .data import BlockLoader, file_lock, get_dataset, get_tokenizer
-from .model import Llama, ModelConfig, from_hf, load_model, save_model, to_hf
+from .model import HF_ARCHS, Llama, ModelConfig, from_hf, load_model, save_model, to_hf
 
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'BASE_RECIPES', 'lr_at', 'evaluate', 'train_lm', 'unigram_loss', 'base_dir', 'train_base',
@@ -112,7 +112,7 @@ def base_summary(tier: str = "tiny", seed: int = 0) -> dict:
 def load(name_or_path: str | Path, device=None, as_hf: bool = False):
     """`(model, tokenizer)` from "tiny-base", a guide model folder, a transformers folder or a hub id.
     The model is a guide `Llama`, or the transformers model itself when `as_hf=True` (needed for
-    architectures other than Llama)."""
+    architectures other than Llama and Mistral)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if str(name_or_path) in ("tiny-base", "tiny"):
         model, tok = tiny_base("tiny", device=device)
@@ -132,7 +132,7 @@ def load(name_or_path: str | Path, device=None, as_hf: bool = False):
     hf = AutoModelForCausalLM.from_pretrained(str(name_or_path), torch_dtype=torch.float32)   # local folder or hub id
     tok = AutoTokenizer.from_pretrained(str(name_or_path))
     if as_hf: return hf.to(pick_device(device)).eval(), tok
-    if hf.config.model_type != "llama":
+    if hf.config.model_type not in HF_ARCHS:
         raise ValueError(f"{name_or_path} is a {hf.config.model_type!r} model; pass as_hf=True to use it through transformers")
     return from_hf(hf).to(pick_device(device)), tok
 

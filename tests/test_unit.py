@@ -65,3 +65,24 @@ def test_report_rejects_out_of_range(tmp_path):
     with pytest.raises(AssertionError, match="outside the expected range"): r.metric("acc", 0.1, lo=0.5)
     saved = json.loads((tmp_path / "metrics" / "t.json").read_text())
     assert saved["metrics"][0]["ok"] is False      # a failed metric is still on the report card
+
+
+def test_load_a_transformers_folder_llama_or_mistral_else_as_hf(tmp_path):
+    """`guide.pretrained.load(folder)` of a transformers checkpoint: a Llama or a Mistral becomes a guide Llama with
+    the same logits; another architecture is refused unless `as_hf=True`."""
+    import transformers
+    from guide.data import get_tokenizer
+    from guide.pretrained import load
+    tok = get_tokenizer("tiny")
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32)
+    x = torch.randint(0, len(tok), (1, 7))
+    for name, hf in [("mistral", transformers.MistralForCausalLM(transformers.MistralConfig(**small))),
+                     ("gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2)))]:
+        hf.eval().save_pretrained(tmp_path / name); tok.save_pretrained(tmp_path / name)
+        if name == "gpt2":
+            with pytest.raises(ValueError, match="as_hf=True"): load(tmp_path / name)
+            assert isinstance(load(tmp_path / name, as_hf=True)[0], transformers.GPT2LMHeadModel)
+            continue
+        model, _ = load(tmp_path / name)
+        with torch.no_grad(): assert isinstance(model, Llama) and (model(x)[0] - hf(x).logits).abs().max() < 1e-5
