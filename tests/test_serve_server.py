@@ -108,6 +108,19 @@ def test_chat_stream_and_not(client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+def test_stream_usage_and_no_op_fields(client):
+    """`stream_options={"include_usage": True}`: a last chunk with no choices carries the usage; the fields this server
+    does not implement are accepted at their no-op values."""
+    chunks = list(client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                                 stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 6
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "length"
+    r = client.completions.create(model="tiny-base", prompt="x", max_tokens=3, logprobs=0, echo=False, presence_penalty=0.0,
+                                  frequency_penalty=0, best_of=1, logit_bias={})
+    assert r.usage.completion_tokens >= 1
+
+
 def test_stop_string(client):
     base = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=30, temperature=0).choices[0].text
     stop = base[8:10]
@@ -142,6 +155,12 @@ BAD = [
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "robot", "content": "x"}]}).encode()),
     ("/v1/embeddings", json.dumps({"model": "tiny-base", "input": "x"}).encode()),
     ("/v1/embeddings", json.dumps({"model": "tiny-encoder", "input": []}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logprobs": 3}).encode()),          # not implemented:
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True}).encode()),           # refused, not ignored
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
+                                         "presence_penalty": 0.5}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
+                                         "response_format": {"type": "json_object"}}).encode()),
 ]
 
 

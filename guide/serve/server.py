@@ -21,9 +21,9 @@ from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
-__all__ = ['API_ROUTES', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError',
-           'error_response', 'install_error_handlers', 'Metrics', 'ServerState', 'InflightMiddleware', 'build_app',
-           'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
+__all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest',
+           'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'ServerState',
+           'InflightMiddleware', 'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -43,6 +43,14 @@ class _Body(BaseModel):
         except UnicodeEncodeError: raise ValueError("strings must be valid UTF-8 (no lone surrogates)") from None
         return data
 
+class StreamOptions(_Body):
+    include_usage: bool | None = False         # one more chunk before [DONE]: no choices, the usage
+
+# OpenAI fields this server does not implement: taken at their no-op values, refused otherwise (never silently ignored)
+NOT_IMPLEMENTED = {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+                   "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+                   "response_format": ({"type": "text"},)}
+
 class SamplingFields(_Body):
     model: str
     max_tokens: int | None = Field(16, ge=1)
@@ -56,6 +64,16 @@ class SamplingFields(_Body):
     stream: bool | None = False
     user: str | None = None
     ignore_eos: bool | None = False          # not OpenAI: keep generating past the end-of-text token (vLLM has it too)
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implemented(cls, data):
+        if isinstance(data, dict):
+            for name, no_ops in NOT_IMPLEMENTED.items():
+                if data.get(name) is not None and not any(data[name] == ok for ok in no_ops):
+                    raise ValueError(f"{name}={data[name]!r} is not supported by this server (leave it out)")
+        return data
 
     def sampling(self, eos_ids: list[int] | None = None) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or 16,
@@ -80,7 +98,7 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] | None = "float"   # the openai client asks for base64 (float32 bytes)
     user: str | None = None
 
-# %% ../../nbs/22_server.ipynb #c008
+# %% ../../nbs/22_server.ipynb #c009
 class APIError(Exception):
     "An error answered as OpenAI-style JSON with `status` (and optional headers, e.g. Retry-After)."
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -122,7 +140,7 @@ def install_error_handlers(app: FastAPI):
     async def _any(request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
-# %% ../../nbs/22_server.ipynb #c010
+# %% ../../nbs/22_server.ipynb #c011
 class Metrics:
     "The server's Prometheus metrics."
     def __init__(self):
@@ -146,7 +164,7 @@ class Metrics:
         self.blocks.labels("free").set_function(lambda: engine.num_free_blocks)
         self.blocks.labels("total").set_function(lambda: engine.cache.num_blocks)
 
-# %% ../../nbs/22_server.ipynb #c012
+# %% ../../nbs/22_server.ipynb #c013
 class ServerState:
     "What the routes share: models, limits, the drain flag, metrics."
     def __init__(self, engine: AsyncEngine | None, tokenizer, model_name: str, encoder: DynamicBatcher | None = None,
@@ -202,7 +220,7 @@ class InflightMiddleware:
             st.metrics.requests.labels(route, str(status[0])).inc()
             st.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
-# %% ../../nbs/22_server.ipynb #c013
+# %% ../../nbs/22_server.ipynb #c014
 def _check_model(st: ServerState, name: str, kind: str = "llm"):
     want = st.model_name if kind == "llm" else st.encoder_name
     if name != want or (kind == "encoder" and st.encoder is None) or (kind == "llm" and st.engine is None):
@@ -271,9 +289,10 @@ def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
 
 def _sse(obj) -> str: return f"data: {json.dumps(obj)}\n\n"
 
-async def _stream(st: ServerState, gen, chunk):
+async def _stream(st: ServerState, gen, chunk, usage_of_prompt: int | None = None):
     """Server-sent events of a submitted request (`_submit`'s deltas): one `chunk(text, finish_reason)` per engine
-    delta, then [DONE]. Cancellation aborts the request."""
+    delta, then [DONE]. With `usage_of_prompt` (its prompt tokens: the client asked for `include_usage`), a last
+    chunk before [DONE] carries no choices and the usage. Cancellation aborts the request."""
     t0, first, n = time.perf_counter(), True, 0
     deadline = t0 + st.request_timeout
     try:
@@ -287,7 +306,11 @@ async def _stream(st: ServerState, gen, chunk):
             if first and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0); first = False
             n = out.completion_tokens
             if out.text or out.finished: yield _sse(chunk(out.text, out.finish_reason if out.finished else None))
-            if out.finished: break
+            if out.finished:
+                if usage_of_prompt is not None:
+                    yield _sse(dict(chunk("", None), choices=[], usage=dict(prompt_tokens=usage_of_prompt, completion_tokens=n,
+                                                                             total_tokens=usage_of_prompt + n)))
+                break
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         st.metrics.cancelled.labels("disconnect").inc(); raise
@@ -295,7 +318,7 @@ async def _stream(st: ServerState, gen, chunk):
         await gen.aclose()                     # aborts the engine request if it is still running
         st.metrics.tokens.inc(n)
 
-# %% ../../nbs/22_server.ipynb #c014
+# %% ../../nbs/22_server.ipynb #c015
 def build_app(state: ServerState) -> FastAPI:
     "The FastAPI app over `state` (engine and batcher threads start and stop with the app's lifespan)."
     @asynccontextmanager
@@ -358,7 +381,8 @@ def build_app(state: ServerState) -> FastAPI:
             def chunk(text, reason):
                 return dict(id=cid, object="text_completion", created=created, model=st.model_name,
                             choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)])
-            return StreamingResponse(_stream(st, deltas, chunk), media_type="text/event-stream")
+            usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
+            return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
         text, reason, n = await _collect(st, request, deltas)
         return dict(id=cid, object="text_completion", created=created, model=st.model_name,
                     choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)],
@@ -381,7 +405,8 @@ def build_app(state: ServerState) -> FastAPI:
                 if not sent_role[0]: delta = {"role": "assistant", **delta}; sent_role[0] = True
                 return dict(id=cid, object="chat.completion.chunk", created=created, model=st.model_name,
                             choices=[dict(index=0, delta=delta, logprobs=None, finish_reason=reason)])
-            return StreamingResponse(_stream(st, deltas, chunk), media_type="text/event-stream")
+            usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
+            return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
         text, reason, n = await _collect(st, request, deltas)
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
                     choices=[dict(index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=reason)],
@@ -434,7 +459,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     return app
 
-# %% ../../nbs/22_server.ipynb #c016
+# %% ../../nbs/22_server.ipynb #c017
 class DrainingServer(uvicorn.Server):
     "uvicorn.Server whose first SIGTERM/SIGINT drains in-flight requests before shutting down."
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float = 30.0):
@@ -469,7 +494,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
     while not server.started and time.monotonic() - t0 < 30: time.sleep(0.02)
     return server, th, f"http://{host}:{sock.getsockname()[1]}"
 
-# %% ../../nbs/22_server.ipynb #c018
+# %% ../../nbs/22_server.ipynb #c019
 def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
