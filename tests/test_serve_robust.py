@@ -163,23 +163,101 @@ def test_loading_one_model_does_not_block_another():
     finally: pool.close()
 
 
-def test_dead_worker_fails_its_requests_and_reloads():
+def test_dead_process_fails_its_requests_and_is_replaced():
+    "concurrency=1: the crash and the request queued behind it on the same process fail; a new process answers."
     w = ModelWorker(ModelSpec("C", crashy, max_queue=8))
     try:
         assert w.submit("ok").result(5) == "ok"
         futs = [w.submit("crash"), w.submit("later")]
         for f in futs:
-            with pytest.raises(RuntimeError, match="died"): f.result(5)
-        assert w.busy == 0 and not w.alive
-        with pytest.raises(RuntimeError, match="dead"): w.submit("x")
+            with pytest.raises(RuntimeError, match=r"C: .*died \(exit code 1\)"): f.result(5)
+        assert w.alive and w.busy == 0 and w.stats["died"] == w.stats["restarted"] == 1
+        assert w.submit("x").result(5) == "x"
     finally: w.close()
     pool = ModelPool(100)
     pool.register(ModelSpec("C", crashy, memory_bytes=60))
     try:
         with pytest.raises(RuntimeError, match="died"): pool.submit("C", "crash").result(5)
         assert pool.submit("C", "again").result(5) == "again"
-        assert pool.events == [("load", "C"), ("died", "C"), ("load", "C")]
+        assert pool.events == [("load", "C")]
     finally: pool.close()
+
+
+def sleeper():
+    "payload: seconds to sleep, then answer (pid, seconds); 'die': the process kills itself."
+    import signal
+    def fn(p):
+        if p == "die": os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(p); return os.getpid(), p
+    return fn, 10
+
+
+def test_process_death_fails_only_its_own_requests():
+    w = ModelWorker(ModelSpec("S", sleeper, concurrency=2, max_queue=16))
+    try:
+        pids = [s.p.pid for s in w.procs]
+        a = w.submit(0.3)                              # process 0 (least busy, first)
+        b = w.submit(0.3)                              # process 1
+        c = w.submit("die")                            # process 0 again: queued behind a
+        d = w.submit(0.2)                              # process 1: queued behind b
+        assert w.busy == 4
+        assert a.result(5) == (pids[0], 0.3) and b.result(5) == (pids[1], 0.3) and d.result(5) == (pids[1], 0.2)
+        with pytest.raises(RuntimeError, match=r"S: .*died \(exit code -9\)"): c.result(5)
+        assert w.alive and w.stats["died"] == 1 and w.busy == 0
+        new = [s.p.pid for s in w.procs]
+        assert new[1] == pids[1] and new[0] not in pids
+        futs = [w.submit(0.2) for _ in range(4)]      # spread over both processes, the new one included
+        assert sorted(f.result(5) for f in futs) == sorted([(new[0], 0.2)] * 2 + [(new[1], 0.2)] * 2)
+    finally: w.close()
+
+
+def test_too_many_deaths_kill_the_worker():
+    w = ModelWorker(ModelSpec("S", sleeper, concurrency=2, max_queue=16), max_restarts=2)
+    try:
+        for i in range(2):
+            with pytest.raises(RuntimeError, match="died"): w.submit("die").result(5)
+            assert w.alive and w.stats["died"] == i + 1
+        slow = w.submit(2)                             # process 0
+        die = w.submit("die")                          # process 1, the least busy
+        slow = [slow, w.submit(2)]                     # process 0 again (a tie goes to the first)
+        with pytest.raises(RuntimeError, match="died"): die.result(5)   # the third death: more than 2
+        assert not w.alive and w.busy == 0
+        for f in slow:                                 # fail at once, not after their 2 s
+            with pytest.raises(RuntimeError, match="max_restarts"): f.result(1)
+        with pytest.raises(RuntimeError, match="dead"): w.submit(0)
+    finally: w.close(timeout=0.5)                      # its processes are still sleeping on the failed requests
+    assert all(not s.p.is_alive() for s in w.procs)
+
+
+def test_replacement_that_fails_to_load_kills_the_worker(tmp_path):
+    "The first process loads; its replacement's loader raises: the worker is dead, requests waiting for it fail."
+    marker = tmp_path / "loaded-once"
+    def once():
+        if marker.exists(): time.sleep(0.3); raise OSError("weights gone")
+        marker.touch(); return crashy()
+    w = ModelWorker(ModelSpec("O", once, max_queue=8))
+    try:
+        assert w.submit("ok").result(5) == "ok"
+        crash = w.submit("crash")
+        with pytest.raises(RuntimeError, match="died"): crash.result(5)
+        late = [w.submit(i) for i in range(3)]         # queued on the new process while it loads, which fails
+        for f in late:
+            with pytest.raises(RuntimeError, match="weights gone"): f.result(5)
+        deadline = time.monotonic() + 5
+        while w.alive and time.monotonic() < deadline: time.sleep(0.01)
+        assert not w.alive and "weights gone" in w.dead and w.busy == 0
+        with pytest.raises(RuntimeError, match="dead"): w.submit(0)
+    finally: w.close()
+
+
+def test_close_fails_requests_on_every_process():
+    w = ModelWorker(ModelSpec("S", sleeper, concurrency=2, max_queue=16))
+    futs = [w.submit(1) for _ in range(4)]
+    t0 = time.monotonic(); w.close(timeout=0.2)
+    assert time.monotonic() - t0 < 5
+    for f in futs:
+        with pytest.raises(RuntimeError, match="closed"): f.result(1)
+    with pytest.raises(RuntimeError, match="closed"): w.submit(0)
 
 
 def test_worker_that_fails_to_load_reports_why():

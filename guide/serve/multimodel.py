@@ -2,7 +2,8 @@
 
 # %% ../../nbs/24_multimodel.ipynb #c003
 from __future__ import annotations
-import collections, concurrent.futures, itertools, multiprocessing as mp, numbers, os, queue, threading, time
+import collections, concurrent.futures, itertools, multiprocessing as mp, numbers, os, threading, time
+from multiprocessing import connection
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,7 +34,8 @@ class ModelSpec:
             v = getattr(self, field)
             if not (isinstance(v, numbers.Integral) and v >= 1): raise ValueError(f"{self.name}: {field} must be an int >= 1, not {v!r}")
 
-def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None, nice: int = 0):
+def _worker_main(loader, budget: int, inq, conn, threads: int = 1, cpus=None, nice: int = 0):
+    "A worker process: load the model, then answer requests from `inq` on `conn` until a None arrives."
     import torch
     torch.set_num_threads(threads)
     if cpus and hasattr(os, "sched_setaffinity"): os.sched_setaffinity(0, cpus)
@@ -41,94 +43,125 @@ def _worker_main(loader, budget: int, inq, outq, threads: int = 1, cpus=None, ni
     try:
         fn, nbytes = loader()
         if nbytes > budget: raise MemoryError(f"model needs {nbytes} bytes, its budget is {budget}")
-        outq.put(("loaded", os.getpid(), nbytes))
+        conn.send(("loaded", nbytes))
     except BaseException as e:
-        outq.put(("failed", os.getpid(), repr(e))); return
+        conn.send(("failed", repr(e))); return
     while True:
         item = inq.get()
         if item is None: return
         rid, payload = item
-        try: outq.put((rid, True, fn(payload)))
-        except Exception as e: outq.put((rid, False, repr(e)))
+        try: conn.send((rid, True, fn(payload)))
+        except Exception as e: conn.send((rid, False, repr(e)))     # the model raised, or its answer does not pickle
+
+class _Proc:
+    "One worker process with its own request queue and answer pipe; `pending` holds the requests sent to it."
+    def __init__(self, spec: ModelSpec, start_timeout: float):
+        ctx = mp.get_context("fork")
+        self.inq, (self.conn, w) = ctx.Queue(), ctx.Pipe(duplex=False)
+        self.inq.cancel_join_thread()            # at exit, do not wait to hand requests to a process that may be dead
+        self.p = ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, w, spec.threads, spec.cpus, spec.nice), daemon=True)
+        self.p.start(); w.close()                # the child holds the only write end: reading after its death ends, not hangs
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.loaded, self.deadline = False, time.monotonic() + start_timeout
+
+    def close(self): self.inq.close(); self.conn.close()
 
 class ModelWorker:
-    """One model in its own process(es): bounded pending requests, futures for answers. If a process dies, the
-    pending requests fail and the worker is dead (`alive` false); a closed or dead worker's `submit` raises."""
-    def __init__(self, spec: ModelSpec, start_timeout: float = 60.0):
-        self.spec, ctx = spec, mp.get_context("fork")
-        self.pending: dict[int, concurrent.futures.Future] = {}
+    """One model in `spec.concurrency` processes, each with its own queue: a request goes to the process with the fewest
+    requests in flight. If a process dies, the requests sent to it fail, started or still queued there (none is re-sent:
+    it could run twice), and a new process takes its place. If a new process fails to load, or more than `max_restarts`
+    die, the worker is dead (`alive` false): every pending request fails. A closed or dead worker's `submit` raises."""
+    def __init__(self, spec: ModelSpec, start_timeout: float = 60.0, max_restarts: int = 3):
+        self.spec, self.start_timeout, self.max_restarts = spec, start_timeout, max_restarts
         self.lock, self.ids = threading.Lock(), itertools.count()
         self.stats = collections.Counter()
-        self.closed, self.dead = False, None         # dead: why it stopped answering
-        self.inq, self.outq = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, self.outq, spec.threads, spec.cpus, spec.nice), daemon=True)
-                      for _ in range(spec.concurrency)]
-        for p in self.procs: p.start()
-        self.nbytes, loaded = 0, 0
+        self.closed, self.dead, self.nbytes, self._collector = False, None, 0, None   # dead: why it stopped answering
+        self.procs = [_Proc(spec, start_timeout) for _ in range(spec.concurrency)]
         t_end = time.monotonic() + start_timeout
-        while loaded < spec.concurrency:
-            exited = self._exit_codes()              # an exited process's last message is in the pipe already: read it first
-            try: kind, pid, info = self.outq.get(timeout=1.0 if exited else 0.1)
-            except queue.Empty:
-                if exited: self.close(); raise RuntimeError(f"{spec.name}: a worker process exited while loading (exit codes {exited})") from None
-                if time.monotonic() > t_end: self.close(); raise TimeoutError(f"{spec.name}: workers did not start") from None
-                continue
-            if kind == "failed": self.close(); raise RuntimeError(f"{spec.name}: worker failed to load: {info}")
-            self.nbytes = max(self.nbytes, info); loaded += 1
+        while self.dead is None and not all(s.loaded for s in self.procs):
+            if time.monotonic() > t_end: self.close(); raise TimeoutError(f"{spec.name}: workers did not start")
+            self._poll(0.1)
+        if self.dead: self.close(); raise RuntimeError(f"{spec.name}: {self.dead}")
         self._collector = threading.Thread(target=self._collect, daemon=True); self._collector.start()
-
-    def _exit_codes(self) -> list[int]:
-        return [p.exitcode for p in self.procs if p.exitcode is not None]
 
     @property
     def alive(self) -> bool: return not self.closed and self.dead is None
 
-    def _collect(self, check_every: float = 0.5):
-        next_check = time.monotonic() + check_every
-        while not self.closed:
-            try: msg = self.outq.get(timeout=check_every)
-            except queue.Empty: msg = None
-            except (EOFError, OSError, ValueError): return       # the queue is gone
-            if msg is not None:
-                if msg[0] is None: return                         # close()
-                self._answer(*msg)
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + check_every
-                exited = self._exit_codes()
-                if exited and not self.closed: self._die(f"a worker process died (exit codes {exited})"); return
+    def _collect(self):
+        while self.alive:
+            try: self._poll(0.2)
+            except (OSError, ValueError): return                 # close() closed the pipes
+            if any(not s.loaded and time.monotonic() > s.deadline for s in self.procs):
+                self._die(f"a new worker process did not load within {self.start_timeout} s")
 
-    def _answer(self, rid, ok, value):
-        with self.lock: fut = self.pending.pop(rid, None)
+    def _poll(self, timeout: float):
+        "Wait up to `timeout` s for answers or exits; read the answers, then handle the processes that exited."
+        procs = list(self.procs)
+        ready = connection.wait([s.conn for s in procs] + [s.p.sentinel for s in procs], timeout)
+        for s in procs:
+            if s.conn in ready or s.p.sentinel in ready: self._read(s)
+        for s in procs:
+            if s.p.sentinel in ready and self.alive: self._lost(s)
+
+    def _read(self, s: _Proc):
+        try:
+            while s.conn.poll():
+                msg = s.conn.recv()
+                if msg[0] == "loaded": s.loaded, self.nbytes = True, max(self.nbytes, msg[1])
+                elif msg[0] == "failed": self._die(f"worker failed to load: {msg[1]}")
+                else: self._answer(s, *msg)
+        except (EOFError, OSError): pass                          # the process is gone: its sentinel says so
+
+    def _answer(self, s: _Proc, rid, ok, value):
+        with self.lock: fut = s.pending.pop(rid, None)
         if fut is not None: _resolve(fut, value) if ok else _resolve(fut, error=RuntimeError(value))
 
-    def _die(self, reason: str):
-        "Settle the answers that did arrive, fail every other pending request, refuse new ones."
-        while True:
-            try: rid, ok, value = self.outq.get_nowait()
-            except (queue.Empty, EOFError, OSError, ValueError): break
-            if rid is not None: self._answer(rid, ok, value)
-        self._fail_pending(reason, dead=True)
-
-    def _fail_pending(self, reason: str, dead: bool = False):
+    def _lost(self, s: _Proc):
+        "Process `s` exited: fail the requests sent to it and start a new process in its place (or the worker dies)."
+        s.p.join(); code = s.p.exitcode
+        if not s.loaded: return self._die(f"a worker process exited while loading (exit code {code})")
+        self.stats["died"] += 1
+        if self.stats["died"] > self.max_restarts:
+            return self._die(f"a worker process died (exit code {code}), {self.stats['died']} deaths > max_restarts={self.max_restarts}")
+        s.close()                                    # before the fork: the new process need not inherit these pipes
+        try: new = _Proc(self.spec, self.start_timeout)
+        except Exception as e: return self._die(f"a worker process died (exit code {code}) and no new one could start: {e!r}")
         with self.lock:
-            if dead: self.dead = reason
-            failed, self.pending = list(self.pending.values()), {}
+            self.procs[self.procs.index(s)] = new
+            lost, s.pending = list(s.pending.values()), {}
+            self.stats["restarted"] += 1
+        for f in lost: _resolve(f, error=RuntimeError(f"{self.spec.name}: its worker process died (exit code {code})"))
+
+    def _die(self, reason: str):
+        "Refuse new requests, settle the answers that did arrive, fail every other pending request."
+        with self.lock:
+            if self.dead is not None: return
+            self.dead = reason
+        for s in list(self.procs): self._read(s)
+        self._fail_pending(reason)
+
+    def _fail_pending(self, reason: str):
+        with self.lock:
+            failed = [f for s in self.procs for f in s.pending.values()]
+            for s in self.procs: s.pending = {}
         for f in failed: _resolve(f, error=RuntimeError(f"{self.spec.name}: {reason}"))
 
     @property
     def busy(self) -> int:
-        with self.lock: return len(self.pending)
+        with self.lock: return sum(len(s.pending) for s in self.procs)
 
     def submit(self, payload) -> concurrent.futures.Future:
-        "Queue one request; QueueFull when `max_queue` requests are already pending for this model."
+        "Queue one request on the least busy process; QueueFull when `max_queue` requests are already pending for this model."
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:                              # close() and the collector cannot come between the check and the put
             if not self.alive: raise RuntimeError(f"{self.spec.name}: the worker is " + ("closed" if self.closed else f"dead: {self.dead}"))
-            if len(self.pending) >= self.spec.max_queue:
+            n = sum(len(s.pending) for s in self.procs)
+            if n >= self.spec.max_queue:
                 self.stats["rejected"] += 1
-                raise QueueFull(f"{self.spec.name}: {len(self.pending)} requests pending")
-            rid = next(self.ids); self.pending[rid] = fut; self.stats["accepted"] += 1
-            self.inq.put((rid, payload))
+                raise QueueFull(f"{self.spec.name}: {n} requests pending")
+            s = min(self.procs, key=lambda s: len(s.pending))
+            rid = next(self.ids); s.pending[rid] = fut; self.stats["accepted"] += 1
+            s.inq.put((rid, payload))
         return fut
 
     def close(self, timeout: float = 5.0):
@@ -137,12 +170,13 @@ class ModelWorker:
             if self.closed: return
             self.closed = True
         self._fail_pending("the worker was closed")
-        for _ in self.procs: self.inq.put(None)
-        for p in self.procs:
-            p.join(timeout)
-            if p.is_alive(): p.terminate(); p.join(1)
-        try: self.outq.put((None, None, None))
-        except (ValueError, OSError): pass
+        if self._collector and self._collector is not threading.current_thread():
+            self._collector.join(timeout)            # after this, nothing replaces a process any more
+        for s in self.procs: s.inq.put(None)
+        for s in self.procs:                         # a dead worker's queued work is failed already: do not wait for it
+            s.p.join(0 if self.dead else timeout)
+            if s.p.is_alive(): s.p.terminate(); s.p.join(1)
+            s.close()
 
 # %% ../../nbs/24_multimodel.ipynb #c009
 class PoolFull(RuntimeError):
