@@ -264,6 +264,16 @@ def test_limits_are_4xx_and_cheap(small_cache):
     assert r.status_code == 200 and state.engine.engine.num_free_blocks == 4
 
 
+def test_a_model_without_a_chat_template_is_a_400_on_chat(small_cache):
+    state, base = small_cache
+    body = {"model": "tiny-base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    template, state.tokenizer.chat_template = state.tokenizer.chat_template, None      # a base model's tokenizer
+    try: r = httpx.post(base + "/v1/chat/completions", json=body)
+    finally: state.tokenizer.chat_template = template
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template", r.text
+    assert httpx.post(base + "/v1/chat/completions", json=body).status_code == 200
+
+
 def test_a_slow_or_stopped_encoder_answers_408_or_503(small_cache):
     """An encoder batch that takes longer than request_timeout (3 s) is a 408 after it, not a wait for the batch; a
     stopped batcher is a 503 at once, and /health says so."""

@@ -15,17 +15,20 @@ __all__ = ['chat_prompt', 'make_responder', 'build_demo', 'free_port', 'chromium
 
 # %% ../../nbs/26_chat_demo.ipynb #c006
 def chat_prompt(tokenizer, message: str, history: list, max_len: int) -> list[int]:
-    "Token ids of the conversation (history + new user message) through the chat template, the last `max_len` kept."
+    """Token ids of the conversation (history + new user message) through the chat template, the last `max_len` kept.
+    A tokenizer without a chat template (a base model's) gets a plain `User: …` / `Assistant:` transcript."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in history or []
             if isinstance(m, dict) and m.get("role") in ("user", "assistant", "system") and isinstance(m.get("content"), str)]
     msgs.append({"role": "user", "content": str(message)})
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else: ids = tokenizer.encode("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:")
     return ids[-max_len:]
 
 def make_responder(engine: AsyncEngine, tokenizer):
     "The streaming reply function for `gr.ChatInterface`."
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    end = tokenizer.get_vocab().get("<|end|>")            # the tiny chat template's end of a turn (the engine stops at EOS anyway)
     ctx = engine.engine.max_seq_len
     def respond(message: str, history: list, max_tokens: int = 64, temperature: float = 0.7) -> Iterator[str]:
         max_tokens = int(max(1, min(int(max_tokens), ctx // 2)))

@@ -392,6 +392,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         _check_model(st, body.model)
         _check_chars(st, sum(len(m.content) for m in body.messages), "messages")
+        if not getattr(st.tokenizer, "chat_template", None):
+            raise APIError(400, f"{st.model_name} has no chat template: send a prompt to /v1/completions", param="messages", code="no_chat_template")
         ids = st.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         sp = _sampling(st, body, ids, st.chat_stop_ids)
