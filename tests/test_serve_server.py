@@ -365,6 +365,32 @@ def test_sigterm_drains_in_flight_then_exits_0(slow_server):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_serve_a_transformers_checkpoint_folder(tmp_path):
+    """`guide serve --model <folder>` of a transformers Mistral checkpoint (saved here, random weights): its greedy
+    completion is transformers' own greedy generate, decoded; chat works through the tokenizer's template."""
+    import torch, transformers
+    from guide.data import get_tokenizer
+    tok = get_tokenizer("tiny")
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
+    folder = tmp_path / "mistral-tiny"
+    hf.save_pretrained(folder); tok.save_pretrained(folder)
+    proc, base = start_server("--model", str(folder), "--no-encoder")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["mistral-tiny"]
+        ids = tok.encode("def main(")
+        r = client.completions.create(model="mistral-tiny", prompt=ids, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):]
+        assert r.choices[0].text == tok.decode(want, skip_special_tokens=True) and r.usage.completion_tokens == 10
+        chat = client.chat.completions.create(model="mistral-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert chat.usage.completion_tokens >= 1
+    finally:
+        stop(proc)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["own-encoders", "shared-encoder"])
 def test_prefork_workers_encoder_only(shared):
     """`guide serve --no-llm --workers 2 [--shared-encoder]`: two processes share the port, each answers (with its own
