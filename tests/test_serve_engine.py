@@ -39,6 +39,8 @@ def test_bad_engine_arguments_are_clear_errors():
     for kw in (dict(block_size=0), dict(block_size=2.5), dict(max_batch_size=0), dict(max_prefill_tokens=0),
                dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8")):
         with pytest.raises(ValueError, match=next(iter(kw))): Engine(model, **kw)
+    for kw in (dict(paged_attention=True), dict(pdl=True)):
+        with pytest.raises(ValueError, match="CUDA"): Engine(model, **kw)           # options of the CUDA-graph decode
     with pytest.raises(TypeError, match="decode"): IncrementalDetokenizer(None)
     with pytest.raises(ValueError, match="vocab_size"): make_trace(3, 2)
 
@@ -371,6 +373,10 @@ def test_cuda_graph_decode_equals_eager_engine():
     want = eager.generate(prompts, sampled)                    # sampled on the device, inside the graphs: the same tokens
     assert [r["token_ids"] for r in ahead.generate(prompts, sampled)] == [r["token_ids"] for r in want]
     assert any(key[2] == 4 and key[3] for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
+    if importlib.util.find_spec("triton") is not None:         # the Triton decode the server's --paged-attention / --pdl pick
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        fast = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4, paged_attention=True, pdl=hopper)
+        assert [r["token_ids"] for r in fast.generate(prompts, params)] == [r["token_ids"] for r in eager.generate(prompts, params)]
     with torch.no_grad(): model.lm_head.weight.mul_(1.01)      # changed weights: the graphs are recaptured, not stale
     again = graphed.generate(prompts[:2], params[:2])
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in eager.generate(prompts[:2], params[:2])]

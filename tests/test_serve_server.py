@@ -309,7 +309,8 @@ def test_encoder_queue_full_gets_429_with_retry_after():
     finally: stop(proc)
     bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
-    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"], ["--drain-timeout", "-1"]):
+    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"],
+                  ["--drain-timeout", "-1"], ["--pdl", "--device", "cpu"], ["--paged-attention", "--device", "cpu"], ["--device", "gpu7"]):
         bad = subprocess.run([GUIDE, "serve", *flags], capture_output=True, text=True)
         assert bad.returncode == 2 and flags[0] in bad.stderr and "Traceback" not in bad.stderr, (flags, bad.stderr)
 

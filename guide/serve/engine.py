@@ -777,10 +777,11 @@ class Engine:
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
     compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration
     runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
-    then streamed in bursts."""
+    then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only)."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
-                 cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1):
+                 cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
+                 paged_attention: bool = False, pdl: bool = False):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -796,7 +797,9 @@ class Engine:
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
         if cuda_graphs is None: cuda_graphs = model.device.type == "cuda"
-        self.graphs = DecodeGraphs(model, self.cache, max_batch_size, compile_decode) if cuda_graphs else None   # decode-only steps
+        if (paged_attention or pdl) and not cuda_graphs: raise ValueError("paged_attention and pdl are options of the CUDA-graph decode: they need a model on a CUDA GPU")
+        self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, compile_decode, paged_attention=paged_attention, pdl=pdl)
+                       if cuda_graphs else None)                                                                       # decode-only steps
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

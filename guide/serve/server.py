@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encode_texts, encoder_fn,
                                  encoder_recipe, load_encoder_fn)
+from ..core import pick_device
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
@@ -500,7 +501,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tup
 def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher = True, tier: str = "tiny", seed: int = 0, device=None,
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
-                encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20) -> ServerState:
+                encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
+                paged_attention: bool = False, pdl: bool = False) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -509,8 +511,8 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
     engine = tok = None
     if model is not None:
         llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
-        engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps),
-                             step_delay=step_delay)
+        engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps,
+                                    paged_attention=paged_attention, pdl=pdl), step_delay=step_delay)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
@@ -542,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     ap.add_argument("--decode-steps", type=int, default=1, help="decode steps per engine iteration, sampled on the device "
                     "(fewer host round trips; tokens stream in bursts of this many)")
+    ap.add_argument("--paged-attention", action="store_true", help="CUDA only: decode attends with the Triton paged-attention "
+                    "kernel, reading the KV blocks in place")
+    ap.add_argument("--pdl", action="store_true", help="CUDA, compute capability 9.0+ (Hopper): batch-1 decode kernels start with "
+                    "programmatic dependent launch")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is cancelled")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -562,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
     if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
         ap.error("--encoder-batch-size and --encoder-queue must be >= 1, --encoder-delay >= 0")
+    try: device = pick_device(a.device)
+    except RuntimeError as e: ap.error(f"--device {a.device}: {e}")
+    if (a.paged_attention or a.pdl) and (a.no_llm or device.type != "cuda"):
+        ap.error("--paged-attention and --pdl are options of the LLM's CUDA-graph decode: they need a CUDA GPU")
     sock = bind_socket(a.host, a.port)
     url = f"http://{a.host}:{sock.getsockname()[1]}"
     if a.workers == 1:
@@ -576,7 +586,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     encoder = False if a.no_encoder else RemoteBatcher(*remote[:3], max_len=encoder_recipe(a.tier)["max_len"], sentinel=remote[3]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
-                        a.decode_steps, a.max_body_bytes)
+                        a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
