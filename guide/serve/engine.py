@@ -18,7 +18,7 @@ from ..model import HF_ARCHS, Llama, from_hf
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'filters',
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
            'sampling_tensors', 'multi_step', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine',
            'AsyncEngine', 'make_trace']
 
@@ -486,7 +486,7 @@ class DecodeGraphs:
         if B > self.batch_sizes[-1] or nb > self.block_sizes[-1]: raise ValueError(f"{B} rows of {nb} blocks exceed the captured sizes")
         weights = _fused_weights(self.model)
         if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
-        sampled = 0 if sampling is None else 2 if filters(sampling) else 1                          # greedy, sampled, filtered
+        sampled = 0 if sampling is None else 2 if has_filters(sampling) else 1                          # greedy, sampled, filtered
         key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampled)   # (batch, blocks, steps, sampled)
         if key not in self.graphs: self.graphs[key] = self._capture(*key)
         graph, inp, floats, out = self.graphs[key]
@@ -672,7 +672,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
     return torch.where(temperature < 1e-4, logits.argmax(-1), drawn)
 
-def filters(rows: list[tuple]) -> bool:
+def has_filters(rows: list[tuple]) -> bool:
     "Whether any of the `(temperature, top_k, top_p, seed)` rows has a top-k or top-p filter (then `sample_rows` sorts)."
     return any(k > 0 or p < 1 for _, k, p, _ in rows)
 
@@ -681,7 +681,7 @@ def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ..
     top_k and top_p are None when no row filters (the OpenAI API's default: a temperature and nothing else)."""
     t, k, p, seed = zip(*rows)
     temperature, seeds = torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(seed, device=device)
-    if not filters(rows): return temperature, None, None, seeds
+    if not has_filters(rows): return temperature, None, None, seeds
     return temperature, torch.tensor(k, device=device), torch.tensor(p, dtype=torch.float32, device=device), seeds
 
 # %% ../../nbs/20_engine.ipynb #c032
