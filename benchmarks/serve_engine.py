@@ -31,9 +31,11 @@ def pct(a, q): return float(np.percentile(a, q)) if len(a) else float("nan")
 
 
 def make_engine(model, trace, batch):
-    "One long-lived engine, as in a server: KV cache sized for `batch` requests of the trace's longest prompt + output."
+    """One long-lived engine, as in a server: KV cache sized for `batch` requests of the trace's longest prompt + output.
+    No prefix cache: the trace is served several times, and the repeats would find their prompts cached (in a real
+    server these prompts share nothing; benchmarks/serve_prefix_cache.py measures the cache on traffic that does)."""
     from guide.serve.engine import Engine
-    return Engine(model, None, block_size=16, max_batch_size=batch,
+    return Engine(model, None, block_size=16, max_batch_size=batch, prefix_caching=False,
                   num_blocks=batch * (max(len(p) for p, _ in trace) + max(m for _, m in trace)) // 16 + batch)
 
 

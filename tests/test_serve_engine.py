@@ -610,3 +610,74 @@ def test_bad_params_and_callbacks_lose_only_their_own_request(base):
         ae.submit([4, 5], SamplingParams(max_tokens=8, ignore_eos=True), callback=explode)
         tokens = [t for out in ae.stream([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), timeout=30) for t in out.token_ids]
         assert len(tokens) == 8 and ae._thread.is_alive() and ae.error is None
+
+
+def test_prefix_cache_shares_blocks_and_gives_the_same_tokens(base):
+    model, tok = base
+    rng = random.Random(1)
+    system = [rng.randrange(3, 2048) for _ in range(40)]
+    prompts = [system + [rng.randrange(3, 2048) for _ in range(rng.randint(1, 12))] for _ in range(6)] + [system[:17], system[:16]]
+    params = [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts]
+    want = [generate(model, torch.tensor([p]), sp.max_tokens)[0, len(p):].tolist() for p, sp in zip(prompts, params)]
+    eng = Engine(model, tok, block_size=8, num_blocks=64, max_batch_size=2)        # two at a time: later ones find the first's blocks
+    assert [r["token_ids"] for r in eng.generate(prompts, params)] == want
+    assert eng.stats["cached_tokens"] == 4 * 40 + 16 + 8 and eng.num_free_blocks == 64      # 40: five full blocks of the system prompt
+    # a prompt of exactly two full cached blocks still computes its last token (its logits give the first new one)
+    outs = []
+    eng.add_request(system[:16], SamplingParams(max_tokens=3, ignore_eos=True), callback=outs.append)
+    while eng.has_unfinished(): eng.step()
+    assert outs[-1].cached_tokens == 8 and [t for o in outs for t in o.token_ids] == want[-1][:3]
+    # two running requests share blocks: aborting one leaves the other's blocks (and tokens) intact
+    a = eng.add_request(prompts[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.step()
+    b = eng.add_request(prompts[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.step()
+    assert b.table[:5] == a.table[:5] and eng.cache.allocator.users[a.table[0]] == 2
+    eng.abort(a.id)
+    while eng.has_unfinished(): eng.step()
+    assert b.output_ids == generate(model, torch.tensor([prompts[0]]), 20)[0, len(prompts[0]):].tolist()
+    assert eng.num_free_blocks == 64 and all(u == 0 for u in eng.cache.allocator.users)
+
+
+def test_prefix_cache_under_eviction_and_preemption_keeps_tokens(base):
+    model, tok = base
+    rng = random.Random(2)
+    heads = [[rng.randrange(3, 2048) for _ in range(24)] for _ in range(3)]
+    prompts = [heads[i % 3] + [rng.randrange(3, 2048) for _ in range(rng.randint(1, 9))] for i in range(12)]
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = Engine(model, tok, block_size=4, num_blocks=40, max_batch_size=4, prefix_caching=False)
+    cached = Engine(model, tok, block_size=4, num_blocks=40, max_batch_size=4)     # too small to keep everything: evicts, preempts
+    assert [r["token_ids"] for r in cached.generate(prompts, sp)] == [r["token_ids"] for r in plain.generate(prompts, sp)]
+    assert cached.stats["preemptions"] > 0 and cached.stats["cached_tokens"] > 0
+    assert cached.stats["prefill_tokens"] < plain.stats["prefill_tokens"]
+    assert cached.num_free_blocks == 40
+
+
+def test_a_failed_step_caches_no_blocks_it_did_not_compute(base, monkeypatch):
+    import guide.serve.engine as engine_module
+    model, tok = base
+    prompt = list(range(3, 40))
+    want = generate(model, torch.tensor([prompt]), 5)[0, len(prompt):].tolist()
+    eng = Engine(model, tok, block_size=8, num_blocks=32)
+    req = eng.add_request(prompt, SamplingParams(max_tokens=5, ignore_eos=True))
+    def broken(*args, **kw): raise RuntimeError("out of memory")
+    monkeypatch.setattr(engine_module, "step_forward", broken)
+    with pytest.raises(RuntimeError): eng.step()                     # blocks were taken, nothing was written to them
+    eng.abort(req.id)
+    monkeypatch.undo()
+    assert not eng.cache.allocator.block_of                           # nothing findable: it would serve garbage
+    assert eng.generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))[0]["token_ids"] == want
+
+
+def test_prefix_caching_allocator_refuses_misuse():
+    from guide.serve.engine import PrefixCachingAllocator, block_hash
+    a = PrefixCachingAllocator(3)
+    key = block_hash(b"", [1, 2, 3])
+    with pytest.raises(ValueError, match="not allocated"): a.register(0, key)
+    with pytest.raises(ValueError, match="no cached"): a.take([1])
+    with pytest.raises(ValueError, match="not allocated"): a.release([0])
+    b = a.allocate(1)[0]; a.register(b, key); a.release([b])
+    assert a.lookup([key]) == [b] and a.num_free == 3
+    assert a.allocate(3)[-1] == b and a.lookup([key]) == []           # handed out last, and then no longer findable
+    with pytest.raises(NoFreeBlocks): a.allocate(1)
+    for bad in (-1, 1.5): pytest.raises(ValueError, a.allocate, bad)

@@ -2,11 +2,12 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, itertools, math, queue, random, threading, time, uuid, weakref
-from collections import deque
+import asyncio, hashlib, itertools, math, queue, random, threading, time, uuid, weakref
+from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import partial
-from operator import attrgetter, getitem, is_
+from operator import attrgetter, getitem, is_, is_not
 from typing import AsyncIterator, Callable, Iterator
 
 import torch
@@ -17,10 +18,10 @@ from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
-           'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
-           'sampling_tensors', 'multi_step', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine',
-           'AsyncEngine', 'make_trace']
+           'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator',
+           'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise',
+           'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'IncrementalDetokenizer', 'RequestOutput',
+           'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -212,7 +213,7 @@ def _split_by_length(nblocks: list[int], overhead: int = 48) -> int:
 
 @torch.no_grad()
 def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tables: list[list[int]],
-                 tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+                 tokens: list[int], positions: list[int], tables: list[list[int]], starts: list[int] | None = None) -> torch.Tensor:
     """One engine iteration in one pass over the weights: **prefill** the prompts `ids` (block tables `id_tables`)
     and **decode** token `tokens[b]` at `positions[b]` for the requests with block tables `tables`. Writes every new
     key/value to its block; returns the next-token logits, prefill rows first then decode rows ((len(ids) + len(tokens), V)).
@@ -220,24 +221,39 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
     The projections and the MLP run on all new tokens packed together (no padding). Attention is per part: the
     prompts attend causally within themselves, padded to the longest prompt; the decode rows attend to their
     gathered blocks with a padding mask, and since keys are padded to the longest row, with long-tailed lengths
-    the rows are sorted by length and, where it saves work, attended in two groups."""
+    the rows are sorted by length and, where it saves work, attended in two groups.
+
+    `starts[r]` (default 0) is the position of prompt `r`'s first token: the keys and values before it are in its
+    blocks already (a cached prefix), and its tokens attend to them as well as causally to each other."""
     Np, B = len(ids), len(tokens)
     if Np == 0 and B == 0: raise ValueError("nothing to run: no prompts and no decode rows")
-    if len(id_tables) != Np or len(positions) != B or len(tables) != B: raise ValueError("each prompt/token needs its block table (and position)")
+    starts = [0] * Np if starts is None else list(starts)
+    if len(id_tables) != Np or len(starts) != Np or len(positions) != B or len(tables) != B:
+        raise ValueError("each prompt/token needs its block table (and start or position)")
+    if not all(_is_int(s) and s >= 0 for s in starts): raise ValueError(f"starts must be integers >= 0, got {starts!r}")
     dev, cfg, bs = model.device, model.config, cache.block_size
     H, KV, hd, n_rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
     order = sorted(range(B), key=lambda b: len(tables[b]))
     tokens, positions, tables = [tokens[b] for b in order], [positions[b] for b in order], [tables[b] for b in order]
-    lens_p = [len(s) for s in ids]; n_p = sum(lens_p)
+    porder = sorted(range(Np), key=lambda r: starts[r] > 0)                  # prompts from position 0 first, then the rest
+    ids, id_tables, starts = [ids[r] for r in porder], [id_tables[r] for r in porder], [starts[r] for r in porder]
+    Nf = starts.count(0)
+    lens_p = [len(s) for s in ids]; n_p = sum(lens_p); n_f = sum(lens_p[:Nf])
     x = model.embed_tokens(torch.tensor([t for s in ids for t in s] + tokens, device=dev))          # (n_p + B, D), packed
-    pos = torch.tensor([p for n in lens_p for p in range(n)] + positions, device=dev)
+    pos = torch.tensor([s0 + p for s0, n in zip(starts, lens_p) for p in range(n)] + positions, device=dev)
     cos, sin = _rope_at(model, pos, x.dtype)
-    slots = torch.tensor([t[p // bs] * bs + p % bs for s, t in zip(ids, id_tables) for p in range(len(s))]
+    slots = torch.tensor([t[p // bs] * bs + p % bs for s0, s, t in zip(starts, ids, id_tables) for p in range(s0, s0 + len(s))]
                          + [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], device=dev)
-    if Np:                                       # prompts: packed row -> padded row, causal mask within each length
-        T = max(lens_p); L = torch.tensor(lens_p, device=dev); ar = torch.arange(T, device=dev)
-        where = torch.tensor([r * T + p for r, n in enumerate(lens_p) for p in range(n)], device=dev)
+    if Nf:                                       # prompts from 0: packed row -> padded row, causal mask within each length
+        T = max(lens_p[:Nf]); L = torch.tensor(lens_p[:Nf], device=dev); ar = torch.arange(T, device=dev)
+        where = torch.tensor([r * T + p for r, n in enumerate(lens_p[:Nf]) for p in range(n)], device=dev)
         pmask = ((ar[None, :] <= ar[:, None])[None] & (ar[None] < L[:, None])[:, None, :])[:, None]
+    if Nc := Np - Nf:                            # the rest: their new tokens attend to their gathered blocks up to themselves
+        Tc, nbc = max(lens_p[Nf:]), max(len(t) for t in id_tables[Nf:])
+        ctab = torch.tensor([t + [t[-1]] * (nbc - len(t)) for t in id_tables[Nf:]], device=dev)
+        where_c = torch.tensor([r * Tc + p for r, n in enumerate(lens_p[Nf:]) for p in range(n)], device=dev)
+        qpos = torch.tensor(starts[Nf:], device=dev)[:, None] + torch.arange(Tc, device=dev)                 # (Nc, Tc)
+        cmask = (torch.arange(nbc * bs, device=dev) <= qpos[..., None])[:, None]                          # (Nc, 1, Tc, S)
     groups, k = [], (_split_by_length([len(t) for t in tables]) if B else 0)
     for lo, hi in (([(0, k), (k, B)] if k else [(0, B)]) if B else []):
         nb = len(tables[hi - 1])
@@ -248,11 +264,16 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
         q, kv = _layer_qkv(model, w, x, cos, sin)
         cache.write(i, slots, kv)
         ys = []
-        if Np:
-            qkv = x.new_zeros(Np * T, H + 2 * KV, hd).index_copy_(0, where, torch.cat([q[:n_p], kv[:n_p]], 1))
-            qkv = qkv.view(Np, T, -1, hd).transpose(1, 2)
+        if Nf:
+            qkv = x.new_zeros(Nf * T, H + 2 * KV, hd).index_copy_(0, where, torch.cat([q[:n_f], kv[:n_f]], 1))
+            qkv = qkv.view(Nf, T, -1, hd).transpose(1, 2)
             y = F.scaled_dot_product_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], attn_mask=pmask, enable_gqa=True)
-            ys.append(y.transpose(1, 2).reshape(Np * T, -1).index_select(0, where))
+            ys.append(y.transpose(1, 2).reshape(Nf * T, -1).index_select(0, where))
+        if Nc:
+            qc = q.new_zeros(Nc * Tc, H, hd).index_copy_(0, where_c, q[n_f:n_p]).view(Nc, Tc, H, hd).transpose(1, 2)
+            K, V = cache.gather(i, ctab)                                               # (Nc, KV, S, hd)
+            y = F.scaled_dot_product_attention(qc, K, V, attn_mask=cmask, enable_gqa=True)
+            ys.append(y.transpose(1, 2).reshape(Nc * Tc, -1).index_select(0, where_c))
         if B:
             qd = q[n_p:].reshape(B, KV, n_rep, hd)                                     # GQA: a group's query heads as its rows
             for rows, tab, mask in groups:
@@ -260,7 +281,7 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
                 ys.append(F.scaled_dot_product_attention(qd[rows], K, V, attn_mask=mask).reshape(rows.stop - rows.start, -1))
         x = _layer_out(model, w, x, ys[0] if len(ys) == 1 else torch.cat(ys))
     rows = []
-    if Np: rows.append(L.cumsum(0) - 1)                                               # each prompt's last token
+    if Np: rows.append((torch.tensor(lens_p, device=dev).cumsum(0) - 1)[torch.tensor(porder, device=dev).argsort()])   # each prompt's last token
     if B: rows.append(n_p + torch.tensor(order, device=dev).argsort())                 # decode rows in the caller's order
     return _head(model, x[rows[0] if len(rows) == 1 else torch.cat(rows)])
 
@@ -280,6 +301,62 @@ def decode_forward(model: Llama, cache: PagedKVCache, tokens: list[int], positio
     return step_forward(model, cache, [], [], tokens, positions, tables)
 
 # %% ../../nbs/20_engine.ipynb #c019
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    "The key of a full block: a digest of its tokens and of `parent`, the key of the block before it (b'' for the first)."
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+class PrefixCachingAllocator(BlockAllocator):
+    """A `BlockAllocator` whose blocks can outlive their requests. `register(block, key)` marks a block in use as
+    holding the full block with that `block_hash`; `lookup(keys)` finds the blocks of the longest run of those
+    keys; `take(blocks)` adds a user to each. A block is free when its last user releases it, and a free block
+    keeps its key until `allocate` hands it out again: blocks without a key first, then the least recently released."""
+    def __init__(self, num_blocks: int):
+        super().__init__(num_blocks)
+        self.free = OrderedDict.fromkeys(range(num_blocks))    # free blocks in handing-out order
+        self.users = [0] * num_blocks
+        self.key_of: dict[int, bytes] = {}
+        self.block_of: dict[bytes, int] = {}
+
+    def allocate(self, n: int = 1) -> list[int]:
+        if not (_is_int(n) and n >= 0): raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if n > len(self.free): raise NoFreeBlocks(f"asked for {n} blocks, {len(self.free)} free")
+        out = list(itertools.islice(self.free, n))
+        for b in out:
+            del self.free[b]
+            if (key := self.key_of.pop(b, None)) is not None: del self.block_of[key]     # evicted: it will hold other tokens
+            self.users[b] = 1
+        return out
+
+    def release(self, blocks: list[int]):
+        "One user fewer for each block; a block with none left is free. A request's last blocks are evicted before its first."
+        for b in reversed(blocks):
+            if not (_is_int(b) and 0 <= b < self.num_blocks) or self.users[b] == 0: raise ValueError(f"block {b} is not allocated")
+            self.users[b] -= 1
+            if self.users[b]: continue
+            if b in self.key_of: self.free[b] = None                         # last in line: kept as long as possible
+            else: self.free[b] = None; self.free.move_to_end(b, last=False)     # holds nothing findable: handed out first
+
+    def register(self, block: int, key: bytes):
+        "`block` (in use) holds the full block `key`; nothing changes if another block holds it already."
+        if self.users[block] == 0: raise ValueError(f"block {block} is not allocated")
+        if key not in self.block_of and block not in self.key_of: self.block_of[key], self.key_of[block] = block, key
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        "The blocks holding the longest run of `keys` from the first (not taken: see `take`)."
+        return list(itertools.takewhile(partial(is_not, None), map(self.block_of.get, keys)))
+
+    def take(self, blocks: list[int]):
+        "One more user for each of these cached blocks (from `lookup`); a free one leaves the free pool."
+        for b in blocks:
+            if b not in self.key_of: raise ValueError(f"block {b} holds no cached tokens")
+            if self.users[b] == 0: del self.free[b]
+            self.users[b] += 1
+
+    def num_free_of(self, blocks: list[int]) -> int:
+        "How many of these blocks are free (taking them leaves that many fewer to allocate)."
+        return sum(self.users[b] == 0 for b in blocks)
+
+# %% ../../nbs/20_engine.ipynb #c022
 @torch.no_grad()
 def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
                   tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
@@ -310,7 +387,7 @@ def _gathered_attention(model, cache, layer, tables, mask, q):
 
 def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
 
-# %% ../../nbs/20_engine.ipynb #c021
+# %% ../../nbs/20_engine.ipynb #c024
 try:
     import triton
     import triton.language as tl
@@ -498,7 +575,7 @@ class DecodeGraphs:
         graph.replay()
         return out[:B]
 
-# %% ../../nbs/20_engine.ipynb #c023
+# %% ../../nbs/20_engine.ipynb #c026
 if triton is not None:
     @triton.jit
     def _paged_attention_kernel(Q, KV, Tables, Pos, Acc, Max, Sum, scale, stride_qb, stride_tb, stride_pb, stride_blk, stride_pos, NB, BLOCKS_PER_SPLIT,
@@ -638,7 +715,7 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, **flags, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return q
 
-# %% ../../nbs/20_engine.ipynb #c026
+# %% ../../nbs/20_engine.ipynb #c029
 _M32 = 0xFFFFFFFF
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -684,7 +761,7 @@ def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ..
     if not has_filters(rows): return temperature, None, None, seeds
     return temperature, torch.tensor(k, device=device), torch.tensor(p, dtype=torch.float32, device=device), seeds
 
-# %% ../../nbs/20_engine.ipynb #c032
+# %% ../../nbs/20_engine.ipynb #c035
 @torch.no_grad()
 def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                n: int, weights: list[tuple] | None = None, sampling: tuple | None = None) -> torch.Tensor:
@@ -699,7 +776,7 @@ def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, po
         out.append(tokens)
     return torch.stack(out, 1)
 
-# %% ../../nbs/20_engine.ipynb #c037
+# %% ../../nbs/20_engine.ipynb #c040
 class IncrementalDetokenizer:
     """The text of a growing list of token ids, decoding a few ids per token rather than all of them.
     `add(token)` returns the text that token completes ('' while a character is incomplete); `flush()` returns
@@ -729,7 +806,7 @@ class IncrementalDetokenizer:
         new, self.context = text[len(self.context):], self.decode(self.ids[self.prefix:self.read])
         return new
 
-# %% ../../nbs/20_engine.ipynb #c043
+# %% ../../nbs/20_engine.ipynb #c046
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -740,6 +817,7 @@ class RequestOutput:
     finish_reason: str | None = None   # "stop", "length" or "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0         # prompt tokens whose keys and values came from the prefix cache
 
 class Request:
     "One generation request inside the engine."
@@ -748,6 +826,9 @@ class Request:
         self.id, self.prompt_ids, self.params, self.callback = request_id, list(prompt_ids), params, callback
         self.output_ids: list[int] = []
         self.table: list[int] = []
+        self.computed = 0                 # positions whose keys and values are in its blocks
+        self.block_keys: list[bytes] = []   # `block_hash` of its full blocks, so far
+        self.cached_tokens = 0            # of its prompt, found in the prefix cache at admission
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
@@ -770,18 +851,20 @@ class Request:
     @property
     def finished(self) -> bool: return self.status == "finished"
 
-# %% ../../nbs/20_engine.ipynb #c045
+# %% ../../nbs/20_engine.ipynb #c048
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
     `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
     compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration
     runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
-    then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only)."""
+    then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only).
+    `prefix_caching`: blocks are kept after their request (`PrefixCachingAllocator`), and a prompt that starts with
+    tokens served before starts its prefill after them."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
-                 paged_attention: bool = False, pdl: bool = False):
+                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -796,6 +879,8 @@ class Engine:
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
+        self.prefix_caching = prefix_caching
+        if prefix_caching: self.cache.allocator = PrefixCachingAllocator(num_blocks)
         if cuda_graphs is None: cuda_graphs = model.device.type == "cuda"
         if (paged_attention or pdl) and not cuda_graphs: raise ValueError("paged_attention and pdl are options of the CUDA-graph decode: they need a model on a CUDA GPU")
         self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, compile_decode, paged_attention=paged_attention, pdl=pdl)
@@ -805,7 +890,8 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
-        self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0)
+        self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
+                          cached_tokens=0)
         self._ids = itertools.count()
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -848,7 +934,7 @@ class Engine:
             if req in self.running: self.running.remove(req)
             self.stats["aborted"] += 1
             self._finish(req, "abort")
-            out = RequestOutput(req.id, [], "", True, "abort", len(req.prompt_ids), len(req.output_ids))
+            out = RequestOutput(req.id, [], "", True, "abort", len(req.prompt_ids), len(req.output_ids), req.cached_tokens)
         self._deliver(req, out)
         return True
 
@@ -867,27 +953,56 @@ class Engine:
 
     def _finish(self, req: Request, reason: str):
         req.status, req.finish_reason, req.finish_time = "finished", reason, time.perf_counter()
-        if req.table: self.cache.allocator.release(req.table); req.table = []
+        self._release(req)
         self.requests.pop(req.id, None)
 
     def _preempt(self, req: Request):
         self.running.remove(req)
-        self.cache.allocator.release(req.table); req.table = []
+        self._release(req)
         req.status = "waiting"; req.num_preemptions += 1; self.stats["preemptions"] += 1
         self.waiting.appendleft(req)
 
+    # ---- the prefix cache --------------------------------------------------------------------------
+    def _keys(self, req: Request, n: int) -> list[bytes]:
+        "The `block_hash` keys of the request's first `n` full blocks (computed once, as it grows)."
+        keys, bs = req.block_keys, self.cache.block_size
+        if len(keys) < n:
+            ids = req.all_ids
+            for i in range(len(keys), n): keys.append(block_hash(keys[-1] if keys else b"", ids[i * bs:(i + 1) * bs]))
+        return keys[:n]
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        "Cached blocks that hold the request's first tokens, leaving at least its last token to compute (its logits are needed)."
+        if not self.prefix_caching: return []
+        return self.cache.allocator.lookup(self._keys(req, (req.num_tokens - 1) // self.cache.block_size))
+
+    def _offer(self, req: Request):
+        "Register the request's full blocks whose keys and values are computed (those it took from the cache are there already)."
+        if not self.prefix_caching: return
+        n = min(req.computed, req.num_tokens) // self.cache.block_size
+        for block, key in zip(req.table[:n], self._keys(req, n)): self.cache.allocator.register(block, key)
+
+    def _release(self, req: Request):
+        if not req.table: return
+        self._offer(req)
+        self.cache.allocator.release(req.table); req.table = []
+
     # ---- scheduling ----------------------------------------------------------------------------
     def _schedule(self) -> list[Request]:
-        "Admit waiting requests; make room for every running request's next token. Returns the admitted ones."
-        alloc, admitted, budget = self.cache.allocator, [], self.max_prefill_tokens
+        """Admit waiting requests (a cached prefix is taken, not computed again); make room for every running
+        request's next token. Returns the admitted ones."""
+        alloc, admitted, budget, bs = self.cache.allocator, [], self.max_prefill_tokens, self.cache.block_size
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            n = req.num_tokens
-            need = self.cache.blocks_for(n + 1)
-            if need > alloc.num_free or (admitted and n > budget): break
+            n, cached = req.num_tokens, self._cached_prefix(req)
+            need = self.cache.blocks_for(n + 1) - len(cached)
+            if need + (alloc.num_free_of(cached) if cached else 0) > alloc.num_free or (admitted and n - len(cached) * bs > budget): break
             self.waiting.popleft()
-            req.table = alloc.allocate(need); req.status = "running"
-            self.running.append(req); admitted.append(req); budget -= n
+            if cached: alloc.take(cached)
+            req.table = cached + alloc.allocate(need); req.status = "running"
+            req.computed = len(cached) * bs; self.stats["cached_tokens"] += req.computed
+            if not req.num_preemptions: req.cached_tokens = req.computed
+            self.running.append(req); admitted.append(req); budget -= n - req.computed
         for req in list(self.running):                    # decode rows: the slot for position len(all_ids)-1
             if req in admitted or req not in self.running: continue
             while len(req.table) < self.cache.blocks_for(req.num_tokens):
@@ -914,11 +1029,13 @@ class Engine:
     def _one_step(self, admitted: list[Request], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
         "Prefill the admitted requests and decode one token of the others, in one pass over the weights; sample; append."
         rows = admitted + decode
-        ids = [req.all_ids for req in admitted]
+        ids = [req.all_ids[req.computed:] for req in admitted]
         if self.graphs is not None and not admitted:
             logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
         else: logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
-                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode], [r.computed for r in admitted])
+        for req in rows: req.computed = req.num_tokens
+        for req in admitted: self._offer(req)           # a prompt's blocks are shared from now, not only after it finishes
         self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
         self.stats["steps"] += 1
         return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits))]
@@ -948,6 +1065,7 @@ class Engine:
             ahead = multi_step(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                                padded, n, sampling=sampling and sampling_tensors(sampling, dev))
         done = []
+        for req in decode: req.computed = req.num_tokens - 1 + n      # (positions past a stop hold dropped tokens: `_offer` stops at num_tokens)
         for req, row in zip(decode, ahead.tolist()):
             for token in row:
                 done.append((req, self._append(req, token)))
@@ -991,7 +1109,8 @@ class Engine:
         if reason:
             self.running.remove(req); self.stats["finished"] += 1
             self._finish(req, reason)
-        return RequestOutput(req.id, [token], delta, reason is not None, reason, len(req.prompt_ids), len(req.output_ids))
+        return RequestOutput(req.id, [token], delta, reason is not None, reason, len(req.prompt_ids), len(req.output_ids),
+                             req.cached_tokens)
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -1018,7 +1137,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c057
+# %% ../../nbs/20_engine.ipynb #c062
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1094,7 +1213,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c060
+# %% ../../nbs/20_engine.ipynb #c065
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
