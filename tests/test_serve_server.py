@@ -121,6 +121,20 @@ def test_stream_usage_and_no_op_fields(client):
     assert r.usage.completion_tokens >= 1
 
 
+def test_prefix_cache_is_reported_in_usage_and_metrics(server, client):
+    "A prompt sent again finds all its full KV blocks but the last in the prefix cache: usage and /metrics say how many tokens."
+    prompt = "def main(args):\n    for item in args:\n        print(item)\n" * 4
+    before = metric(server, "guide_prompt_tokens_cached_total")
+    first, again = [client.completions.create(model="tiny-base", prompt=prompt, max_tokens=5, temperature=0) for _ in range(2)]
+    n = again.usage.prompt_tokens
+    assert n > 32 and again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    assert again.choices[0].text == first.choices[0].text
+    chunks = list(client.completions.create(model="tiny-base", prompt=prompt, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    assert metric(server, "guide_prompt_tokens_cached_total") - before >= 2 * ((n - 1) // 16 * 16)
+
+
 def test_stop_string(client):
     base = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=30, temperature=0).choices[0].text
     stop = base[8:10]
@@ -378,7 +392,7 @@ def test_serve_a_transformers_checkpoint_folder(tmp_path):
         max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     folder = tmp_path / "mistral-tiny"
     hf.save_pretrained(folder); tok.save_pretrained(folder)
-    proc, base = start_server("--model", str(folder), "--no-encoder")
+    proc, base = start_server("--model", str(folder), "--no-encoder", "--no-prefix-caching")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["mistral-tiny"]
@@ -386,6 +400,9 @@ def test_serve_a_transformers_checkpoint_folder(tmp_path):
         r = client.completions.create(model="mistral-tiny", prompt=ids, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
         want = hf.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):]
         assert r.choices[0].text == tok.decode(want, skip_special_tokens=True) and r.usage.completion_tokens == 10
+        again = client.completions.create(model="mistral-tiny", prompt=ids * 8, max_tokens=2)
+        again = client.completions.create(model="mistral-tiny", prompt=ids * 8, max_tokens=2)
+        assert again.usage.prompt_tokens_details.cached_tokens == 0                          # --no-prefix-caching
         chat = client.chat.completions.create(model="mistral-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert chat.usage.completion_tokens >= 1
     finally:
@@ -429,8 +446,8 @@ def test_prefork_workers_encoder_only(shared):
 
 
 def test_a_dead_shared_encoder_is_503_at_once():
-    """SIGKILL the shared encoder's model process: every worker's /health turns 503 within seconds and encoder requests
-    get 503 encoder_unavailable at once (not a wait for the request timeout); SIGTERM still stops the server, exit 1."""
+    """SIGKILL the shared encoder's model process: every worker's /health (and /ready: it serves nothing else) turns 503
+    within seconds and encoder requests get 503 encoder_unavailable at once (not a wait for the request timeout); SIGTERM still stops the server, exit 1."""
     proc, base = start_server("--no-llm", "--workers", "2", "--shared-encoder", "--request-timeout", "60")
     try:
         model_procs = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
@@ -446,6 +463,9 @@ def test_a_dead_shared_encoder_is_503_at_once():
                 unhealthy.add(h.json()["pid"])
             time.sleep(0.05)
         assert len(unhealthy) == 2, unhealthy
+        for _ in range(4):
+            with httpx.Client() as c: r = c.get(base + "/ready")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "no_model_up", r.text          # it serves nothing else
         for _ in range(4):
             t = time.perf_counter()
             with httpx.Client() as c: r = c.post(base + "/v1/classify", json=body, timeout=30)

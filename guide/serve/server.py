@@ -153,6 +153,7 @@ class Metrics:
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.tokens = Counter("guide_generated_tokens", "completion tokens produced", registry=r)
         self.prompt_tokens = Counter("guide_prompt_tokens", "prompt tokens received", registry=r)
+        self.cached_tokens = Counter("guide_prompt_tokens_cached", "prompt tokens found in the prefix cache (not computed)", registry=r)
         self.rejected = Counter("guide_rejected", "requests refused", ["reason"], registry=r)
         self.cancelled = Counter("guide_cancelled", "generations cancelled (disconnect or timeout)", ["reason"], registry=r)
         self.inflight = Gauge("guide_inflight_requests", "API requests in flight", registry=r)
@@ -256,15 +257,21 @@ def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop
                        f"max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
     return sp
 
-async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int]:
-    "Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect."
-    text, reason, n = [], None, 0
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    "OpenAI's usage object; `cached_tokens`: the prompt tokens found in the prefix cache."
+    return dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+                prompt_tokens_details=dict(cached_tokens=cached_tokens))
+
+async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int, int]:
+    """Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect. Returns its text,
+    finish reason, completion tokens and cached prompt tokens."""
+    text, reason, n, cached = [], None, 0, 0
     t0 = time.perf_counter()
     async def run():
-        nonlocal reason, n
+        nonlocal reason, n, cached
         async for out in deltas:
             if n == 0 and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0)
-            text.append(out.text); n = out.completion_tokens
+            text.append(out.text); n, cached = out.completion_tokens, out.cached_tokens
             if out.finished: reason = out.finish_reason
     async def watch():
         while not await request.is_disconnected(): await asyncio.sleep(0.05)
@@ -280,8 +287,8 @@ async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str,
         st.metrics.cancelled.labels(why).inc()
         raise APIError(408, f"request cancelled ({why})", "timeout_error", code=why)
     if gen.exception(): raise gen.exception()
-    st.metrics.tokens.inc(n)
-    return "".join(text), reason, n
+    st.metrics.tokens.inc(n); st.metrics.cached_tokens.inc(cached)
+    return "".join(text), reason, n, cached
 
 def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
     "An embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."
@@ -294,7 +301,7 @@ async def _stream(st: ServerState, gen, chunk, usage_of_prompt: int | None = Non
     """Server-sent events of a submitted request (`_submit`'s deltas): one `chunk(text, finish_reason)` per engine
     delta, then [DONE]. With `usage_of_prompt` (its prompt tokens: the client asked for `include_usage`), a last
     chunk before [DONE] carries no choices and the usage. Cancellation aborts the request."""
-    t0, first, n = time.perf_counter(), True, 0
+    t0, first, n, cached = time.perf_counter(), True, 0, 0
     deadline = t0 + st.request_timeout
     try:
         while True:
@@ -305,19 +312,17 @@ async def _stream(st: ServerState, gen, chunk, usage_of_prompt: int | None = Non
                 yield _sse({"error": {"message": "request timed out", "type": "timeout_error", "param": None, "code": "timeout"}})
                 break
             if first and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0); first = False
-            n = out.completion_tokens
+            n, cached = out.completion_tokens, out.cached_tokens
             if out.text or out.finished: yield _sse(chunk(out.text, out.finish_reason if out.finished else None))
             if out.finished:
-                if usage_of_prompt is not None:
-                    yield _sse(dict(chunk("", None), choices=[], usage=dict(prompt_tokens=usage_of_prompt, completion_tokens=n,
-                                                                             total_tokens=usage_of_prompt + n)))
+                if usage_of_prompt is not None: yield _sse(dict(chunk("", None), choices=[], usage=_usage(usage_of_prompt, n, cached)))
                 break
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         st.metrics.cancelled.labels("disconnect").inc(); raise
     finally:
         await gen.aclose()                     # aborts the engine request if it is still running
-        st.metrics.tokens.inc(n)
+        st.metrics.tokens.inc(n); st.metrics.cached_tokens.inc(cached)
 
 # %% ../../nbs/22_server.ipynb #c015
 def build_app(state: ServerState) -> FastAPI:
@@ -338,17 +343,22 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(InflightMiddleware, state=state)
     st = state
 
+    def engine_up() -> bool: return st.engine._thread is not None and st.engine._thread.is_alive() and st.engine.error is None
+    def encoder_up() -> bool: return st.encoder.alive                # a shared encoder's model process may have died
+
     @app.get("/health")
     async def health():
         e, b = st.engine, st.encoder
-        ok = e is None or (e._thread is not None and e._thread.is_alive() and e.error is None)
-        encoder_ok = b is None or b.alive                # a shared encoder's model process may have died
+        ok, encoder_ok = e is None or engine_up(), b is None or encoder_up()
         return JSONResponse({"status": "ok" if ok and encoder_ok else "degraded", "engine_error": repr(e.error) if e and e.error else None,
                              "encoder": None if b is None else "ok" if encoder_ok else "unavailable", "pid": os.getpid()}, 200 if ok and encoder_ok else 503)
 
     @app.get("/ready")
     async def ready():
+        "503 while starting or draining, or when no model it serves is up (one that is up still takes its traffic)."
         if st.draining or not st.ready: return error_response(503, "not ready", "server_error", code="not_ready")
+        if not ((st.engine and engine_up()) or (st.encoder and encoder_up())):
+            return error_response(503, "no model of this server is up: see /health", "server_error", code="no_model_up")
         return {"status": "ready"}
 
     @app.get("/metrics")
@@ -384,10 +394,10 @@ def build_app(state: ServerState) -> FastAPI:
                             choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)])
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
-        text, reason, n = await _collect(st, request, deltas)
+        text, reason, n, cached = await _collect(st, request, deltas)
         return dict(id=cid, object="text_completion", created=created, model=st.model_name,
                     choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)],
-                    usage=dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
+                    usage=_usage(len(ids), n, cached))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -410,10 +420,10 @@ def build_app(state: ServerState) -> FastAPI:
                             choices=[dict(index=0, delta=delta, logprobs=None, finish_reason=reason)])
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
-        text, reason, n = await _collect(st, request, deltas)
+        text, reason, n, cached = await _collect(st, request, deltas)
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
                     choices=[dict(index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=reason)],
-                    usage=dict(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
+                    usage=_usage(len(ids), n, cached))
 
     async def _encode(body: EmbeddingRequest):
         _check_model(st, body.model, "encoder")
@@ -502,7 +512,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
-                paged_attention: bool = False, pdl: bool = False) -> ServerState:
+                paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -512,7 +522,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
     if model is not None:
         llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
         engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps,
-                                    paged_attention=paged_attention, pdl=pdl), step_delay=step_delay)
+                                    paged_attention=paged_attention, pdl=pdl, prefix_caching=prefix_caching), step_delay=step_delay)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
@@ -548,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     "kernel, reading the KV blocks in place")
     ap.add_argument("--pdl", action="store_true", help="CUDA, compute capability 9.0+ (Hopper): batch-1 decode kernels start with "
                     "programmatic dependent launch")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="free KV blocks with their request, rather than keeping "
+                    "them for later prompts that start with the same tokens")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
     ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is cancelled")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -586,7 +598,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     encoder = False if a.no_encoder else RemoteBatcher(*remote[:3], max_len=encoder_recipe(a.tier)["max_len"], sentinel=remote[3]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
-                        a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl)
+                        a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl, not a.no_prefix_caching)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
