@@ -681,3 +681,39 @@ def test_prefix_caching_allocator_refuses_misuse():
     assert a.allocate(3)[-1] == b and a.lookup([key]) == []           # handed out last, and then no longer findable
     with pytest.raises(NoFreeBlocks): a.allocate(1)
     for bad in (-1, 1.5): pytest.raises(ValueError, a.allocate, bad)
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16])
+def test_chunked_prefill_gives_the_same_tokens(base, budget):
+    "Prompts computed a few tokens a step (`max_prefill_tokens`), greedy and seeded sampling, with and without a cache small enough to preempt."
+    model, tok = base
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(1, 60))] for _ in range(6)]
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, **({} if i % 2 else dict(temperature=0.9, top_k=50, seed=i))) for i in range(6)]
+    whole = Engine(model, tok, block_size=4, num_blocks=200, max_batch_size=4, prefix_caching=False)
+    want = [r["token_ids"] for r in whole.generate(prompts, params)]
+    for i in (1, 3, 5): assert want[i] == generate(model, torch.tensor([prompts[i]]), 12)[0, len(prompts[i]):].tolist()
+    for num_blocks in (200, 19):                                             # 19 blocks of 4: two or three requests fit, then they preempt
+        eng = Engine(model, tok, block_size=4, num_blocks=num_blocks, max_batch_size=4, max_prefill_tokens=budget)
+        reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        steps_prefill = []
+        while eng.has_unfinished():
+            before = eng.stats["prefill_tokens"]
+            eng.step()
+            steps_prefill.append(eng.stats["prefill_tokens"] - before)
+        assert [r.output_ids for r in reqs] == want and max(steps_prefill) <= budget
+        assert eng.num_free_blocks == num_blocks
+    assert eng.stats["preemptions"] > 0
+
+
+def test_abort_during_chunked_prefill_frees_its_blocks(base):
+    model, tok = base
+    eng = Engine(model, tok, block_size=8, num_blocks=40, max_prefill_tokens=16)
+    long = eng.add_request(list(range(3, 203)), SamplingParams(max_tokens=4, ignore_eos=True))
+    short = eng.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+    eng.step(); eng.step()
+    assert 0 < long.computed < long.num_tokens and not long.output_ids     # half computed, no token yet
+    eng.abort(long.id)
+    while eng.has_unfinished(): eng.step()
+    assert short.output_ids == generate(model, torch.tensor([[5, 6, 7]]), 6)[0, 3:].tolist()
+    assert eng.num_free_blocks == 40

@@ -860,7 +860,8 @@ class Engine:
     runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
     then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only).
     `prefix_caching`: blocks are kept after their request (`PrefixCachingAllocator`), and a prompt that starts with
-    tokens served before starts its prefill after them."""
+    tokens served before starts its prefill after them. `max_prefill_tokens`: the most prompt tokens a step computes;
+    a longer prompt is computed in chunks, over several steps, while the running requests go on decoding."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
@@ -988,57 +989,65 @@ class Engine:
         self.cache.allocator.release(req.table); req.table = []
 
     # ---- scheduling ----------------------------------------------------------------------------
-    def _schedule(self) -> list[Request]:
-        """Admit waiting requests (a cached prefix is taken, not computed again); make room for every running
-        request's next token. Returns the admitted ones."""
-        alloc, admitted, budget, bs = self.cache.allocator, [], self.max_prefill_tokens, self.cache.block_size
-        while self.waiting and len(self.running) < self.max_batch_size:
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Pick this step's prefill work, at most `max_prefill_tokens` tokens: first the next chunk of the prompts
+        being prefilled, then waiting requests, admitted in order (their blocks taken now: a cached prefix is taken,
+        not computed again). Then make room for every decode row's next token. Returns (request, tokens to compute)."""
+        alloc, bs, budget, chunks = self.cache.allocator, self.cache.block_size, self.max_prefill_tokens, []
+        for req in self.running:
+            if budget and (left := req.num_tokens - req.computed) > 1:
+                chunks.append((req, min(left, budget))); budget -= chunks[-1][1]
+        while budget and self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             n, cached = req.num_tokens, self._cached_prefix(req)
             need = self.cache.blocks_for(n + 1) - len(cached)
-            if need + (alloc.num_free_of(cached) if cached else 0) > alloc.num_free or (admitted and n - len(cached) * bs > budget): break
+            if need + (alloc.num_free_of(cached) if cached else 0) > alloc.num_free: break
             self.waiting.popleft()
             if cached: alloc.take(cached)
             req.table = cached + alloc.allocate(need); req.status = "running"
             req.computed = len(cached) * bs; self.stats["cached_tokens"] += req.computed
             if not req.num_preemptions: req.cached_tokens = req.computed
-            self.running.append(req); admitted.append(req); budget -= n - req.computed
+            self.running.append(req)
+            if n - req.computed > 1: chunks.append((req, min(n - req.computed, budget))); budget -= chunks[-1][1]
         for req in list(self.running):                    # decode rows: the slot for position len(all_ids)-1
-            if req in admitted or req not in self.running: continue
+            if req.num_tokens - req.computed > 1 or req not in self.running: continue
             while len(req.table) < self.cache.blocks_for(req.num_tokens):
                 if alloc.num_free: req.table += alloc.allocate(1); continue
                 victim = self.running[-1]                   # the latest admitted gives way
                 self._preempt(victim)
                 if victim is req: break
-        return [r for r in admitted if r in self.running]
+        return [(r, k) for r, k in chunks if r in self.running]
 
     # ---- one iteration -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill, decode one token for every running request (or `decode_steps` tokens: see the class), sample;
-        returns the outputs of this step."""
+        """Admit, prefill (a chunk of a long prompt), decode one token for every other running request (or
+        `decode_steps` tokens: see the class), sample; returns the outputs of this step."""
         with self.lock:
-            admitted = self._schedule()
-            decode = [r for r in self.running if r not in admitted]
-            if not admitted and not decode: return []
-            if not admitted and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
-            else: done = self._one_step(admitted, decode)
+            prefill = self._schedule()
+            decode = [r for r in self.running if r.num_tokens - r.computed == 1]    # one token to feed: the last one sampled
+            if not prefill and not decode: return []
+            if not prefill and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
+            else: done = self._one_step(prefill, decode)
         for req, out in done: self._deliver(req, out)
         return [out for _, out in done]
 
-    def _one_step(self, admitted: list[Request], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
-        "Prefill the admitted requests and decode one token of the others, in one pass over the weights; sample; append."
-        rows = admitted + decode
-        ids = [req.all_ids[req.computed:] for req in admitted]
-        if self.graphs is not None and not admitted:
+    def _one_step(self, prefill: list[tuple[Request, int]], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
+        """Compute the prefill chunks and decode one token of the decode rows, in one pass over the weights; sample and
+        append a token for every row that is now computed to its end (a prompt's last chunk, and the decode rows)."""
+        ids = [req.all_ids[req.computed:req.computed + k] for req, k in prefill]
+        if self.graphs is not None and not prefill:
             logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
-        else: logits = step_forward(self.model, self.cache, ids, [req.table for req in admitted], [r.last_token for r in decode],
-                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode], [r.computed for r in admitted])
-        for req in rows: req.computed = req.num_tokens
-        for req in admitted: self._offer(req)           # a prompt's blocks are shared from now, not only after it finishes
+        else: logits = step_forward(self.model, self.cache, ids, [req.table for req, _ in prefill], [r.last_token for r in decode],
+                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode], [req.computed for req, _ in prefill])
+        for req, k in prefill: req.computed += k; self._offer(req)     # a prompt's blocks are shared from now, not only after it finishes
+        for req in decode: req.computed = req.num_tokens
         self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
         self.stats["steps"] += 1
-        return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits))]
+        rows = [req for req, _ in prefill] + decode
+        done = [i for i, req in enumerate(rows) if req.computed == req.num_tokens]
+        if len(done) < len(rows): rows, logits = [rows[i] for i in done], logits[done]
+        return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits) if rows else [])]
 
     def _lookahead(self, decode: list[Request]) -> int:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
@@ -1137,7 +1146,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c062
+# %% ../../nbs/20_engine.ipynb #c064
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1213,7 +1222,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c065
+# %% ../../nbs/20_engine.ipynb #c067
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
