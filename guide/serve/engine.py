@@ -35,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None        # per token: its log-probability and this many top alternatives (0..20)
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -55,6 +56,8 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
@@ -818,6 +821,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0         # prompt tokens whose keys and values came from the prefix cache
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # with SamplingParams.logprobs: per token, its
+                                   # log-probability and the top alternatives (token id, log-probability), most likely first
 
 class Request:
     "One generation request inside the engine."
@@ -1047,13 +1052,15 @@ class Engine:
         rows = [req for req, _ in prefill] + decode
         done = [i for i, req in enumerate(rows) if req.computed == req.num_tokens]
         if len(done) < len(rows): rows, logits = [rows[i] for i in done], logits[done]
-        return [(req, self._append(req, t)) for req, t in zip(rows, self._sample(rows, logits) if rows else [])]
+        if not rows: return []
+        tokens = self._sample(rows, logits)
+        return [(req, self._append(req, t, lp)) for req, t, lp in zip(rows, tokens, self._logprobs(rows, logits, tokens))]
 
     def _lookahead(self, decode: list[Request]) -> int:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
         tokens left, if none waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting: return 1
+        if n == 1 or self.waiting or any(r.params.logprobs is not None for r in decode): return 1     # (a burst keeps no logits)
         left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
         while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
         if n == 1: return 1
@@ -1095,7 +1102,22 @@ class Engine:
         positions = torch.tensor([r.num_tokens for r in rows], device=logits.device)
         return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
 
-    def _append(self, req: Request, token: int) -> RequestOutput:
+    def _logprobs(self, rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
+        """Per row, None, or if its request asked for `logprobs`: the log-probability of its token and of the
+        `logprobs` most likely tokens, under the model's distribution (before temperature, top-k and top-p)."""
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out = [None] * len(rows)
+        if not want: return out
+        lp = torch.log_softmax(logits[want].float(), -1)
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = lp.topk(max(rows[i].params.logprobs for i in want), -1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            k = rows[i].params.logprobs
+            out[i] = (chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+        return out
+
+    def _append(self, req: Request, token: int, logprob: tuple | None = None) -> RequestOutput:
         now = time.perf_counter()
         if req.first_token_time is None: req.first_token_time = now
         p, reason = req.params, None
@@ -1119,12 +1141,12 @@ class Engine:
             self.running.remove(req); self.stats["finished"] += 1
             self._finish(req, reason)
         return RequestOutput(req.id, [token], delta, reason is not None, reason, len(req.prompt_ids), len(req.output_ids),
-                             req.cached_tokens)
+                             req.cached_tokens, None if logprob is None else [logprob])
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  max_steps: int = 100_000) -> list[dict]:
-        """Run prompts to completion; returns per prompt {token_ids, text, finish_reason}. All or nothing: a prompt
+        """Run prompts to completion; returns per prompt {token_ids, text, finish_reason, logprobs}. All or nothing: a prompt
         that cannot be queued raises before any runs. Requests still running after `max_steps` are aborted."""
         if isinstance(params, list):
             if len(params) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
@@ -1135,12 +1157,13 @@ class Engine:
         except Exception:
             for r in reqs: self.abort(r.id)
             raise
-        results = {r.id: dict(token_ids=[], text="", finish_reason=None) for r in reqs}
+        results = {r.id: dict(token_ids=[], text="", finish_reason=None, logprobs=[] if r.params.logprobs is not None else None) for r in reqs}
         for _ in range(max_steps):
             if not self.has_unfinished(): break
             for o in self.step():
                 if o.request_id in results:
                     res = results[o.request_id]; res["token_ids"] += o.token_ids; res["text"] += o.text
+                    if o.logprobs: res["logprobs"] += o.logprobs
                     if o.finished: res["finish_reason"] = o.finish_reason
         for r in reqs:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
