@@ -121,6 +121,59 @@ def test_stream_usage_and_no_op_fields(client):
     assert r.usage.completion_tokens >= 1
 
 
+def test_logprobs_are_the_models_and_stream_the_same(server, client):
+    """Completions `logprobs=k` and chat `logprobs/top_logprobs`: each token's log-probability is the model's own
+    log_softmax at its position (greedy: the top alternative is the token); streamed, the same entries arrive in pieces."""
+    import torch
+    from guide.pretrained import tiny_base
+    model, tok = tiny_base()
+    r = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=8, temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    lp, ids = r.choices[0].logprobs, tok.encode("def main(")
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8 and lp.text_offset[0] == 0
+    from guide.model import generate
+    full = generate(model, torch.tensor([ids]), 8)[0]
+    with torch.no_grad(): ref = torch.log_softmax(model(full[None])[0][0].float(), -1)[len(ids) - 1:-1].gather(1, full[len(ids):, None])[:, 0]
+    assert lp.token_logprobs == pytest.approx(ref.tolist(), abs=1e-4)
+    assert lp.tokens == [tok.decode([t]) for t in full[len(ids):].tolist()]
+    for top, chosen, token in zip(lp.top_logprobs, lp.token_logprobs, lp.tokens):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-5) and top.get(token) == pytest.approx(chosen, abs=1e-5)
+    stream = list(client.completions.create(model="tiny-base", prompt="def main(", max_tokens=8, temperature=0, logprobs=3, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    pieces = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == lp.tokens
+    assert [x for p in pieces for x in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert [x for p in pieces for x in p.text_offset] == lp.text_offset
+    kw = dict(model="tiny-base", messages=[{"role": "user", "content": "What is a list?"}], max_tokens=6, temperature=0.7, seed=5,
+              logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(**kw)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= c.top_logprobs[0].logprob + 1e-6 and bytes(c.bytes).decode() == c.token for c in content)
+    streamed = [x for c in client.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.content]
+    assert [(x.token, round(x.logprob, 4)) for x in streamed] == [(x.token, round(x.logprob, 4)) for x in content]
+    assert client.chat.completions.create(**dict(kw, logprobs=False, top_logprobs=None)).choices[0].logprobs is None
+
+
+def test_n_choices_stream_and_not(server, client):
+    "`n` choices: choice i of a seeded request is the single request with seed + i; streamed, each index joins to its text."
+    kw = dict(model="tiny-base", prompt="import", max_tokens=10, temperature=1.0, seed=41, extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 30
+    singles = [client.completions.create(**dict(kw, seed=41 + i)).choices[0].text for i in range(3)]
+    assert [c.text for c in r.choices] == singles
+    texts = {}
+    for c in client.completions.create(**kw, n=3, stream=True):
+        for ch in c.choices: texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(3)] == singles
+    chat = client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, n=2, seed=3)
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.message.role == "assistant" for c in chat.choices)
+    bad = httpx.post(server + "/v1/completions", json=dict(model="tiny-base", prompt="x", n=9))       # more than --max-pending 8
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    assert httpx.post(server + "/v1/completions", json=dict(model="tiny-base", prompt="x", n=17)).status_code == 422
+    assert wait_idle(server)
+
+
 def test_prefix_cache_is_reported_in_usage_and_metrics(server, client):
     "A prompt sent again finds all its full KV blocks but the last in the prefix cache: usage and /metrics say how many tokens."
     prompt = "def main(args):\n    for item in args:\n        print(item)\n" * 4
@@ -169,8 +222,11 @@ BAD = [
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "robot", "content": "x"}]}).encode()),
     ("/v1/embeddings", json.dumps({"model": "tiny-base", "input": "x"}).encode()),
     ("/v1/embeddings", json.dumps({"model": "tiny-encoder", "input": []}).encode()),
-    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logprobs": 3}).encode()),          # not implemented:
-    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True}).encode()),           # refused, not ignored
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logprobs": 6}).encode()),          # the API's limit is 5
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                         "top_logprobs": 21}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True}).encode()),           # not implemented: refused, not ignored
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
                                          "presence_penalty": 0.5}).encode()),
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],

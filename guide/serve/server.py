@@ -2,7 +2,7 @@
 
 # %% ../../nbs/22_server.ipynb #c003
 from __future__ import annotations
-import argparse, asyncio, base64, json, multiprocessing, multiprocessing.connection, os, signal, socket, sys, threading, time, uuid
+import argparse, asyncio, base64, dataclasses, itertools, json, multiprocessing, multiprocessing.connection, os, signal, socket, sys, threading, time, uuid
 from functools import partial
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encode_texts, encoder_fn,
@@ -48,7 +48,7 @@ class StreamOptions(_Body):
     include_usage: bool | None = False         # one more chunk before [DONE]: no choices, the usage
 
 # OpenAI fields this server does not implement: taken at their no-op values, refused otherwise (never silently ignored)
-NOT_IMPLEMENTED = {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+NOT_IMPLEMENTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
                    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
                    "response_format": ({"type": "text"},)}
 
@@ -59,7 +59,7 @@ class SamplingFields(_Body):
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    n: int | None = Field(1, ge=1, le=1)
+    n: int | None = Field(1, ge=1, le=16)          # choices: a seeded request's choice i samples with seed + i
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool | None = False
@@ -81,10 +81,17 @@ class SamplingFields(_Body):
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k, top_p=None if self.top_p in (None, 1) else self.top_p,
                               stop=self.stop or [], seed=self.seed, stop_token_ids=eos_ids or [],
-                              ignore_eos=bool(self.ignore_eos))
+                              ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives())
+
+    def top_alternatives(self) -> int | None:
+        "How many top alternatives each token's log-probability comes with; None: no log-probabilities."
+        return None
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(..., description="text, token ids, or a list holding one text")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+
+    def top_alternatives(self) -> int | None: return self.logprobs
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
@@ -92,6 +99,15 @@ class ChatMessage(_Body):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs: raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_alternatives(self) -> int | None: return (self.top_logprobs or 0) if self.logprobs else None
 
 class EmbeddingRequest(_Body):
     model: str
@@ -228,9 +244,11 @@ def _check_model(st: ServerState, name: str, kind: str = "llm"):
     if name != want or (kind == "encoder" and st.encoder is None) or (kind == "llm" and st.engine is None):
         raise APIError(400, f"The model `{name}` does not exist or does not serve this route", param="model", code="model_not_found")
 
-def _admit(st: ServerState):
+def _admit(st: ServerState, n: int = 1):
+    "429 unless the engine's queue has room for `n` more requests."
     e = st.engine.engine
-    if len(e.waiting) + len(e.running) >= st.max_pending:
+    if n > st.max_pending: raise APIError(400, f"n={n} is more than this server queues ({st.max_pending})", param="n")
+    if len(e.waiting) + len(e.running) + n > st.max_pending:
         st.metrics.rejected.labels("overload").inc()
         raise APIError(429, "too many requests in the queue, retry later", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
 
@@ -241,12 +259,20 @@ def _check_chars(st: ServerState, n_chars: int, param: str):
         raise APIError(400, f"This model's maximum context length is {ctx} tokens; the input has {n_chars} characters, "
                        f"more than {ctx} tokens", param=param, code="context_length_exceeded")
 
-def _submit(st: ServerState, ids: list[int], sp: SamplingParams):
-    """Queue the request in the engine now, before any response starts: the queue bound counts it at once (no await
-    between the check and the queueing), and a request the engine refuses (e.g. more KV blocks than the cache has) is a 400."""
-    _admit(st)
-    try: return st.engine.agenerate(ids, sp)
-    except ValueError as e: raise APIError(400, str(e), code="invalid_request") from None
+def _submit(st: ServerState, ids: list[int], sp: SamplingParams, n: int = 1) -> list:
+    """Queue the request's `n` choices in the engine now, before any response starts: the queue bound counts them at once
+    (no await between the check and the queueing), and a request the engine refuses (e.g. more KV blocks than the cache
+    has) is a 400. Choice i of a seeded request samples with seed + i. Returns each choice's deltas (`agenerate`)."""
+    _admit(st, n)
+    rid, deltas = uuid.uuid4().hex, []
+    try:
+        for i in range(n):
+            seed = None if sp.seed is None else (sp.seed + i) % 2**63
+            deltas.append(st.engine.agenerate(ids, dataclasses.replace(sp, seed=seed), f"{rid}-{i}"))
+    except ValueError as e:
+        for i in range(len(deltas)): st.engine.abort(f"{rid}-{i}")
+        raise APIError(400, str(e), code="invalid_request") from None
+    return deltas
 
 def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop_ids: list[int]) -> SamplingParams:
     try: sp = body.sampling(stop_ids)
@@ -257,21 +283,30 @@ def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop
                        f"max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
     return sp
 
+async def _collect_all(st: ServerState, request: Request, deltas: list) -> list[tuple]:
+    "`_collect` each choice, concurrently; if one fails (timeout, disconnect), the others are cancelled (aborted) too."
+    tasks = [asyncio.ensure_future(_collect(st, request, d)) for d in deltas]
+    try: return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks: t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     "OpenAI's usage object; `cached_tokens`: the prompt tokens found in the prefix cache."
     return dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
                 prompt_tokens_details=dict(cached_tokens=cached_tokens))
 
-async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int, int]:
+async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int, int, list | None]:
     """Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect. Returns its text,
-    finish reason, completion tokens and cached prompt tokens."""
-    text, reason, n, cached = [], None, 0, 0
+    finish reason, completion tokens, cached prompt tokens, and None or each token's (id, (log-probability, top))."""
+    text, reason, n, cached, logprobs = [], None, 0, 0, None
     t0 = time.perf_counter()
     async def run():
-        nonlocal reason, n, cached
+        nonlocal reason, n, cached, logprobs
         async for out in deltas:
             if n == 0 and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0)
             text.append(out.text); n, cached = out.completion_tokens, out.cached_tokens
+            if out.logprobs: logprobs = (logprobs or []) + list(zip(out.token_ids, out.logprobs))
             if out.finished: reason = out.finish_reason
     async def watch():
         while not await request.is_disconnected(): await asyncio.sleep(0.05)
@@ -288,7 +323,23 @@ async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str,
         raise APIError(408, f"request cancelled ({why})", "timeout_error", code=why)
     if gen.exception(): raise gen.exception()
     st.metrics.tokens.inc(n); st.metrics.cached_tokens.inc(cached)
-    return "".join(text), reason, n, cached
+    return "".join(text), reason, n, cached, logprobs
+
+def _completion_logprobs(tok, entries: list | None, offset: int = 0) -> dict | None:
+    """The completions API's `logprobs` of (token id, (log-probability, top)) entries: tokens as text, their
+    log-probabilities, the top alternatives, and each token's offset in the text (the first at `offset`)."""
+    if entries is None: return None
+    tokens = [tok.decode([t]) for t, _ in entries]
+    return dict(tokens=tokens, token_logprobs=[lp for _, (lp, _) in entries], text_offset=list(itertools.accumulate(map(len, tokens[:-1]), initial=offset)),
+                top_logprobs=[{tok.decode([a]): alp for a, alp in top} for _, (_, top) in entries])
+
+def _chat_logprobs(tok, entries: list | None) -> dict | None:
+    "The chat API's `logprobs`: per token its text, log-probability, UTF-8 bytes and top alternatives."
+    if entries is None: return None
+    def item(t, lp):
+        s = tok.decode([t])
+        return dict(token=s, logprob=lp, bytes=list(s.encode()))
+    return dict(content=[dict(item(t, lp), top_logprobs=[item(a, alp) for a, alp in top]) for t, (lp, top) in entries], refusal=None)
 
 def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
     "An embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."
@@ -297,32 +348,41 @@ def _encode_vector(v: list[float] | np.ndarray, fmt: str | None):
 
 def _sse(obj) -> str: return f"data: {json.dumps(obj)}\n\n"
 
-async def _stream(st: ServerState, gen, chunk, usage_of_prompt: int | None = None):
-    """Server-sent events of a submitted request (`_submit`'s deltas): one `chunk(text, finish_reason)` per engine
-    delta, then [DONE]. With `usage_of_prompt` (its prompt tokens: the client asked for `include_usage`), a last
-    chunk before [DONE] carries no choices and the usage. Cancellation aborts the request."""
-    t0, first, n, cached = time.perf_counter(), True, 0, 0
+async def _stream(st: ServerState, gens: list, chunk, usage_of_prompt: int | None = None):
+    """Server-sent events of a submitted request (`_submit`'s deltas, one per choice): one `chunk(index, text,
+    finish_reason, logprobs)` per engine delta with text (or the end), in the order they come, then [DONE]; `logprobs`:
+    None, or the (token id, (log-probability, top)) of that choice's tokens since its last chunk. With
+    `usage_of_prompt` (its prompt tokens: the client asked for `include_usage`), a last chunk before [DONE] carries no
+    choices and the usage. Cancellation aborts the requests."""
+    t0, first, k, q = time.perf_counter(), True, len(gens), asyncio.Queue()
+    n, cached, pending = [0] * k, [0] * k, [None] * k
+    async def pump(i, gen):
+        async for out in gen: q.put_nowait((i, out))
+    pumps = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
     deadline = t0 + st.request_timeout
     try:
-        while True:
-            try: out = await asyncio.wait_for(gen.__anext__(), timeout=max(0.0, deadline - time.perf_counter()))
-            except StopAsyncIteration: break
+        left = k
+        while left:
+            try: i, out = await asyncio.wait_for(q.get(), timeout=max(0.0, deadline - time.perf_counter()))
             except asyncio.TimeoutError:
                 st.metrics.cancelled.labels("timeout").inc()
                 yield _sse({"error": {"message": "request timed out", "type": "timeout_error", "param": None, "code": "timeout"}})
                 break
             if first and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0); first = False
-            n, cached = out.completion_tokens, out.cached_tokens
-            if out.text or out.finished: yield _sse(chunk(out.text, out.finish_reason if out.finished else None))
-            if out.finished:
-                if usage_of_prompt is not None: yield _sse(dict(chunk("", None), choices=[], usage=_usage(usage_of_prompt, n, cached)))
-                break
+            n[i], cached[i] = out.completion_tokens, out.cached_tokens
+            if out.logprobs: pending[i] = (pending[i] or []) + list(zip(out.token_ids, out.logprobs))
+            if out.text or out.finished: yield _sse(chunk(i, out.text, out.finish_reason if out.finished else None, pending[i])); pending[i] = None
+            left -= out.finished
+        else:
+            if usage_of_prompt is not None: yield _sse(dict(chunk(0, "", None, None), choices=[], usage=_usage(usage_of_prompt, sum(n), max(cached))))
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         st.metrics.cancelled.labels("disconnect").inc(); raise
     finally:
-        await gen.aclose()                     # aborts the engine request if it is still running
-        st.metrics.tokens.inc(n); st.metrics.cached_tokens.inc(cached)
+        for p in pumps: p.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for g in gens: await g.aclose()        # aborts the engine requests still running
+        st.metrics.tokens.inc(sum(n)); st.metrics.cached_tokens.inc(max(cached))
 
 # %% ../../nbs/22_server.ipynb #c015
 def build_app(state: ServerState) -> FastAPI:
@@ -385,19 +445,23 @@ def build_app(state: ServerState) -> FastAPI:
             if not all(0 <= t < V for t in ids): raise APIError(400, f"token ids must be in [0, {V})", param="prompt")
         if not ids: raise APIError(400, "the prompt is empty", param="prompt")
         sp = _sampling(st, body, ids, [])
-        deltas = _submit(st, ids, sp)
+        deltas = _submit(st, ids, sp, body.n or 1)
         st.metrics.prompt_tokens.inc(len(ids))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            def chunk(text, reason):
+            offsets = [0] * len(deltas)
+            def chunk(i, text, reason, entries):
+                lp = _completion_logprobs(st.tokenizer, entries, offsets[i])
+                if lp: offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 return dict(id=cid, object="text_completion", created=created, model=st.model_name,
-                            choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)])
+                            choices=[dict(index=i, text=text, logprobs=lp, finish_reason=reason)])
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
-        text, reason, n, cached = await _collect(st, request, deltas)
+        results = await _collect_all(st, request, deltas)
         return dict(id=cid, object="text_completion", created=created, model=st.model_name,
-                    choices=[dict(index=0, text=text, logprobs=None, finish_reason=reason)],
-                    usage=_usage(len(ids), n, cached))
+                    choices=[dict(index=i, text=text, logprobs=_completion_logprobs(st.tokenizer, entries), finish_reason=reason)
+                             for i, (text, reason, _, _, entries) in enumerate(results)],
+                    usage=_usage(len(ids), sum(r[2] for r in results), max(r[3] for r in results)))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -408,22 +472,23 @@ def build_app(state: ServerState) -> FastAPI:
         ids = st.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         sp = _sampling(st, body, ids, st.chat_stop_ids)
-        deltas = _submit(st, ids, sp)
+        deltas = _submit(st, ids, sp, body.n or 1)
         st.metrics.prompt_tokens.inc(len(ids))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            sent_role = [False]
-            def chunk(text, reason):
+            sent_role = [False] * len(deltas)
+            def chunk(i, text, reason, entries):
                 delta = {} if reason and not text else {"content": text}
-                if not sent_role[0]: delta = {"role": "assistant", **delta}; sent_role[0] = True
+                if not sent_role[i]: delta = {"role": "assistant", **delta}; sent_role[i] = True
                 return dict(id=cid, object="chat.completion.chunk", created=created, model=st.model_name,
-                            choices=[dict(index=0, delta=delta, logprobs=None, finish_reason=reason)])
+                            choices=[dict(index=i, delta=delta, logprobs=_chat_logprobs(st.tokenizer, entries), finish_reason=reason)])
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
-        text, reason, n, cached = await _collect(st, request, deltas)
+        results = await _collect_all(st, request, deltas)
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
-                    choices=[dict(index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=reason)],
-                    usage=_usage(len(ids), n, cached))
+                    choices=[dict(index=i, message=dict(role="assistant", content=text), logprobs=_chat_logprobs(st.tokenizer, entries),
+                                  finish_reason=reason) for i, (text, reason, _, _, entries) in enumerate(results)],
+                    usage=_usage(len(ids), sum(r[2] for r in results), max(r[3] for r in results)))
 
     async def _encode(body: EmbeddingRequest):
         _check_model(st, body.model, "encoder")
