@@ -619,9 +619,10 @@ def test_prefix_cache_shares_blocks_and_gives_the_same_tokens(base):
     prompts = [system + [rng.randrange(3, 2048) for _ in range(rng.randint(1, 12))] for _ in range(6)] + [system[:17], system[:16]]
     params = [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts]
     want = [generate(model, torch.tensor([p]), sp.max_tokens)[0, len(p):].tolist() for p, sp in zip(prompts, params)]
-    eng = Engine(model, tok, block_size=8, num_blocks=64, max_batch_size=2)        # two at a time: later ones find the first's blocks
+    eng = Engine(model, tok, block_size=8, num_blocks=64, max_batch_size=2)
     assert [r["token_ids"] for r in eng.generate(prompts, params)] == want
-    assert eng.stats["cached_tokens"] == 4 * 40 + 16 + 8 and eng.num_free_blocks == 64      # 40: five full blocks of the system prompt
+    # the first computes the system prompt (40 tokens: five full blocks) and the second waits a step for them
+    assert eng.stats["cached_tokens"] == 5 * 40 + 16 + 8 and eng.num_free_blocks == 64
     # a prompt of exactly two full cached blocks still computes its last token (its logits give the first new one)
     outs = []
     eng.add_request(system[:16], SamplingParams(max_tokens=3, ignore_eos=True), callback=outs.append)

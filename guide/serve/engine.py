@@ -977,10 +977,19 @@ class Engine:
             for i in range(len(keys), n): keys.append(block_hash(keys[-1] if keys else b"", ids[i * bs:(i + 1) * bs]))
         return keys[:n]
 
-    def _cached_prefix(self, req: Request) -> list[int]:
-        "Cached blocks that hold the request's first tokens, leaving at least its last token to compute (its logits are needed)."
-        if not self.prefix_caching: return []
-        return self.cache.allocator.lookup(self._keys(req, (req.num_tokens - 1) // self.cache.block_size))
+    def _cached_prefix(self, req: Request) -> tuple[list[int], bytes | None]:
+        """Cached blocks that hold the request's first tokens, leaving at least its last token to compute (its logits
+        are needed); and the key of the first full block after them (None if none)."""
+        if not self.prefix_caching: return [], None
+        keys = self._keys(req, (req.num_tokens - 1) // self.cache.block_size)
+        cached = self.cache.allocator.lookup(keys)
+        return cached, keys[len(cached)] if len(cached) < len(keys) else None
+
+    def _computing(self) -> set[bytes]:
+        "Keys of the full blocks that running requests have still to prefill."
+        bs = self.cache.block_size
+        return {k for r in self.running if r.num_tokens - r.computed > 1
+                for k in self._keys(r, (r.num_tokens - 1) // bs)[r.computed // bs:]}
 
     def _offer(self, req: Request):
         "Register the request's full blocks whose keys and values are computed (those it took from the cache are there already)."
@@ -997,14 +1006,17 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Pick this step's prefill work, at most `max_prefill_tokens` tokens: first the next chunk of the prompts
         being prefilled, then waiting requests, admitted in order (their blocks taken now: a cached prefix is taken,
-        not computed again). Then make room for every decode row's next token. Returns (request, tokens to compute)."""
+        not computed again; a request whose next block a running request is computing waits for it). Then make room
+        for every decode row's next token. Returns (request, tokens to compute)."""
         alloc, bs, budget, chunks = self.cache.allocator, self.cache.block_size, self.max_prefill_tokens, []
         for req in self.running:
             if budget and (left := req.num_tokens - req.computed) > 1:
                 chunks.append((req, min(left, budget))); budget -= chunks[-1][1]
+        computing = self._computing() if self.prefix_caching and self.waiting else set()
         while budget and self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            n, cached = req.num_tokens, self._cached_prefix(req)
+            n, (cached, next_key) = req.num_tokens, self._cached_prefix(req)
+            if next_key in computing: break                 # a running request is computing its next block: wait, then take it
             need = self.cache.blocks_for(n + 1) - len(cached)
             if need + (alloc.num_free_of(cached) if cached else 0) > alloc.num_free: break
             self.waiting.popleft()
@@ -1014,6 +1026,7 @@ class Engine:
             if not req.num_preemptions: req.cached_tokens = req.computed
             self.running.append(req)
             if n - req.computed > 1: chunks.append((req, min(n - req.computed, budget))); budget -= chunks[-1][1]
+            if self.prefix_caching: computing.update(self._keys(req, (n - 1) // bs)[len(cached):])
         for req in list(self.running):                    # decode rows: the slot for position len(all_ids)-1
             if req.num_tokens - req.computed > 1 or req not in self.running: continue
             while len(req.table) < self.cache.blocks_for(req.num_tokens):
