@@ -205,6 +205,10 @@ def _past_mask(positions: torch.Tensor, S: int, dtype) -> torch.Tensor:
     mask = torch.zeros(len(positions), 1, 1, S, device=positions.device, dtype=dtype)
     return mask.masked_fill_(torch.arange(S, device=positions.device) > positions[:, None, None, None], float("-inf"))
 
+def _padded(tables: list[list[int]], width: int, pad: int | None = None) -> list[list[int]]:
+    "Block tables padded to `width` with `pad` (default: each table's last block, a real block that masked reads may touch)."
+    return [t + [t[-1] if pad is None else pad] * (width - len(t)) for t in tables]
+
 def _split_by_length(nblocks: list[int], overhead: int = 48) -> int:
     """Rows sorted by block count: the split point k that minimises the blocks gathered and attended to,
     k * nblocks[k-1] + (B-k) * nblocks[-1], plus `overhead` block-rows for the extra calls when split (0 = no split)."""
@@ -253,14 +257,14 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
         pmask = ((ar[None, :] <= ar[:, None])[None] & (ar[None] < L[:, None])[:, None, :])[:, None]
     if Nc := Np - Nf:                            # the rest: their new tokens attend to their gathered blocks up to themselves
         Tc, nbc = max(lens_p[Nf:]), max(len(t) for t in id_tables[Nf:])
-        ctab = torch.tensor([t + [t[-1]] * (nbc - len(t)) for t in id_tables[Nf:]], device=dev)
+        ctab = torch.tensor(_padded(id_tables[Nf:], nbc), device=dev)
         where_c = torch.tensor([r * Tc + p for r, n in enumerate(lens_p[Nf:]) for p in range(n)], device=dev)
         qpos = torch.tensor(starts[Nf:], device=dev)[:, None] + torch.arange(Tc, device=dev)                 # (Nc, Tc)
         cmask = (torch.arange(nbc * bs, device=dev) <= qpos[..., None])[:, None]                          # (Nc, 1, Tc, S)
     groups, k = [], (_split_by_length([len(t) for t in tables]) if B else 0)
     for lo, hi in (([(0, k), (k, B)] if k else [(0, B)]) if B else []):
         nb = len(tables[hi - 1])
-        tab = torch.tensor([t + [t[-1]] * (nb - len(t)) for t in tables[lo:hi]], device=dev)     # pad with a real block id
+        tab = torch.tensor(_padded(tables[lo:hi], nb), device=dev)
         mask = _past_mask(pos[n_p + lo:n_p + hi], nb * bs, x.dtype)
         groups.append((slice(lo, hi), tab, mask))
     for i, w in enumerate(_fused_weights(model)):
@@ -572,7 +576,7 @@ class DecodeGraphs:
         graph, inp, floats, out = self.graphs[key]
         null, pad = self.cache.null_block, key[0] - B
         settings = sampling or [(0.0, 0, 1.0, 0)] * B
-        rows = [[t, p, seed, k] + tab + [null] * (key[1] - len(tab)) for t, p, tab, (_, k, _, seed) in zip(tokens, positions, tables, settings)]
+        rows = [[t, p, seed, k] + tab for t, p, tab, (_, k, _, seed) in zip(tokens, positions, _padded(tables, key[1], null), settings)]
         inp.copy_(torch.tensor(rows + [[0, 0, 0, 0] + [null] * key[1]] * pad))    # one host-to-device copy of all inputs
         if sampling is not None: floats.copy_(torch.tensor([[t, p] for t, _, p, _ in sampling] + [[0.0, 1.0]] * pad))
         graph.replay()
@@ -1090,7 +1094,7 @@ class Engine:
         if self.graphs is not None: ahead = self.graphs.multi_step(tokens, positions, tables, n, sampling)
         else:
             dev, nb = self.model.device, max(map(len, tables))
-            padded = torch.tensor([t + [self.cache.null_block] * (nb - len(t)) for t in tables], device=dev)
+            padded = torch.tensor(_padded(tables, nb, self.cache.null_block), device=dev)
             ahead = multi_step(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                                padded, n, sampling=sampling and sampling_tensors(sampling, dev))
         done = []
