@@ -19,18 +19,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-class NaiveDetokenizer:
-    "What the engine did before: decode every id so far at each token and report the text that grew."
-    def __init__(self, tokenizer): self.tokenizer, self.ids, self.sent = tokenizer, [], 0
-    def add(self, token: int) -> str: self.ids.append(token); return self._emit(final=False)
-    def flush(self) -> str: return self._emit(final=True)
-    def _emit(self, final):
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        end = len(text) if final else len(text.rstrip("\ufffd"))
-        new, self.sent = text[self.sent:end], max(self.sent, end)
-        return new
-
-
 def median_us(setup, call, repeats=5):
     times = []
     for _ in range(repeats):
@@ -69,7 +57,7 @@ def main(argv=None):
     from guide.core import atomic_write, environment_info, setup_torch
     from guide.data import code_corpus
     from guide.pretrained import tiny_base
-    from guide.serve.engine import IncrementalDetokenizer
+    from guide.serve.engine import IncrementalDetokenizer, NaiveDetokenizer
     setup_torch()
     model, tok = tiny_base(a.tier)
     length, batch, max_tokens = (300, 4, 60) if a.smoke else (a.length, a.batch, a.max_tokens)

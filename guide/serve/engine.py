@@ -20,8 +20,8 @@ from ..model import HF_ARCHS, Llama, from_hf
 __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator',
            'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise',
-           'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'IncrementalDetokenizer', 'RequestOutput',
-           'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
+           'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -782,6 +782,19 @@ def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, po
         tokens = logits.argmax(-1) if sampling is None else sample_rows(logits, *sampling, positions + j + 1)
         out.append(tokens)
     return torch.stack(out, 1)
+
+# %% ../../nbs/20_engine.ipynb #c039
+class NaiveDetokenizer:
+    """Decode all ids so far at each token and report the text that grew (held back while it ends in an incomplete
+    character). The same interface as `IncrementalDetokenizer`."""
+    def __init__(self, tokenizer): self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+    def add(self, token: int) -> str: self.ids.append(token); return self._emit(final=False)
+    def flush(self) -> str: return self._emit(final=True)
+    def _emit(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        end = len(text) if final else len(text.rstrip("\ufffd"))
+        new, self.sent = text[self.sent:end], max(self.sent, end)
+        return new
 
 # %% ../../nbs/20_engine.ipynb #c040
 class IncrementalDetokenizer:
