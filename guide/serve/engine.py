@@ -36,6 +36,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None        # per token: its log-probability and this many top alternatives (0..20)
+    presence_penalty: float = 0.0      # subtracted from the logit of every token already generated (-2..2)
+    frequency_penalty: float = 0.0     # ... times the number of times it was generated (-2..2)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit (-100..100)
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -58,7 +61,17 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2 <= v <= 2: raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if self.logit_bias is None: self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict) or not all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                            and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise ValueError(f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+    @property
+    def adjusts_logits(self) -> bool: return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
@@ -934,6 +947,7 @@ class Engine:
         V = self.model.config.vocab_size
         if not all(_is_int(t) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
         if params.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
+        if any(t >= V for t in params.logit_bias): raise ValueError(f"logit_bias token ids must be in [0, {V})")
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_seq_len}")
@@ -1090,7 +1104,8 @@ class Engine:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
         tokens left, if none waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting or any(r.params.logprobs is not None for r in decode): return 1     # (a burst keeps no logits)
+        if n == 1 or self.waiting or any(r.params.logprobs is not None or r.params.adjusts_logits for r in decode):
+            return 1                                   # a burst keeps no logits, and samples without penalties or biases
         left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
         while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
         if n == 1: return 1
@@ -1127,14 +1142,30 @@ class Engine:
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         """Greedy rows take the argmax, sampled rows a `sample_rows` draw, all rows in one call: noise from each
         request's seed and the position of its new token, so its text does not depend on what else shares the batch."""
-        sampling = self._sampling(rows)
+        sampling, logits = self._sampling(rows), self._adjusted(rows, logits)
         if sampling is None: return logits.argmax(-1).tolist()
         positions = torch.tensor([r.num_tokens for r in rows], device=logits.device)
         return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
 
+    def _adjusted(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """The logits with each row's `logit_bias` added and its presence and frequency penalties subtracted (OpenAI's
+        definitions: per token generated so far, `presence` once and `frequency` per time); the same tensor if no row has any."""
+        adj = [i for i, r in enumerate(rows) if r.params.adjusts_logits]
+        if not adj: return logits
+        dev, out = logits.device, logits.clone()
+        counted = [(j, t) for j, i in enumerate(adj) for t in rows[i].output_ids]
+        counts = torch.zeros(len(adj), logits.shape[-1], device=dev, dtype=logits.dtype)
+        if counted: counts.index_put_(tuple(torch.tensor(counted, device=dev).T), torch.ones(len(counted), device=dev, dtype=logits.dtype), accumulate=True)
+        presence = torch.tensor([rows[i].params.presence_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
+        frequency = torch.tensor([rows[i].params.frequency_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
+        biases, listed = torch.zeros_like(counts), [(j, t, b) for j, i in enumerate(adj) for t, b in rows[i].params.logit_bias.items()]
+        if listed: biases[[j for j, _, _ in listed], [t for _, t, _ in listed]] = torch.tensor([b for _, _, b in listed], device=dev, dtype=logits.dtype)
+        out[adj] = logits[adj] + biases - frequency * counts - presence * (counts > 0)
+        return out
+
     def _logprobs(self, rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
         """Per row, None, or if its request asked for `logprobs`: the log-probability of its token and of the
-        `logprobs` most likely tokens, under the model's distribution (before temperature, top-k and top-p)."""
+        `logprobs` most likely tokens, under the model's distribution (before penalties, biases, temperature, top-k and top-p)."""
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         out = [None] * len(rows)
         if not want: return out
