@@ -155,6 +155,20 @@ def test_logprobs_are_the_models_and_stream_the_same(server, client):
     assert client.chat.completions.create(**dict(kw, logprobs=False, top_logprobs=None)).choices[0].logprobs is None
 
 
+def test_penalties_and_logit_bias(server, client):
+    "presence/frequency penalties and logit_bias reach the engine: the server's greedy text is the engine's with the same settings."
+    from guide.pretrained import tiny_base
+    from guide.serve.engine import Engine, SamplingParams
+    model, tok = tiny_base()
+    kw = dict(max_tokens=12, presence_penalty=0.4, frequency_penalty=1.5, logit_bias={5: -100.0, 9: 2.0}, ignore_eos=True)
+    want = Engine(model, tok).generate(["def main("], SamplingParams(**kw))[0]["text"]
+    r = client.completions.create(model="tiny-base", prompt="def main(", temperature=0, max_tokens=12, presence_penalty=0.4, frequency_penalty=1.5,
+                                  logit_bias={"5": -100, "9": 2}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want
+    forced = client.completions.create(model="tiny-base", prompt="x", max_tokens=4, logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tok.decode([42] * 4)
+
+
 def test_n_choices_stream_and_not(server, client):
     "`n` choices: choice i of a seeded request is the single request with seed + i; streamed, each index joins to its text."
     kw = dict(model="tiny-base", prompt="import", max_tokens=10, temperature=1.0, seed=41, extra_body={"ignore_eos": True})
@@ -228,7 +242,9 @@ BAD = [
                                          "top_logprobs": 21}).encode()),
     ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True}).encode()),           # not implemented: refused, not ignored
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
-                                         "presence_penalty": 0.5}).encode()),
+                                         "presence_penalty": 2.5}).encode()),                            # out of [-2, 2]
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"x": 5}}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"99999": 5}}).encode()),  # not in the vocabulary
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
                                          "response_format": {"type": "json_object"}}).encode()),
 ]

@@ -49,7 +49,7 @@ class StreamOptions(_Body):
 
 # OpenAI fields this server does not implement: taken at their no-op values, refused otherwise (never silently ignored)
 NOT_IMPLEMENTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
-                   "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+                   "tools": ([],), "functions": ([],),
                    "response_format": ({"type": "text"},)}
 
 class SamplingFields(_Body):
@@ -66,6 +66,15 @@ class SamplingFields(_Body):
     user: str | None = None
     ignore_eos: bool | None = False          # not OpenAI: keep generating past the end-of-text token (vLLM has it too)
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None    # token id (as a string: JSON keys are) -> added to its logit, -100..100
+
+    @model_validator(mode="after")
+    def _bias_keys(self):
+        for k, b in (self.logit_bias or {}).items():
+            if not k.isdigit() or not -100 <= b <= 100: raise ValueError(f"logit_bias maps token ids to numbers in [-100, 100], got {k!r}: {b!r}")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -81,7 +90,9 @@ class SamplingFields(_Body):
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k, top_p=None if self.top_p in (None, 1) else self.top_p,
                               stop=self.stop or [], seed=self.seed, stop_token_ids=eos_ids or [],
-                              ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives())
+                              ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives(),
+                              presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
 
     def top_alternatives(self) -> int | None:
         "How many top alternatives each token's log-probability comes with; None: no log-probabilities."
