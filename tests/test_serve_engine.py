@@ -37,7 +37,7 @@ def test_bad_engine_arguments_are_clear_errors():
     from guide.serve.engine import IncrementalDetokenizer, make_trace
     model = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
     for kw in (dict(block_size=0), dict(block_size=2.5), dict(max_batch_size=0), dict(max_prefill_tokens=0),
-               dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8")):
+               dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8"), dict(speculate=-1), dict(speculate=1.5)):
         with pytest.raises(ValueError, match=next(iter(kw))): Engine(model, **kw)
     for kw in (dict(paged_attention=True), dict(pdl=True)):
         with pytest.raises(ValueError, match="CUDA"): Engine(model, **kw)           # options of the CUDA-graph decode
@@ -718,3 +718,44 @@ def test_abort_during_chunked_prefill_frees_its_blocks(base):
     while eng.has_unfinished(): eng.step()
     assert short.output_ids == generate(model, torch.tensor([[5, 6, 7]]), 6)[0, 3:].tolist()
     assert eng.num_free_blocks == 40
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_speculative_decoding_gives_the_same_tokens(base, k):
+    """Prompt-lookup speculation beside chunked prefill, the prefix cache, preemption, stop strings and seeded sampling:
+    the same tokens and texts as without; rows with logprobs or penalties never speculate."""
+    model, tok = base
+    rng = random.Random(4)
+    loop = [rng.randrange(3, 2048) for _ in range(6)]
+    prompts = [loop * 5, loop * 3 + [9, 9], [rng.randrange(3, 2048) for _ in range(30)], tok.encode("def f(x):\n    return x\n\ndef g(x):\n")] * 2
+    params = [SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True, **kw) for kw in
+              (dict(), dict(temperature=0.8, seed=1), dict(temperature=1.0, top_k=20, seed=2), dict(stop=["\n\n"]),
+               dict(logprobs=2), dict(frequency_penalty=1.0), dict(temperature=0.5, top_p=0.8, seed=3), dict())]
+    for num_blocks in (200, 30):
+        plain = Engine(model, tok, block_size=4, num_blocks=num_blocks, max_batch_size=4, max_prefill_tokens=16)
+        spec = Engine(model, tok, block_size=4, num_blocks=num_blocks, max_batch_size=4, max_prefill_tokens=16, speculate=k)
+        want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        assert [(r["token_ids"], r["text"], r["finish_reason"]) for r in got] == [(r["token_ids"], r["text"], r["finish_reason"]) for r in want]
+        (lp_got, lp_want) = (r[4]["logprobs"] for r in (got, want))
+        assert [lp for lp, _ in lp_got] == pytest.approx([lp for lp, _ in lp_want], abs=1e-4)
+        assert [[t for t, _ in top] for _, top in lp_got] == [[t for t, _ in top] for _, top in lp_want]
+        assert spec.stats["draft_accepted"] > 0 and spec.num_free_blocks == num_blocks
+    assert spec.stats["preemptions"] > 0
+    alone = Engine(model, tok, speculate=k)
+    alone.generate([loop * 5] * 2, [SamplingParams(max_tokens=20, logprobs=1), SamplingParams(max_tokens=20, presence_penalty=0.5)])
+    assert alone.stats["draft_tokens"] == 0
+
+
+def test_step_forward_returns_the_logits_asked_for(base):
+    from guide.serve.engine import PagedKVCache, step_forward
+    model, _ = base
+    cfg = model.config
+    cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=16, block_size=4)
+    ids = list(range(3, 15))
+    tables = [cache.allocator.allocate(3), cache.allocator.allocate(3)]
+    out = step_forward(model, cache, [ids, ids[:5]], tables, [], [], [], n_logits=[4, 1])
+    with torch.no_grad(): ref = model(torch.tensor([ids]))[0][0]
+    torch.testing.assert_close(out[:4], ref[-4:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[4], ref[4], atol=1e-4, rtol=1e-4)
+    for bad in ([0, 1], [13, 1], [1]):
+        with pytest.raises(ValueError, match="n_logits"): step_forward(model, cache, [ids, ids[:5]], tables, [], [], [], n_logits=bad)

@@ -21,7 +21,7 @@ __all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'Pa
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator',
            'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise',
            'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
-           'RequestOutput', 'Request', 'Engine', 'AsyncEngine', 'make_trace']
+           'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -233,7 +233,8 @@ def _split_by_length(nblocks: list[int], overhead: int = 48) -> int:
 
 @torch.no_grad()
 def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tables: list[list[int]],
-                 tokens: list[int], positions: list[int], tables: list[list[int]], starts: list[int] | None = None) -> torch.Tensor:
+                 tokens: list[int], positions: list[int], tables: list[list[int]], starts: list[int] | None = None,
+                 n_logits: list[int] | None = None) -> torch.Tensor:
     """One engine iteration in one pass over the weights: **prefill** the prompts `ids` (block tables `id_tables`)
     and **decode** token `tokens[b]` at `positions[b]` for the requests with block tables `tables`. Writes every new
     key/value to its block; returns the next-token logits, prefill rows first then decode rows ((len(ids) + len(tokens), V)).
@@ -244,13 +245,18 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
     the rows are sorted by length and, where it saves work, attended in two groups.
 
     `starts[r]` (default 0) is the position of prompt `r`'s first token: the keys and values before it are in its
-    blocks already (a cached prefix), and its tokens attend to them as well as causally to each other."""
+    blocks already (a cached prefix), and its tokens attend to them as well as causally to each other.
+    `n_logits[r]` (default 1): the logits of prompt `r`'s last that many tokens are returned, in order (speculative
+    decoding checks every drafted token)."""
     Np, B = len(ids), len(tokens)
     if Np == 0 and B == 0: raise ValueError("nothing to run: no prompts and no decode rows")
     starts = [0] * Np if starts is None else list(starts)
     if len(id_tables) != Np or len(starts) != Np or len(positions) != B or len(tables) != B:
         raise ValueError("each prompt/token needs its block table (and start or position)")
     if not all(_is_int(s) and s >= 0 for s in starts): raise ValueError(f"starts must be integers >= 0, got {starts!r}")
+    n_logits = [1] * Np if n_logits is None else list(n_logits)
+    if len(n_logits) != Np or not all(_is_int(k) and 1 <= k <= len(s) for k, s in zip(n_logits, ids)):
+        raise ValueError(f"n_logits must give each prompt a count in [1, its length], got {n_logits!r}")
     dev, cfg, bs = model.device, model.config, cache.block_size
     H, KV, hd, n_rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
     order = sorted(range(B), key=lambda b: len(tables[b]))
@@ -301,7 +307,9 @@ def step_forward(model: Llama, cache: PagedKVCache, ids: list[list[int]], id_tab
                 ys.append(F.scaled_dot_product_attention(qd[rows], K, V, attn_mask=mask).reshape(rows.stop - rows.start, -1))
         x = _layer_out(model, w, x, ys[0] if len(ys) == 1 else torch.cat(ys))
     rows = []
-    if Np: rows.append((torch.tensor(lens_p, device=dev).cumsum(0) - 1)[torch.tensor(porder, device=dev).argsort()])   # each prompt's last token
+    if Np:                                             # each prompt's last n_logits tokens, prompts in the caller's order
+        ends = dict(zip(porder, itertools.accumulate(lens_p)))
+        rows.append(torch.tensor([i for r in range(Np) for i in range(ends[r] - n_logits[r], ends[r])], device=dev))
     if B: rows.append(n_p + torch.tensor(order, device=dev).argsort())                 # decode rows in the caller's order
     return _head(model, x[rows[0] if len(rows) == 1 else torch.cat(rows)])
 
@@ -864,6 +872,7 @@ class Request:
         self.computed = 0                 # positions whose keys and values are in its blocks
         self.block_keys: list[bytes] = []   # `block_hash` of its full blocks, so far
         self.cached_tokens = 0            # of its prompt, found in the prefix cache at admission
+        self.draft: list[int] = []        # tokens guessed for this step (speculative decoding), checked by the model
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
@@ -896,11 +905,13 @@ class Engine:
     then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only).
     `prefix_caching`: blocks are kept after their request (`PrefixCachingAllocator`), and a prompt that starts with
     tokens served before starts its prefill after them. `max_prefill_tokens`: the most prompt tokens a step computes;
-    a longer prompt is computed in chunks, over several steps, while the running requests go on decoding."""
+    a longer prompt is computed in chunks, over several steps, while the running requests go on decoding.
+    `speculate=k` > 0: speculative decoding by prompt lookup (`prompt_lookup`): each decode row drafts up to `k` tokens
+    from its own text, and one pass checks them all; the text is the same as without (`_verify`)."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
-                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True):
+                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, speculate: int = 0):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -908,10 +919,11 @@ class Engine:
         for name, v in (("block_size", block_size), ("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
                         ("decode_steps", decode_steps)):
             if not (_is_int(v) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (_is_int(speculate) and speculate >= 0): raise ValueError(f"speculate must be an integer >= 0, got {speculate!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
-        self.decode_steps = decode_steps
+        self.decode_steps, self.speculate = decode_steps, speculate
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
@@ -927,7 +939,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
-                          cached_tokens=0)
+                          cached_tokens=0, draft_tokens=0, draft_accepted=0)
         self._ids = itertools.count()
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -1065,7 +1077,23 @@ class Engine:
                 victim = self.running[-1]                   # the latest admitted gives way
                 self._preempt(victim)
                 if victim is req: break
+        if self.speculate: self._draft()
         return [(r, k) for r, k in chunks if r in self.running]
+
+    def _draft(self):
+        """Draft tokens for the decode rows that may speculate (no log-probabilities, penalties or biases: a checked
+        step keeps one row of logits per token), as many as the request may still produce but one, where the free
+        list has the blocks for them (speculation never preempts)."""
+        alloc = self.cache.allocator
+        for req in self.running:
+            req.draft = []
+            if req.num_tokens - req.computed != 1 or req.params.logprobs is not None or req.params.adjusts_logits: continue
+            k = min(self.speculate, req.params.max_tokens - len(req.output_ids) - 1, self.max_seq_len - req.num_tokens)
+            draft = prompt_lookup(req.all_ids, k) if k > 0 else []
+            extra = self.cache.blocks_for(req.num_tokens + len(draft)) - len(req.table)
+            if not draft or extra > alloc.num_free: continue
+            if extra > 0: req.table += alloc.allocate(extra)
+            req.draft = draft
 
     # ---- one iteration -------------------------------------------------------------------------
     @torch.no_grad()
@@ -1076,29 +1104,56 @@ class Engine:
             prefill = self._schedule()
             decode = [r for r in self.running if r.num_tokens - r.computed == 1]    # one token to feed: the last one sampled
             if not prefill and not decode: return []
-            if not prefill and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
-            else: done = self._one_step(prefill, decode)
+            verify = [r for r in decode if r.draft]
+            if verify: decode = [r for r in decode if not r.draft]
+            if not prefill and not verify and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
+            else: done = self._one_step(prefill, decode, verify)
         for req, out in done: self._deliver(req, out)
         return [out for _, out in done]
 
-    def _one_step(self, prefill: list[tuple[Request, int]], decode: list[Request]) -> list[tuple[Request, RequestOutput]]:
-        """Compute the prefill chunks and decode one token of the decode rows, in one pass over the weights; sample and
-        append a token for every row that is now computed to its end (a prompt's last chunk, and the decode rows)."""
+    def _one_step(self, prefill: list[tuple[Request, int]], decode: list[Request], verify: list[Request] = ()) -> list[tuple[Request, RequestOutput]]:
+        """Compute the prefill chunks, decode one token of the decode rows and check the drafts of the `verify` rows, in
+        one pass over the weights; sample and append a token for every row that is now computed to its end (a prompt's
+        last chunk, and the decode rows), and each verify row's accepted tokens (`_verify`)."""
         ids = [req.all_ids[req.computed:req.computed + k] for req, k in prefill]
-        if self.graphs is not None and not prefill:
+        if self.graphs is not None and not prefill and not verify:
             logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
-        else: logits = step_forward(self.model, self.cache, ids, [req.table for req, _ in prefill], [r.last_token for r in decode],
-                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode], [req.computed for req, _ in prefill])
+        else: logits = step_forward(self.model, self.cache, ids + [[r.last_token] + r.draft for r in verify],
+                                    [req.table for req, _ in prefill] + [r.table for r in verify], [r.last_token for r in decode],
+                                    [r.num_tokens - 1 for r in decode], [r.table for r in decode],
+                                    [req.computed for req, _ in prefill] + [r.num_tokens - 1 for r in verify],
+                                    [1] * len(prefill) + [len(r.draft) + 1 for r in verify])
+        n_checked = sum(len(r.draft) + 1 for r in verify)
+        if verify: logits, checked = torch.cat([logits[:len(prefill)], logits[len(prefill) + n_checked:]]), logits[len(prefill):len(prefill) + n_checked]
         for req, k in prefill: req.computed += k; self._offer(req)     # a prompt's blocks are shared from now, not only after it finishes
         for req in decode: req.computed = req.num_tokens
         self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
         self.stats["steps"] += 1
+        out = self._verify(verify, checked) if verify else []
         rows = [req for req, _ in prefill] + decode
         done = [i for i, req in enumerate(rows) if req.computed == req.num_tokens]
         if len(done) < len(rows): rows, logits = [rows[i] for i in done], logits[done]
-        if not rows: return []
+        if not rows: return out
         tokens = self._sample(rows, logits)
-        return [(req, self._append(req, t, lp)) for req, t, lp in zip(rows, tokens, self._logprobs(rows, logits, tokens))]
+        return out + [(req, self._append(req, t, lp)) for req, t, lp in zip(rows, tokens, self._logprobs(rows, logits, tokens))]
+
+    def _verify(self, verify: list[Request], logits: torch.Tensor) -> list[tuple[Request, RequestOutput]]:
+        """Each verify row fed its last token and its draft; `logits` has a row per fed token. Sample every one of them
+        as one step at a time would (the noise of a sampled row depends on its seed and the position, nothing else),
+        keep the draft up to the first token that differs from what was sampled there, and the sampled token at that
+        point: the text is the one decoding without a draft gives, greedy or sampled."""
+        rows = [r for r in verify for _ in range(len(r.draft) + 1)]
+        sampled = self._sample(rows, logits, [r.num_tokens + j for r in verify for j in range(len(r.draft) + 1)])
+        done, i = [], 0
+        for req in verify:
+            got = sampled[i:i + len(req.draft) + 1]; i += len(got)
+            ok = next((j for j, (d, t) in enumerate(zip(req.draft, got)) if d != t), len(req.draft))
+            self.stats["draft_tokens"] += len(req.draft); self.stats["draft_accepted"] += ok; self.stats["decode_tokens"] += ok + 1
+            req.computed, req.draft = req.num_tokens + ok, []      # the keys of its last token and of the accepted drafts are right
+            for t in got[:ok + 1]:
+                done.append((req, self._append(req, t)))
+                if req.finished: break
+        return done
 
     def _lookahead(self, decode: list[Request]) -> int:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
@@ -1139,12 +1194,13 @@ class Engine:
         if all(r.params.temperature < 1e-4 for r in rows): return None
         return [(p.temperature, p.top_k or 0, p.top_p or 1.0, r.seed) for r in rows for p in [r.params]]
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[Request], logits: torch.Tensor, positions: list[int] | None = None) -> list[int]:
         """Greedy rows take the argmax, sampled rows a `sample_rows` draw, all rows in one call: noise from each
-        request's seed and the position of its new token, so its text does not depend on what else shares the batch."""
+        request's seed and the position of its new token (default: the next one), so its text does not depend on
+        what else shares the batch."""
         sampling, logits = self._sampling(rows), self._adjusted(rows, logits)
         if sampling is None: return logits.argmax(-1).tolist()
-        positions = torch.tensor([r.num_tokens for r in rows], device=logits.device)
+        positions = torch.tensor([r.num_tokens for r in rows] if positions is None else positions, device=logits.device)
         return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
 
     def _adjusted(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
@@ -1230,7 +1286,17 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c064
+# %% ../../nbs/20_engine.ipynb #c062
+def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Draft up to `k` next tokens from the text itself: the tokens that followed the latest earlier occurrence of
+    its last `n` tokens (n = max_ngram, ..., 1); [] if they never occurred before."""
+    for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+        tail = ids[-n:]
+        for i in range(len(ids) - n - 1, -1, -1):
+            if ids[i:i + n] == tail: return ids[i + n:i + n + k]
+    return []
+
+# %% ../../nbs/20_engine.ipynb #c069
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1306,7 +1372,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c067
+# %% ../../nbs/20_engine.ipynb #c072
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
