@@ -395,7 +395,7 @@ def test_encoder_queue_full_gets_429_with_retry_after():
     finally: stop(proc)
     bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
-    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--max-prefill-tokens", "0"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"],
+    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--max-prefill-tokens", "0"], ["--speculate", "-1"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"],
                   ["--drain-timeout", "-1"], ["--pdl", "--device", "cpu"], ["--paged-attention", "--device", "cpu"], ["--device", "gpu7"]):
         bad = subprocess.run([GUIDE, "serve", *flags], capture_output=True, text=True)
         assert bad.returncode == 2 and flags[0] in bad.stderr and "Traceback" not in bad.stderr, (flags, bad.stderr)
@@ -464,7 +464,7 @@ def test_serve_a_transformers_checkpoint_folder(tmp_path):
         max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     folder = tmp_path / "mistral-tiny"
     hf.save_pretrained(folder); tok.save_pretrained(folder)
-    proc, base = start_server("--model", str(folder), "--no-encoder", "--no-prefix-caching", "--max-prefill-tokens", "4")
+    proc, base = start_server("--model", str(folder), "--no-encoder", "--no-prefix-caching", "--max-prefill-tokens", "4", "--speculate", "3")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["mistral-tiny"]

@@ -588,7 +588,8 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
-                paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, max_prefill_tokens: int = 2048) -> ServerState:
+                paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, max_prefill_tokens: int = 2048,
+                speculate: int = 0) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -599,7 +600,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
         llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
         engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps,
                                     paged_attention=paged_attention, pdl=pdl, prefix_caching=prefix_caching,
-                                    max_prefill_tokens=max_prefill_tokens), step_delay=step_delay)
+                                    max_prefill_tokens=max_prefill_tokens, speculate=speculate), step_delay=step_delay)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
@@ -637,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                     "programmatic dependent launch")
     ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="most prompt tokens an engine step computes; a longer "
                     "prompt is computed in chunks while the others decode (smaller: steadier inter-token latency, slower first tokens)")
+    ap.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding by prompt lookup: draft up to K tokens "
+                    "per request from its own text and check them in one pass (same text; pays off at small batches on repetitive text)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="free KV blocks with their request, rather than keeping "
                     "them for later prompts that start with the same tokens")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
@@ -656,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(a.max_batch_size, a.block_size, a.decode_steps, a.max_pending, a.max_body_bytes, a.max_prefill_tokens) < 1 or \
             (a.num_blocks is not None and a.num_blocks < 1):
         ap.error("--max-batch-size, --block-size, --decode-steps, --max-pending, --max-body-bytes, --max-prefill-tokens and --num-blocks must be >= 1")
+    if a.speculate < 0: ap.error("--speculate must be >= 0")
     if not a.request_timeout > 0 or not a.drain_timeout >= 0: ap.error("--request-timeout must be > 0 and --drain-timeout >= 0")
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
     if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
@@ -678,7 +682,8 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     encoder = False if a.no_encoder else RemoteBatcher(*remote[:3], max_len=encoder_recipe(a.tier)["max_len"], sentinel=remote[3]) if remote else True
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
-                        a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl, not a.no_prefix_caching, a.max_prefill_tokens)
+                        a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl, not a.no_prefix_caching, a.max_prefill_tokens,
+                        a.speculate)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
