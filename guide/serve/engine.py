@@ -36,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None        # per token: its log-probability and this many top alternatives (0..20)
+    prompt_logprobs: int | None = None # the same for each prompt token but the first (computed, not taken from the prefix cache)
     presence_penalty: float = 0.0      # subtracted from the logit of every token already generated (-2..2)
     frequency_penalty: float = 0.0     # ... times the number of times it was generated (-2..2)
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit (-100..100)
@@ -59,8 +60,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= 20): raise ValueError(f"{name} must be an integer in [0, 20] or None, got {v!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2 <= v <= 2: raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
@@ -861,6 +863,8 @@ class RequestOutput:
     cached_tokens: int = 0         # prompt tokens whose keys and values came from the prefix cache
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # with SamplingParams.logprobs: per token, its
                                    # log-probability and the top alternatives (token id, log-probability), most likely first
+    prompt_logprobs: list[tuple | None] | None = None   # with SamplingParams.prompt_logprobs, on the first output: the same
+                                   # per prompt token (None for the first, which nothing predicts)
 
 class Request:
     "One generation request inside the engine."
@@ -873,6 +877,7 @@ class Request:
         self.block_keys: list[bytes] = []   # `block_hash` of its full blocks, so far
         self.cached_tokens = 0            # of its prompt, found in the prefix cache at admission
         self.draft: list[int] = []        # tokens guessed for this step (speculative decoding), checked by the model
+        self.prompt_lps: list | None = None   # prompt log-probabilities so far (SamplingParams.prompt_logprobs)
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
@@ -894,6 +899,11 @@ class Request:
 
     @property
     def finished(self) -> bool: return self.status == "finished"
+
+    @property
+    def scores_prompt(self) -> bool:
+        "Its prefill computes the log-probability of every prompt token (asked for, and not delivered yet)."
+        return self.params.prompt_logprobs is not None and not self.output_ids
 
 # %% ../../nbs/20_engine.ipynb #c048
 class Engine:
@@ -1023,7 +1033,7 @@ class Engine:
     def _cached_prefix(self, req: Request) -> tuple[list[int], bytes | None]:
         """Cached blocks that hold the request's first tokens, leaving at least its last token to compute (its logits
         are needed); and the key of the first full block after them (None if none)."""
-        if not self.prefix_caching: return [], None
+        if not self.prefix_caching or req.scores_prompt: return [], None
         keys = self._keys(req, (req.num_tokens - 1) // self.cache.block_size)
         cached = self.cache.allocator.lookup(keys)
         return cached, keys[len(cached)] if len(cached) < len(keys) else None
@@ -1066,6 +1076,7 @@ class Engine:
             if cached: alloc.take(cached)
             req.table = cached + alloc.allocate(need); req.status = "running"
             req.computed = len(cached) * bs; self.stats["cached_tokens"] += req.computed
+            if req.scores_prompt: req.prompt_lps = [None]
             if not req.num_preemptions: req.cached_tokens = req.computed
             self.running.append(req)
             if n - req.computed > 1: chunks.append((req, min(n - req.computed, budget))); budget -= chunks[-1][1]
@@ -1116,15 +1127,22 @@ class Engine:
         one pass over the weights; sample and append a token for every row that is now computed to its end (a prompt's
         last chunk, and the decode rows), and each verify row's accepted tokens (`_verify`)."""
         ids = [req.all_ids[req.computed:req.computed + k] for req, k in prefill]
+        per_row = [k if req.scores_prompt else 1 for req, k in prefill]                 # logits rows of each prefill row
         if self.graphs is not None and not prefill and not verify:
             logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
         else: logits = step_forward(self.model, self.cache, ids + [[r.last_token] + r.draft for r in verify],
                                     [req.table for req, _ in prefill] + [r.table for r in verify], [r.last_token for r in decode],
                                     [r.num_tokens - 1 for r in decode], [r.table for r in decode],
                                     [req.computed for req, _ in prefill] + [r.num_tokens - 1 for r in verify],
-                                    [1] * len(prefill) + [len(r.draft) + 1 for r in verify])
-        n_checked = sum(len(r.draft) + 1 for r in verify)
-        if verify: logits, checked = torch.cat([logits[:len(prefill)], logits[len(prefill) + n_checked:]]), logits[len(prefill):len(prefill) + n_checked]
+                                    per_row + [len(r.draft) + 1 for r in verify])
+        n_pre, n_checked = sum(per_row), sum(len(r.draft) + 1 for r in verify)
+        checked = logits[n_pre:n_pre + n_checked]
+        if n_pre > len(prefill):                         # rows that score prompt tokens: keep each prefill row's last for sampling
+            ends = list(itertools.accumulate(per_row))
+            for (req, k), end in zip(prefill, ends):
+                if req.scores_prompt: self._score_prompt(req, logits[end - k:end])
+            logits = torch.cat([logits[[e - 1 for e in ends]], logits[n_pre + n_checked:]])
+        elif verify: logits = torch.cat([logits[:n_pre], logits[n_pre + n_checked:]])
         for req, k in prefill: req.computed += k; self._offer(req)     # a prompt's blocks are shared from now, not only after it finishes
         for req in decode: req.computed = req.num_tokens
         self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
@@ -1136,6 +1154,16 @@ class Engine:
         if not rows: return out
         tokens = self._sample(rows, logits)
         return out + [(req, self._append(req, t, lp)) for req, t, lp in zip(rows, tokens, self._logprobs(rows, logits, tokens))]
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor):
+        "Add the log-probabilities of the prompt tokens that the logits of this chunk's positions predict."
+        start, ids, k = req.computed, req.prompt_ids, req.params.prompt_logprobs
+        n = min(len(logits), len(ids) - 1 - start)                      # the last position of the prompt predicts no prompt token
+        if n <= 0: return
+        lp = torch.log_softmax(logits[:n].float(), -1)
+        chosen = lp.gather(1, torch.tensor(ids[start + 1:start + 1 + n], device=lp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = (lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long()))
+        req.prompt_lps += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i.tolist(), top_v.tolist())]
 
     def _verify(self, verify: list[Request], logits: torch.Tensor) -> list[tuple[Request, RequestOutput]]:
         """Each verify row fed its last token and its draft; `logits` has a row per fed token. Sample every one of them
@@ -1258,12 +1286,12 @@ class Engine:
             self.running.remove(req); self.stats["finished"] += 1
             self._finish(req, reason)
         return RequestOutput(req.id, [token], delta, reason is not None, reason, len(req.prompt_ids), len(req.output_ids),
-                             req.cached_tokens, None if logprob is None else [logprob])
+                             req.cached_tokens, None if logprob is None else [logprob], req.prompt_lps if len(req.output_ids) == 1 else None)
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  max_steps: int = 100_000) -> list[dict]:
-        """Run prompts to completion; returns per prompt {token_ids, text, finish_reason, logprobs}. All or nothing: a prompt
+        """Run prompts to completion; returns per prompt {token_ids, text, finish_reason, logprobs, prompt_logprobs}. All or nothing: a prompt
         that cannot be queued raises before any runs. Requests still running after `max_steps` are aborted."""
         if isinstance(params, list):
             if len(params) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
@@ -1274,13 +1302,15 @@ class Engine:
         except Exception:
             for r in reqs: self.abort(r.id)
             raise
-        results = {r.id: dict(token_ids=[], text="", finish_reason=None, logprobs=[] if r.params.logprobs is not None else None) for r in reqs}
+        results = {r.id: dict(token_ids=[], text="", finish_reason=None, logprobs=[] if r.params.logprobs is not None else None,
+                              prompt_logprobs=None) for r in reqs}
         for _ in range(max_steps):
             if not self.has_unfinished(): break
             for o in self.step():
                 if o.request_id in results:
                     res = results[o.request_id]; res["token_ids"] += o.token_ids; res["text"] += o.text
                     if o.logprobs: res["logprobs"] += o.logprobs
+                    if o.prompt_logprobs: res["prompt_logprobs"] = o.prompt_logprobs
                     if o.finished: res["finish_reason"] = o.finish_reason
         for r in reqs:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
