@@ -169,6 +169,25 @@ def test_penalties_and_logit_bias(server, client):
     assert forced.choices[0].text == tok.decode([42] * 4)
 
 
+def test_echo_scores_the_prompt(server, client):
+    """`echo` with `logprobs` and `max_tokens=0`, as evaluation harnesses score a text: the prompt comes back with each
+    token's log-probability under the model (the first has none); with max_tokens > 0 the completion follows."""
+    import torch
+    from guide.pretrained import tiny_base
+    model, tok = tiny_base()
+    ids = tok.encode("def add(a, b):\n    return a + b\n")
+    r = client.completions.create(model="tiny-base", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == tok.decode(ids) and r.usage.completion_tokens == 0 and len(lp.tokens) == len(ids)
+    with torch.no_grad(): ref = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(ref.tolist(), abs=1e-4)
+    more = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=5, echo=True, logprobs=0, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model="tiny-base", prompt="def main(", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert more.choices[0].text == "def main(" + plain.choices[0].text and len(more.choices[0].logprobs.tokens) == len(tok.encode("def main(")) + 5
+    assert client.completions.create(model="tiny-base", prompt="x", max_tokens=2, echo=True).choices[0].logprobs is None
+
+
 def test_n_choices_stream_and_not(server, client):
     "`n` choices: choice i of a seeded request is the single request with seed + i; streamed, each index joins to its text."
     kw = dict(model="tiny-base", prompt="import", max_tokens=10, temperature=1.0, seed=41, extra_body={"ignore_eos": True})
@@ -240,7 +259,9 @@ BAD = [
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode()),
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
                                          "top_logprobs": 21}).encode()),
-    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True}).encode()),           # not implemented: refused, not ignored
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "best_of": 2}).encode()),           # not implemented: refused, not ignored
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "max_tokens": 0}).encode()),       # 0 needs echo
+    ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "echo": True, "stream": True}).encode()),
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
                                          "presence_penalty": 2.5}).encode()),                            # out of [-2, 2]
     ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"x": 5}}).encode()),

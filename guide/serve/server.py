@@ -24,7 +24,8 @@ from .engine import AsyncEngine, Engine, SamplingParams
 # %% auto #0
 __all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest',
            'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'ServerState',
-           'InflightMiddleware', 'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
+           'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread',
+           'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -48,7 +49,7 @@ class StreamOptions(_Body):
     include_usage: bool | None = False         # one more chunk before [DONE]: no choices, the usage
 
 # OpenAI fields this server does not implement: taken at their no-op values, refused otherwise (never silently ignored)
-NOT_IMPLEMENTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
+NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",),
                    "tools": ([],), "functions": ([],),
                    "response_format": ({"type": "text"},)}
 
@@ -86,11 +87,11 @@ class SamplingFields(_Body):
         return data
 
     def sampling(self, eos_ids: list[int] | None = None) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or 16,
+        return SamplingParams(max_tokens=max(1, self.max_completion_tokens or (16 if self.max_tokens is None else self.max_tokens)),
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k, top_p=None if self.top_p in (None, 1) else self.top_p,
                               stop=self.stop or [], seed=self.seed, stop_token_ids=eos_ids or [],
-                              ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives(),
+                              ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives(), prompt_logprobs=self.prompt_alternatives(),
                               presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                               logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
 
@@ -98,11 +99,16 @@ class SamplingFields(_Body):
         "How many top alternatives each token's log-probability comes with; None: no log-probabilities."
         return None
 
+    def prompt_alternatives(self) -> int | None: return None     # the same for the prompt's tokens (completions with echo)
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(..., description="text, token ids, or a list holding one text")
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    echo: StrictBool | None = False                   # the prompt, then the completion; with logprobs, the prompt's too
+    max_tokens: int | None = Field(16, ge=0)          # 0 with echo: score the prompt, generate nothing
 
     def top_alternatives(self) -> int | None: return self.logprobs
+    def prompt_alternatives(self) -> int | None: return self.logprobs if self.echo else None
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
@@ -294,7 +300,13 @@ def _sampling(st: ServerState, body: SamplingFields, prompt_ids: list[int], stop
                        f"max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
     return sp
 
-async def _collect_all(st: ServerState, request: Request, deltas: list) -> list[tuple]:
+def _echoed(st: ServerState, c: Choice, ids: list[int], prompt_text: str, scored_only: bool) -> Choice:
+    "A completion choice with the prompt in front (`echo`): its text, and its tokens' log-probabilities if asked for."
+    lps = None if c.logprobs is None and c.prompt_logprobs is None else list(zip(ids, c.prompt_logprobs or [None] * len(ids)))
+    if scored_only: return dataclasses.replace(c, text=prompt_text, completion_tokens=0, logprobs=lps, finish_reason="length")
+    return dataclasses.replace(c, text=prompt_text + c.text, logprobs=lps and lps + (c.logprobs or []))
+
+async def _collect_all(st: ServerState, request: Request, deltas: list) -> list[Choice]:
     "`_collect` each choice, concurrently; if one fails (timeout, disconnect), the others are cancelled (aborted) too."
     tasks = [asyncio.ensure_future(_collect(st, request, d)) for d in deltas]
     try: return await asyncio.gather(*tasks)
@@ -307,18 +319,27 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
     return dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
                 prompt_tokens_details=dict(cached_tokens=cached_tokens))
 
-async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str, int, int, list | None]:
-    """Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect. Returns its text,
-    finish reason, completion tokens, cached prompt tokens, and None or each token's (id, (log-probability, top))."""
-    text, reason, n, cached, logprobs = [], None, 0, 0, None
+@dataclasses.dataclass
+class Choice:
+    "One choice of a request, run to its end (`_collect`)."
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list | None = None          # None, or each token's (id, (log-probability, top))
+    prompt_logprobs: list | None = None   # None, or each prompt token's (log-probability, top), None for the first
+
+async def _collect(st: ServerState, request: Request, deltas) -> Choice:
+    "Run a submitted request (`_submit`'s deltas) to the end; abort it on timeout or disconnect."
+    c, text = Choice(), []
     t0 = time.perf_counter()
     async def run():
-        nonlocal reason, n, cached, logprobs
         async for out in deltas:
-            if n == 0 and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0)
-            text.append(out.text); n, cached = out.completion_tokens, out.cached_tokens
-            if out.logprobs: logprobs = (logprobs or []) + list(zip(out.token_ids, out.logprobs))
-            if out.finished: reason = out.finish_reason
+            if c.completion_tokens == 0 and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0)
+            text.append(out.text); c.completion_tokens, c.cached_tokens = out.completion_tokens, out.cached_tokens
+            if out.logprobs: c.logprobs = (c.logprobs or []) + list(zip(out.token_ids, out.logprobs))
+            if out.prompt_logprobs: c.prompt_logprobs = out.prompt_logprobs
+            if out.finished: c.finish_reason = out.finish_reason
     async def watch():
         while not await request.is_disconnected(): await asyncio.sleep(0.05)
     gen, watcher = asyncio.create_task(run()), asyncio.create_task(watch())
@@ -333,16 +354,18 @@ async def _collect(st: ServerState, request: Request, deltas) -> tuple[str, str,
         st.metrics.cancelled.labels(why).inc()
         raise APIError(408, f"request cancelled ({why})", "timeout_error", code=why)
     if gen.exception(): raise gen.exception()
-    st.metrics.tokens.inc(n); st.metrics.cached_tokens.inc(cached)
-    return "".join(text), reason, n, cached, logprobs
+    st.metrics.tokens.inc(c.completion_tokens); st.metrics.cached_tokens.inc(c.cached_tokens)
+    c.text = "".join(text)
+    return c
 
 def _completion_logprobs(tok, entries: list | None, offset: int = 0) -> dict | None:
     """The completions API's `logprobs` of (token id, (log-probability, top)) entries: tokens as text, their
-    log-probabilities, the top alternatives, and each token's offset in the text (the first at `offset`)."""
+    log-probabilities, the top alternatives, and each token's offset in the text (the first at `offset`). An entry
+    (token id, None) is a token nothing predicts (an echoed prompt's first): null log-probability and alternatives."""
     if entries is None: return None
     tokens = [tok.decode([t]) for t, _ in entries]
-    return dict(tokens=tokens, token_logprobs=[lp for _, (lp, _) in entries], text_offset=list(itertools.accumulate(map(len, tokens[:-1]), initial=offset)),
-                top_logprobs=[{tok.decode([a]): alp for a, alp in top} for _, (_, top) in entries])
+    return dict(tokens=tokens, token_logprobs=[e and e[0] for _, e in entries], text_offset=list(itertools.accumulate(map(len, tokens[:-1]), initial=offset)),
+                top_logprobs=[e and {tok.decode([a]): alp for a, alp in e[1]} for _, e in entries])
 
 def _chat_logprobs(tok, entries: list | None) -> dict | None:
     "The chat API's `logprobs`: per token its text, log-probability, UTF-8 bytes and top alternatives."
@@ -455,6 +478,10 @@ def build_app(state: ServerState) -> FastAPI:
             V = st.engine.engine.model.config.vocab_size
             if not all(0 <= t < V for t in ids): raise APIError(400, f"token ids must be in [0, {V})", param="prompt")
         if not ids: raise APIError(400, "the prompt is empty", param="prompt")
+        scored_only = body.max_tokens == 0                   # the engine makes one token, not returned
+        if scored_only and not body.echo: raise APIError(400, "max_tokens=0 needs echo: true (it returns the prompt, scored)", param="max_tokens")
+        if body.echo and body.stream: raise APIError(400, "echo is not supported with stream", param="echo")
+        prompt_text = p if isinstance(p, str) else st.tokenizer.decode(ids)
         sp = _sampling(st, body, ids, [])
         deltas = _submit(st, ids, sp, body.n or 1)
         st.metrics.prompt_tokens.inc(len(ids))
@@ -469,10 +496,11 @@ def build_app(state: ServerState) -> FastAPI:
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
         results = await _collect_all(st, request, deltas)
+        if body.echo: results = [_echoed(st, c, ids, prompt_text, scored_only) for c in results]
         return dict(id=cid, object="text_completion", created=created, model=st.model_name,
-                    choices=[dict(index=i, text=text, logprobs=_completion_logprobs(st.tokenizer, entries), finish_reason=reason)
-                             for i, (text, reason, _, _, entries) in enumerate(results)],
-                    usage=_usage(len(ids), sum(r[2] for r in results), max(r[3] for r in results)))
+                    choices=[dict(index=i, text=c.text, logprobs=_completion_logprobs(st.tokenizer, c.logprobs), finish_reason=c.finish_reason)
+                             for i, c in enumerate(results)],
+                    usage=_usage(len(ids), sum(c.completion_tokens for c in results), max(c.cached_tokens for c in results)))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -497,9 +525,9 @@ def build_app(state: ServerState) -> FastAPI:
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
         results = await _collect_all(st, request, deltas)
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
-                    choices=[dict(index=i, message=dict(role="assistant", content=text), logprobs=_chat_logprobs(st.tokenizer, entries),
-                                  finish_reason=reason) for i, (text, reason, _, _, entries) in enumerate(results)],
-                    usage=_usage(len(ids), sum(r[2] for r in results), max(r[3] for r in results)))
+                    choices=[dict(index=i, message=dict(role="assistant", content=c.text), logprobs=_chat_logprobs(st.tokenizer, c.logprobs),
+                                  finish_reason=c.finish_reason) for i, c in enumerate(results)],
+                    usage=_usage(len(ids), sum(c.completion_tokens for c in results), max(c.cached_tokens for c in results)))
 
     async def _encode(body: EmbeddingRequest):
         _check_model(st, body.model, "encoder")
