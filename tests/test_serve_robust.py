@@ -3,13 +3,16 @@ whatever callers, model functions and worker processes do."""
 import asyncio
 import concurrent.futures
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from guide.serve.batcher import DeadlineExceeded, DynamicBatcher
-from guide.serve.multimodel import ModelPool, ModelSpec, ModelWorker, PoolFull
+from guide.serve.multimodel import ModelPool, ModelSpec, ModelWorker, PoolFull, _Proc
 
 
 def lengths(seqs, L): return [len(s) for s in seqs]
@@ -267,3 +270,76 @@ def test_worker_that_fails_to_load_reports_why():
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="exited while loading"): ModelWorker(ModelSpec("Y", vanish))
     assert time.monotonic() - t0 < 5
+
+
+def test_payload_that_cannot_be_pickled_fails_at_submit():
+    "It used to fail in the queue's feeder thread, printing a traceback and leaving its future pending forever."
+    w = ModelWorker(ModelSpec("E", echo))
+    try:
+        with pytest.raises(TypeError, match="E: the payload cannot be sent to a worker process"): w.submit(lambda: 1)
+        with pytest.raises(TypeError, match="lock"): w.submit({"lock": threading.Lock()})
+        assert w.busy == 0 and w.submit("next").result(5) == "next"
+    finally: w.close()
+
+
+def ends(conn, timeout: float = 2.0) -> bool:
+    "Read `conn` to its end: True at EOF; False if it stays open `timeout` s with nothing to read (a read would wait forever)."
+    while conn.poll(timeout):
+        try: conn.recv()
+        except EOFError: return True
+    return False
+
+
+def test_dead_process_pipe_ends_though_another_process_forked_meanwhile(monkeypatch):
+    """A process forked from another thread while a new process's pipes were open in the parent inherited the child's end
+    of its answer pipe: after that child died, its pipe never reached EOF, and a read (of a half-sent answer) waited forever."""
+    from multiprocessing.context import ForkProcess
+    start, forking = ForkProcess.start, threading.Event()
+    def slow_start(self):                              # the first start waits, its pipes open, while another process starts
+        if not forking.is_set(): forking.set(); time.sleep(0.5)
+        start(self)
+    monkeypatch.setattr(ForkProcess, "start", slow_start)
+    spec, other = ModelSpec("E", echo), []
+    t = threading.Thread(target=lambda: forking.wait(5) and other.append(_Proc(spec, 10)))
+    t.start(); first = _Proc(spec, 10); t.join(10)
+    try:
+        assert other and other[0].p.is_alive()
+        os.kill(first.p.pid, signal.SIGKILL); first.p.join(5)
+        assert ends(first.conn)
+    finally:
+        for s in [first] + other: s.p.kill(); s.p.join(5); s.close()
+
+
+def nap_or_size():
+    "payload: seconds to sleep (a float), or bytes whose length to answer."
+    return (lambda p: time.sleep(p) if isinstance(p, float) else len(p)), 10
+
+
+def test_big_request_to_a_dead_process_leaves_no_blocked_thread():
+    """Over 64 KB queued to a process that then died blocked the queue's feeder thread forever: the parent held the pipe's
+    read end too, so writing to it never failed. The request fails, close() is prompt and no thread is left behind."""
+    before = set(threading.enumerate())
+    w = ModelWorker(ModelSpec("N", nap_or_size, max_queue=8))
+    try:
+        busy, big = w.submit(10.0), w.submit(b"x" * (1 << 20))    # the big one fills the pipe behind the sleeping request
+        time.sleep(0.2); os.kill(w.procs[0].p.pid, signal.SIGKILL)
+        for f in (busy, big):
+            with pytest.raises(RuntimeError, match="died"): f.result(5)
+        assert w.submit(b"y" * (1 << 20)).result(5) == 1 << 20  # the new process takes big payloads
+    finally:
+        t0 = time.monotonic(); w.close(); assert time.monotonic() - t0 < 5
+    deadline = time.monotonic() + 2
+    while set(threading.enumerate()) - before and time.monotonic() < deadline: time.sleep(0.01)
+    assert not set(threading.enumerate()) - before
+
+
+def test_interpreter_exits_with_a_big_request_still_queued():
+    "Without close(): a daemon process still busy, 1 MB queued for it; the interpreter must not wait to hand it over."
+    script = """if 1:
+        import time
+        from guide.serve.multimodel import ModelSpec, ModelWorker
+        w = ModelWorker(ModelSpec("N", lambda: ((lambda p: time.sleep(p) if isinstance(p, float) else len(p)), 10)))
+        w.submit(30.0); w.submit(b"x" * (1 << 20)); time.sleep(0.2)"""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert time.monotonic() - t0 < 15

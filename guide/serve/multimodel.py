@@ -2,8 +2,9 @@
 
 # %% ../../nbs/24_multimodel.ipynb #c003
 from __future__ import annotations
-import collections, concurrent.futures, itertools, multiprocessing as mp, numbers, os, threading, time
+import collections, concurrent.futures, contextlib, itertools, multiprocessing as mp, numbers, os, queue, threading, time
 from multiprocessing import connection
+from multiprocessing.reduction import ForkingPickler
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,8 +35,8 @@ class ModelSpec:
             v = getattr(self, field)
             if not (isinstance(v, numbers.Integral) and v >= 1): raise ValueError(f"{self.name}: {field} must be an int >= 1, not {v!r}")
 
-def _worker_main(loader, budget: int, inq, conn, threads: int = 1, cpus=None, nice: int = 0):
-    "A worker process: load the model, then answer requests from `inq` on `conn` until a None arrives."
+def _worker_main(loader, budget: int, requests, conn, threads: int = 1, cpus=None, nice: int = 0):
+    "A worker process: load the model, then answer the requests read from `requests` on `conn` until a None arrives."
     import torch
     torch.set_num_threads(threads)
     if cpus and hasattr(os, "sched_setaffinity"): os.sched_setaffinity(0, cpus)
@@ -46,25 +47,40 @@ def _worker_main(loader, budget: int, inq, conn, threads: int = 1, cpus=None, ni
         conn.send(("loaded", nbytes))
     except BaseException as e:
         conn.send(("failed", repr(e))); return
-    while True:
-        item = inq.get()
-        if item is None: return
+    while (item := requests.recv()) is not None:
         rid, payload = item
         try: conn.send((rid, True, fn(payload)))
         except Exception as e: conn.send((rid, False, repr(e)))     # the model raised, or its answer does not pickle
 
+_fork_lock = threading.Lock()   # a process forked from another thread while a child's pipe ends are still open here inherits them
+
 class _Proc:
-    "One worker process with its own request queue and answer pipe; `pending` holds the requests sent to it."
+    "One worker process with its own request pipe, written by a feeder thread, and answer pipe; `pending` holds the requests sent to it."
     def __init__(self, spec: ModelSpec, start_timeout: float):
         ctx = mp.get_context("fork")
-        self.inq, (self.conn, w) = ctx.Queue(), ctx.Pipe(duplex=False)
-        self.inq.cancel_join_thread()            # at exit, do not wait to hand requests to a process that may be dead
-        self.p = ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, self.inq, w, spec.threads, spec.cpus, spec.nice), daemon=True)
-        self.p.start(); w.close()                # the child holds the only write end: reading after its death ends, not hangs
+        with _fork_lock:
+            (child_requests, self.requests), (self.conn, child_answers) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+            self.p = ctx.Process(target=_worker_main, args=(spec.loader, spec.memory_bytes, child_requests, child_answers, spec.threads, spec.cpus, spec.nice), daemon=True)
+            self.p.start(); child_requests.close(); child_answers.close()
+        # the child holds the only other ends: once it is dead, reading its answers ends and writing its requests fails, neither waits
+        self.outbox = queue.SimpleQueue()
+        threading.Thread(target=self._feed, daemon=True).start()
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.loaded, self.deadline = False, time.monotonic() + start_timeout
 
-    def close(self): self.inq.close(); self.conn.close()
+    def send(self, data):
+        "Queue one pickled request, or None (stop), for the child: the caller must not wait while a busy child's pipe is full."
+        self.outbox.put(data)
+
+    def _feed(self):
+        "The feeder thread: write the queued requests to the child until a None, which it passes on, or the child's death."
+        with self.requests:
+            while (data := self.outbox.get()) is not None:
+                try: self.requests.send_bytes(data)
+                except OSError: return               # the child is dead: the collector fails its requests
+            with contextlib.suppress(OSError): self.requests.send(None)
+
+    def close(self): self.send(None); self.conn.close()
 
 class ModelWorker:
     """One model in `spec.concurrency` processes, each with its own queue: a request goes to the process with the fewest
@@ -152,6 +168,9 @@ class ModelWorker:
 
     def submit(self, payload) -> concurrent.futures.Future:
         "Queue one request on the least busy process; QueueFull when `max_queue` requests are already pending for this model."
+        rid = next(self.ids)
+        try: data = ForkingPickler.dumps((rid, payload))    # here, so that a payload that cannot be sent fails its caller
+        except Exception as e: raise TypeError(f"{self.spec.name}: the payload cannot be sent to a worker process: {e}") from e
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:                              # close() and the collector cannot come between the check and the put
             if not self.alive: raise RuntimeError(f"{self.spec.name}: the worker is " + ("closed" if self.closed else f"dead: {self.dead}"))
@@ -160,8 +179,8 @@ class ModelWorker:
                 self.stats["rejected"] += 1
                 raise QueueFull(f"{self.spec.name}: {n} requests pending")
             s = min(self.procs, key=lambda s: len(s.pending))
-            rid = next(self.ids); s.pending[rid] = fut; self.stats["accepted"] += 1
-            s.inq.put((rid, payload))
+            s.pending[rid] = fut; self.stats["accepted"] += 1
+            s.send(data)
         return fut
 
     def close(self, timeout: float = 5.0):
@@ -172,11 +191,11 @@ class ModelWorker:
         self._fail_pending("the worker was closed")
         if self._collector and self._collector is not threading.current_thread():
             self._collector.join(timeout)            # after this, nothing replaces a process any more
-        for s in self.procs: s.inq.put(None)
+        for s in self.procs: s.send(None)
         for s in self.procs:                         # a dead worker's queued work is failed already: do not wait for it
             s.p.join(0 if self.dead else timeout)
             if s.p.is_alive(): s.p.terminate(); s.p.join(1)
-            s.close()
+            s.conn.close()
 
 # %% ../../nbs/24_multimodel.ipynb #c009
 class PoolFull(RuntimeError):
