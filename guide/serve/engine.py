@@ -75,6 +75,11 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool: return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
+    @property
+    def needs_logits(self) -> bool:
+        "Each token needs its row of logits on the host (log-probabilities, penalties, biases): no bursts, no drafts."
+        return self.logprobs is not None or self.adjusts_logits
+
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
 # %% ../../nbs/20_engine.ipynb #c009
@@ -779,6 +784,13 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
     return torch.where(temperature < 1e-4, logits.argmax(-1), drawn)
 
+def _token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    "Per row of logits: the log-probability of `tokens[row]` and the `ks[row]` most likely (token id, log-probability)."
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    top_v, top_i = (t.tolist() for t in lp.topk(max(ks), -1)) if max(ks) else ([[]] * len(ks), [[]] * len(ks))
+    return [(c, list(zip(i[:k], v[:k]))) for c, i, v, k in zip(chosen, top_i, top_v, ks)]
+
 def has_filters(rows: list[tuple]) -> bool:
     "Whether any of the `(temperature, top_k, top_p, seed)` rows has a top-k or top-p filter (then `sample_rows` sorts)."
     return any(k > 0 or p < 1 for _, k, p, _ in rows)
@@ -1098,7 +1110,7 @@ class Engine:
         alloc = self.cache.allocator
         for req in self.running:
             req.draft = []
-            if req.num_tokens - req.computed != 1 or req.params.logprobs is not None or req.params.adjusts_logits: continue
+            if req.num_tokens - req.computed != 1 or req.params.needs_logits: continue
             k = min(self.speculate, req.params.max_tokens - len(req.output_ids) - 1, self.max_seq_len - req.num_tokens)
             draft = prompt_lookup(req.all_ids, k) if k > 0 else []
             extra = self.cache.blocks_for(req.num_tokens + len(draft)) - len(req.table)
@@ -1160,10 +1172,7 @@ class Engine:
         start, ids, k = req.computed, req.prompt_ids, req.params.prompt_logprobs
         n = min(len(logits), len(ids) - 1 - start)                      # the last position of the prompt predicts no prompt token
         if n <= 0: return
-        lp = torch.log_softmax(logits[:n].float(), -1)
-        chosen = lp.gather(1, torch.tensor(ids[start + 1:start + 1 + n], device=lp.device)[:, None])[:, 0].tolist()
-        top_v, top_i = (lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long()))
-        req.prompt_lps += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i.tolist(), top_v.tolist())]
+        req.prompt_lps += _token_logprobs(logits[:n], ids[start + 1:start + 1 + n], [k] * n)
 
     def _verify(self, verify: list[Request], logits: torch.Tensor) -> list[tuple[Request, RequestOutput]]:
         """Each verify row fed its last token and its draft; `logits` has a row per fed token. Sample every one of them
@@ -1187,8 +1196,7 @@ class Engine:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
         tokens left, if none waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting or any(r.params.logprobs is not None or r.params.adjusts_logits for r in decode):
-            return 1                                   # a burst keeps no logits, and samples without penalties or biases
+        if n == 1 or self.waiting or any(r.params.needs_logits for r in decode): return 1    # a burst keeps no logits
         left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
         while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
         if n == 1: return 1
@@ -1252,14 +1260,8 @@ class Engine:
         `logprobs` most likely tokens, under the model's distribution (before penalties, biases, temperature, top-k and top-p)."""
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         out = [None] * len(rows)
-        if not want: return out
-        lp = torch.log_softmax(logits[want].float(), -1)
-        chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device)[:, None])[:, 0].tolist()
-        top_v, top_i = lp.topk(max(rows[i].params.logprobs for i in want), -1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(want):
-            k = rows[i].params.logprobs
-            out[i] = (chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+        for i, entry in zip(want, _token_logprobs(logits[want], [tokens[i] for i in want], [rows[i].params.logprobs for i in want]) if want else []):
+            out[i] = entry
         return out
 
     def _append(self, req: Request, token: int, logprob: tuple | None = None) -> RequestOutput:
