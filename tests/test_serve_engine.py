@@ -37,7 +37,8 @@ def test_bad_engine_arguments_are_clear_errors():
     from guide.serve.engine import IncrementalDetokenizer, make_trace
     model = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
     for kw in (dict(block_size=0), dict(block_size=2.5), dict(max_batch_size=0), dict(max_prefill_tokens=0),
-               dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8"), dict(speculate=-1), dict(speculate=1.5)):
+               dict(decode_steps=0), dict(num_blocks=0), dict(num_blocks="8"), dict(speculate=-1), dict(speculate=1.5),
+               dict(speculate_max_batch=0), dict(speculate_max_batch=2.0)):
         with pytest.raises(ValueError, match=next(iter(kw))): Engine(model, **kw)
     for kw in (dict(paged_attention=True), dict(pdl=True)):
         with pytest.raises(ValueError, match="CUDA"): Engine(model, **kw)           # options of the CUDA-graph decode
@@ -377,6 +378,11 @@ def test_cuda_graph_decode_equals_eager_engine():
         hopper = torch.cuda.get_device_capability() >= (9, 0)
         fast = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4, paged_attention=True, pdl=hopper)
         assert [r["token_ids"] for r in fast.generate(prompts, params)] == [r["token_ids"] for r in eager.generate(prompts, params)]
+    loop = [rng.randrange(3, 512) for _ in range(6)]            # speculation: the checked drafts replay the decode graphs
+    spec = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, speculate=3)
+    spec_prompts, spec_params = prompts[:4] + [loop * 6], params[:4] + [SamplingParams(max_tokens=60, ignore_eos=True)]
+    assert [r["token_ids"] for r in spec.generate(spec_prompts, spec_params)] == [r["token_ids"] for r in eager.generate(spec_prompts, spec_params)]
+    assert spec.stats["draft_tokens"] > 0 and spec.num_free_blocks == 300
     with torch.no_grad(): model.lm_head.weight.mul_(1.01)      # changed weights: the graphs are recaptured, not stale
     again = graphed.generate(prompts[:2], params[:2])
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in eager.generate(prompts[:2], params[:2])]
@@ -388,6 +394,54 @@ def test_cuda_graphs_refuse_a_cpu_model():
     cache = PagedKVCache(3, 2, 32, num_blocks=4, block_size=8)
     with pytest.raises(ValueError, match="CUDA device"): DecodeGraphs(model, cache, 4)
     assert Engine(model, None, num_blocks=8).graphs is None    # CPU: the engine runs every step eagerly
+
+
+class _ReplayedGraph:
+    "A CPU stand-in for a captured CUDA graph: `replay()` runs the step again into the captured output."
+    def __init__(self, run): self.run, self.out = run, run()
+    def replay(self): self.out.copy_(self.run())
+    def pool(self): return None
+
+
+def _cpu_decode_graphs(monkeypatch, model, cache, rows):
+    """The real `DecodeGraphs` (buckets, padding, one input copy per replay, recapture) on the CPU: the capture is
+    the stand-in above, and the model looks like a CUDA one only while the graphs are built."""
+    import guide.serve.engine as E
+    replays = []
+    def capture(run, pool=None, device=None):
+        graph = _ReplayedGraph(run); replays.append(graph)
+        return graph, graph.out
+    monkeypatch.setattr(E, "capture_cuda_graph", capture)
+    with monkeypatch.context() as m:
+        m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
+        graphs = E.DecodeGraphs(model, cache, rows, gemv=False)
+    return graphs, replays
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_checked_drafts_replay_the_decode_graphs(base, monkeypatch, k):
+    """With CUDA graphs, a step without prefill replays a decode graph, and speculation's checked drafts go through it
+    too (each drafted token a row attending up to its own position): the same tokens as without speculation, and no
+    eager forward pass for a step that only decodes and checks (CPU, with the capture stood in for)."""
+    import guide.serve.engine as E
+    model, tok = base
+    rng = random.Random(5)
+    loop = [rng.randrange(3, 2048) for _ in range(5)]
+    prompts = [loop * 4, tok.encode("def f(x):\n    return x\n\ndef g(x):\n"), loop * 2 + [7], [rng.randrange(3, 2048) for _ in range(20)]]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True), SamplingParams(max_tokens=20, temperature=0.8, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=1.0, top_k=20, seed=2, ignore_eos=True), SamplingParams(max_tokens=12, logprobs=1)]
+    outputs, eager = {}, []
+    real_step_forward = E.step_forward
+    monkeypatch.setattr(E, "step_forward", lambda *a, **kw: eager.append(len(a[2])) or real_step_forward(*a, **kw))
+    for spec in (0, k):
+        eng = Engine(model, tok, max_batch_size=4, speculate=spec)
+        eng.graphs, replays = _cpu_decode_graphs(monkeypatch, model, eng.cache, 4 * (spec + 1))
+        eager.clear()
+        outputs[spec] = [(r["token_ids"], r["text"]) for r in eng.generate(prompts, params)]
+        assert replays and all(n > 0 for n in eager)            # every eager pass had prefill rows: decode and drafts were replayed
+    assert outputs[k] == outputs[0]
+    assert eng.stats["draft_accepted"] > 0 and eng.num_free_blocks == eng.cache.num_blocks
+    assert max(key[0] for key in eng.graphs.graphs) > 4          # a bucket wider than the batch: the rows of the drafts
 
 
 def _small_encoder(device):

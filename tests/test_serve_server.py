@@ -80,7 +80,10 @@ def test_models_health_ready(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-base", "tiny-encoder"]
     assert httpx.get(server + "/health").json()["status"] == "ok"
     assert httpx.get(server + "/ready").status_code == 200
-    assert "guide_kv_blocks" in httpx.get(server + "/metrics").text
+    text = httpx.get(server + "/metrics").text
+    for name in ("guide_kv_blocks", "guide_engine_steps_total", "guide_engine_preemptions_total", "guide_spec_draft_tokens_total",
+                 "guide_spec_accepted_tokens_total"):
+        assert f"\n{name}" in text, name
 
 
 def test_completion_matches_engine_and_stream(server, client):
@@ -416,7 +419,7 @@ def test_encoder_queue_full_gets_429_with_retry_after():
     finally: stop(proc)
     bad = subprocess.run([GUIDE, "serve", "--encoder-queue", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--encoder-queue must be >= 1" in bad.stderr
-    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--max-prefill-tokens", "0"], ["--speculate", "-1"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"],
+    for flags in (["--model", "/no/such/model"], ["--decode-steps", "0"], ["--max-prefill-tokens", "0"], ["--speculate", "-1"], ["--speculate-max-batch", "0"], ["--num-blocks", "0"], ["--max-pending", "0"], ["--request-timeout", "0"],
                   ["--drain-timeout", "-1"], ["--pdl", "--device", "cpu"], ["--paged-attention", "--device", "cpu"], ["--device", "gpu7"]):
         bad = subprocess.run([GUIDE, "serve", *flags], capture_output=True, text=True)
         assert bad.returncode == 2 and flags[0] in bad.stderr and "Traceback" not in bad.stderr, (flags, bad.stderr)
@@ -485,7 +488,8 @@ def test_serve_a_transformers_checkpoint_folder(tmp_path):
         max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     folder = tmp_path / "mistral-tiny"
     hf.save_pretrained(folder); tok.save_pretrained(folder)
-    proc, base = start_server("--model", str(folder), "--no-encoder", "--no-prefix-caching", "--max-prefill-tokens", "4", "--speculate", "3")
+    proc, base = start_server("--model", str(folder), "--no-encoder", "--no-prefix-caching", "--max-prefill-tokens", "4", "--speculate", "3",
+                              "--speculate-max-batch", "1")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["mistral-tiny"]
@@ -496,6 +500,9 @@ def test_serve_a_transformers_checkpoint_folder(tmp_path):
         again = client.completions.create(model="mistral-tiny", prompt=ids * 8, max_tokens=2)
         again = client.completions.create(model="mistral-tiny", prompt=ids * 8, max_tokens=2)
         assert again.usage.prompt_tokens_details.cached_tokens == 0                          # --no-prefix-caching
+        client.completions.create(model="mistral-tiny", prompt=ids * 8, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+        drafted, accepted = (metric(base, f"guide_spec_{n}_tokens_total") for n in ("draft", "accepted"))
+        assert drafted > 0 and 0 < accepted <= drafted                   # this model's greedy answer to it loops: drafts, some kept
         chat = client.chat.completions.create(model="mistral-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert chat.usage.completion_tokens >= 1
     finally:

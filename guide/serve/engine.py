@@ -921,19 +921,22 @@ class Request:
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
-    `cuda_graphs` (default: when the model is on a CUDA device) replays decode-only steps from `DecodeGraphs`,
-    compiled first with `compile_decode=True`. `decode_steps=n` > 1: a decode-only iteration
-    runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
+    `cuda_graphs` (default: when the model is on a CUDA device) replays the steps without prefill (decode rows, and
+    the rows of checked drafts) from `DecodeGraphs`, compiled first with `compile_decode=True`. `decode_steps=n` > 1: a
+    decode-only iteration runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
     then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only).
     `prefix_caching`: blocks are kept after their request (`PrefixCachingAllocator`), and a prompt that starts with
     tokens served before starts its prefill after them. `max_prefill_tokens`: the most prompt tokens a step computes;
     a longer prompt is computed in chunks, over several steps, while the running requests go on decoding.
     `speculate=k` > 0: speculative decoding by prompt lookup (`prompt_lookup`): each decode row drafts up to `k` tokens
-    from its own text, and one pass checks them all; the text is the same as without (`_verify`)."""
+    from its own text, and one pass checks them all; the text is the same as without (`_verify`). It pays in a small
+    batch only: `speculate_max_batch=n` drafts only while at most `n` requests decode (vLLM's
+    `speculative_disable_by_batch_size`); None drafts at any batch size."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
-                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, speculate: int = 0):
+                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, speculate: int = 0,
+                 speculate_max_batch: int | None = None):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -942,10 +945,12 @@ class Engine:
                         ("decode_steps", decode_steps)):
             if not (_is_int(v) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not (_is_int(speculate) and speculate >= 0): raise ValueError(f"speculate must be an integer >= 0, got {speculate!r}")
+        if not (speculate_max_batch is None or (_is_int(speculate_max_batch) and speculate_max_batch >= 1)):
+            raise ValueError(f"speculate_max_batch must be None or an integer >= 1, got {speculate_max_batch!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
-        self.decode_steps, self.speculate = decode_steps, speculate
+        self.decode_steps, self.speculate, self.speculate_max_batch = decode_steps, speculate, speculate_max_batch
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
@@ -953,8 +958,9 @@ class Engine:
         if prefix_caching: self.cache.allocator = PrefixCachingAllocator(num_blocks)
         if cuda_graphs is None: cuda_graphs = model.device.type == "cuda"
         if (paged_attention or pdl) and not cuda_graphs: raise ValueError("paged_attention and pdl are options of the CUDA-graph decode: they need a model on a CUDA GPU")
-        self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, compile_decode, paged_attention=paged_attention, pdl=pdl)
-                       if cuda_graphs else None)                                                                       # decode-only steps
+        rows = max(max_batch_size, min(max_batch_size, speculate_max_batch or max_batch_size) * (speculate + 1))  # a checked draft is k + 1 rows
+        self.graphs = (DecodeGraphs(model, self.cache, rows, compile_decode, paged_attention=paged_attention, pdl=pdl)
+                       if cuda_graphs else None)                                                          # steps without prefill
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -1106,11 +1112,12 @@ class Engine:
     def _draft(self):
         """Draft tokens for the decode rows that may speculate (no log-probabilities, penalties or biases: a checked
         step keeps one row of logits per token), as many as the request may still produce but one, where the free
-        list has the blocks for them (speculation never preempts)."""
-        alloc = self.cache.allocator
-        for req in self.running:
-            req.draft = []
-            if req.num_tokens - req.computed != 1 or req.params.needs_logits: continue
+        list has the blocks for them (speculation never preempts); none while more than `speculate_max_batch` rows decode."""
+        alloc, decoding = self.cache.allocator, [r for r in self.running if r.num_tokens - r.computed == 1]
+        for req in self.running: req.draft = []
+        if self.speculate_max_batch is not None and len(decoding) > self.speculate_max_batch: return
+        for req in decoding:
+            if req.params.needs_logits: continue
             k = min(self.speculate, req.params.max_tokens - len(req.output_ids) - 1, self.max_seq_len - req.num_tokens)
             draft = prompt_lookup(req.all_ids, k) if k > 0 else []
             extra = self.cache.blocks_for(req.num_tokens + len(draft)) - len(req.table)
@@ -1140,21 +1147,23 @@ class Engine:
         last chunk, and the decode rows), and each verify row's accepted tokens (`_verify`)."""
         ids = [req.all_ids[req.computed:req.computed + k] for req, k in prefill]
         per_row = [k if req.scores_prompt else 1 for req, k in prefill]                 # logits rows of each prefill row
-        if self.graphs is not None and not prefill and not verify:
-            logits = self.graphs([r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode])
+        if self.graphs is not None and not prefill:      # a draft's tokens are rows of a decode step, each attending up to itself
+            fed = [(t, r.num_tokens - 1 + j, r.table) for r in verify for j, t in enumerate([r.last_token] + r.draft)] + \
+                  [(r.last_token, r.num_tokens - 1, r.table) for r in decode]    # (token, position, table) per row of logits
+            logits = self.graphs(*map(list, zip(*fed)))
         else: logits = step_forward(self.model, self.cache, ids + [[r.last_token] + r.draft for r in verify],
                                     [req.table for req, _ in prefill] + [r.table for r in verify], [r.last_token for r in decode],
                                     [r.num_tokens - 1 for r in decode], [r.table for r in decode],
                                     [req.computed for req, _ in prefill] + [r.num_tokens - 1 for r in verify],
                                     per_row + [len(r.draft) + 1 for r in verify])
-        n_pre, n_checked = sum(per_row), sum(len(r.draft) + 1 for r in verify)
-        checked = logits[n_pre:n_pre + n_checked]
-        if n_pre > len(prefill):                         # rows that score prompt tokens: keep each prefill row's last for sampling
-            ends = list(itertools.accumulate(per_row))
-            for (req, k), end in zip(prefill, ends):
-                if req.scores_prompt: self._score_prompt(req, logits[end - k:end])
-            logits = torch.cat([logits[[e - 1 for e in ends]], logits[n_pre + n_checked:]])
-        elif verify: logits = torch.cat([logits[:n_pre], logits[n_pre + n_checked:]])
+        checked = None
+        if len(logits) > len(prefill) + len(decode):     # rows that score their prompt, or check a draft, have several rows of logits
+            parts = logits.split(per_row + [len(r.draft) + 1 for r in verify] + [1] * len(decode))
+            for (req, _), part in zip(prefill, parts):
+                if req.scores_prompt: self._score_prompt(req, part)
+            if verify: checked = torch.cat(parts[len(prefill):len(prefill) + len(verify)])
+            sampled = parts[:len(prefill)] + parts[len(prefill) + len(verify):]        # a prompt's last position, and the decode rows
+            logits = torch.stack([p[-1] for p in sampled]) if sampled else logits[:0]
         for req, k in prefill: req.computed += k; self._offer(req)     # a prompt's blocks are shared from now, not only after it finishes
         for req in decode: req.computed = req.num_tokens
         self.stats["prefill_tokens"] += sum(map(len, ids)); self.stats["decode_tokens"] += len(decode)
@@ -1328,7 +1337,7 @@ def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
             if ids[i:i + n] == tail: return ids[i + n:i + n + k]
     return []
 
-# %% ../../nbs/20_engine.ipynb #c069
+# %% ../../nbs/20_engine.ipynb #c071
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1404,7 +1413,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c072
+# %% ../../nbs/20_engine.ipynb #c074
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

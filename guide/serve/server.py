@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,9 +24,9 @@ from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
 __all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest',
-           'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'ServerState',
-           'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread',
-           'build_state', 'main']
+           'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'EngineCounters',
+           'ServerState', 'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer', 'bind_socket',
+           'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -198,6 +199,18 @@ class Metrics:
         self.engine.labels("waiting").set_function(lambda: len(engine.waiting))
         self.blocks.labels("free").set_function(lambda: engine.num_free_blocks)
         self.blocks.labels("total").set_function(lambda: engine.cache.num_blocks)
+        self.registry.register(EngineCounters(engine))
+
+class EngineCounters:
+    """The engine's own counters (`Engine.stats`), read when Prometheus scrapes: its steps, preemptions (the KV cache
+    ran out), and speculation's drafted and accepted tokens (their ratio is the draft acceptance rate)."""
+    counters = (("guide_engine_steps", "steps", "engine iterations (forward passes)"),
+                ("guide_engine_preemptions", "preemptions", "requests preempted for KV blocks (recomputed later)"),
+                ("guide_spec_draft_tokens", "draft_tokens", "tokens drafted by speculative decoding"),
+                ("guide_spec_accepted_tokens", "draft_accepted", "drafted tokens the model agreed with"))
+    def __init__(self, engine: Engine): self.engine = engine
+    def collect(self):
+        for name, key, doc in self.counters: yield CounterMetricFamily(name, doc, value=self.engine.stats[key])
 
 # %% ../../nbs/22_server.ipynb #c013
 class ServerState:
@@ -617,7 +630,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, max_prefill_tokens: int = 2048,
-                speculate: int = 0) -> ServerState:
+                speculate: int = 0, speculate_max_batch: int | None = None) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -628,7 +641,8 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
         llm, tok = tiny_base(tier, seed, device=device) if model == "tiny-base" else load(model, device=device)
         engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps,
                                     paged_attention=paged_attention, pdl=pdl, prefix_caching=prefix_caching,
-                                    max_prefill_tokens=max_prefill_tokens, speculate=speculate), step_delay=step_delay)
+                                    max_prefill_tokens=max_prefill_tokens, speculate=speculate,
+                                    speculate_max_batch=speculate_max_batch), step_delay=step_delay)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
@@ -668,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
                     "prompt is computed in chunks while the others decode (smaller: steadier inter-token latency, slower first tokens)")
     ap.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding by prompt lookup: draft up to K tokens "
                     "per request from its own text and check them in one pass (same text; pays off at small batches on repetitive text)")
+    ap.add_argument("--speculate-max-batch", type=int, default=None, metavar="N", help="with --speculate: draft only while at "
+                    "most N requests decode (in a full batch the checked tokens are no longer free); default: at any batch size")
     ap.add_argument("--no-prefix-caching", action="store_true", help="free KV blocks with their request, rather than keeping "
                     "them for later prompts that start with the same tokens")
     ap.add_argument("--max-pending", type=int, default=64, help="requests queued + running before answering 429")
@@ -688,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             (a.num_blocks is not None and a.num_blocks < 1):
         ap.error("--max-batch-size, --block-size, --decode-steps, --max-pending, --max-body-bytes, --max-prefill-tokens and --num-blocks must be >= 1")
     if a.speculate < 0: ap.error("--speculate must be >= 0")
+    if a.speculate_max_batch is not None and a.speculate_max_batch < 1: ap.error("--speculate-max-batch must be >= 1")
     if not a.request_timeout > 0 or not a.drain_timeout >= 0: ap.error("--request-timeout must be > 0 and --drain-timeout >= 0")
     if a.no_llm and a.no_encoder: ap.error("--no-llm and --no-encoder leave nothing to serve")
     if a.encoder_batch_size < 1 or a.encoder_queue < 1 or a.encoder_delay < 0:
@@ -711,7 +728,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
                         a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl, not a.no_prefix_caching, a.max_prefill_tokens,
-                        a.speculate)
+                        a.speculate, a.speculate_max_batch)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
