@@ -22,7 +22,8 @@ export OMP_NUM_THREADS ?= 1
 
 install: $(STAMP)
 
-# CUDA machines get PyPI's CUDA build of torch and onnxruntime-gpu; CPU machines the CPU build and onnxruntime.
+# CUDA machines get PyPI's CUDA build of torch (with Triton) and onnxruntime-gpu; CPU machines the CPU build, onnxruntime
+# and Triton (its interpreter runs the engine's kernels in the tests).
 $(STAMP): settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	@if nvidia-smi -L >/dev/null 2>&1; then \

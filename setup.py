@@ -9,7 +9,8 @@ cfg = cfg["DEFAULT"]
 requirements = cfg.get("requirements", "").split()
 extras = {
     # onnxruntime and onnxruntime-gpu overwrite each other: install exactly one of these extras.
-    "cpu": ["onnxruntime"],
+    # CUDA builds of torch bring Triton; on the CPU it is installed for its interpreter, which runs the engine's kernel tests.
+    "cpu": ["onnxruntime", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     "gpu": cfg.get("gpu_requirements", "").split(),
     "dev": cfg.get("dev_requirements", "").split(),
 }

@@ -1,6 +1,9 @@
 """Chapter 20 (serving): the paged-KV continuous-batching engine, the dynamic batcher, ONNX parity (no notebook needed)."""
 import importlib.util
+import os
 import random
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -488,18 +491,37 @@ def test_cuda_graph_encoder_equals_packed():
         torch.testing.assert_close(torch.tensor([g["embedding"] for g in got]), emb.cpu(), atol=2e-2, rtol=0)
 
 
-needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                                  reason="Triton GEMV kernels need a CUDA GPU and Triton (the gpu tier runs this)")
+# The Triton kernels run on a CUDA GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before the
+# engine is imported): test_triton_kernels_under_the_interpreter runs these tests so, in a fresh process, with small shapes.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS_ON = "cpu" if INTERPRETED else "cuda"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not (torch.cuda.is_available() or INTERPRETED),
+                                  reason="the Triton kernels need Triton and a CUDA GPU (the gpu tier runs this), or Triton's "
+                                         "interpreter (test_triton_kernels_under_the_interpreter runs this on the CPU)")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is not None, reason="Triton is installed: the kernels run instead")
-def test_kernels_without_triton_say_so():
-    "On an install without Triton (CPU wheels) the Triton kernels refuse with the reason, not with a NameError."
-    from guide.serve.engine import gemv, paged_attention, qkv_to_cache
+def test_kernels_say_why_they_cannot_run():
+    """The Triton kernels refuse with the reason, not with a NameError or Triton's "0 active drivers": without Triton
+    (CPU wheels of PyTorch), or with Triton but a tensor off the GPU outside the interpreter."""
+    from guide.serve import engine as E
+    if E.INTERPRETED or torch.cuda.is_available(): pytest.skip("the kernels can run here")
     x = torch.zeros(1, 4)
-    for call in (lambda: gemv(x, torch.zeros(3, 4)), lambda: paged_attention(x.view(1, 1, 4), torch.zeros(2, 4, 2, 4), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
-                 lambda: qkv_to_cache(_peaky_model("cpu"), x, torch.zeros(3, 4), torch.ones(4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2, 4, 2, 4))):
-        with pytest.raises(RuntimeError, match="needs Triton"): call()
+    why = "needs Triton" if E.triton is None else "runs on a CUDA GPU"
+    for call in (lambda: E.gemv(x, torch.zeros(3, 4)), lambda: E.paged_attention(x.view(1, 1, 4), torch.zeros(2, 4, 2, 4), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                 lambda: E.qkv_to_cache(_peaky_model("cpu"), x, torch.zeros(3, 4), torch.ones(4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2, 4, 2, 4))):
+        with pytest.raises(RuntimeError, match=why): call()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available() or INTERPRETED,
+                    reason="needs Triton and no GPU (with a GPU the kernel tests run on it)")
+def test_triton_kernels_under_the_interpreter():
+    """The kernel tests above, on the CPU: Triton's interpreter runs each program with numpy (TRITON_INTERPRET=1 must
+    be set before the kernels are defined, hence a fresh process). Every one of them runs and passes."""
+    kernel_tests = ["test_triton_gemv_matches_torch_and_decode_one_matches_decode_static",
+                    "test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write", "test_triton_paged_attention_matches_gather_sdpa"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__, "-k", " or ".join(kernel_tests)],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and f"{len(kernel_tests)} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed (not a GPU: it compiles with its own ptxas)")
@@ -535,24 +557,27 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     import torch.nn.functional as F
     from guide.serve.engine import PagedKVCache, decode_one, decode_static, gemv, prefill_batch_forward
     torch.manual_seed(0)
-    for N, K in ((37, 70), (2048, 2048), (4864, 2048), (300, 5632)):
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        x, r = torch.randn(1, K, device="cuda", dtype=torch.bfloat16), torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
-        ln, w2 = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn(2 * N, K, device="cuda", dtype=torch.bfloat16)
+    dev = KERNELS_ON
+    for N, K in ((37, 70), (96, 160)) if INTERPRETED else ((37, 70), (2048, 2048), (4864, 2048), (300, 5632)):
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        x, r = torch.randn(1, K, device=dev, dtype=torch.bfloat16), torch.randn(1, N, device=dev, dtype=torch.bfloat16)
+        ln, w2 = torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, torch.randn(2 * N, K, device=dev, dtype=torch.bfloat16)
         W, xn = w.float(), F.rms_norm(x.float(), (K,), ln.float(), 1e-5)
         g, u = (xn @ w2.float().T).chunk(2, -1)                 # gate rows then up rows
         for got, want in ((gemv(x, w), x.float() @ W.T),
-                          (gemv(x, w, residual=r, norm_weight=ln, eps=1e-5), xn @ W.T + r.float()),
+                          (gemv(x, w, residual=r, norm_weight=ln, eps=1e-5, blocks=(2, 64, 2)), xn @ W.T + r.float()),
                           (gemv(x, w2, norm_weight=ln, eps=1e-5, glu=True), F.silu(g) * u)):
             assert (got.float() - want).norm() / want.norm() < 1e-2
     with pytest.raises(ValueError, match="does not fit"): gemv(x, w.t())
     with pytest.raises(ValueError, match="gate rows then up rows"): gemv(x, w2[1:], glu=True)
-    model = _peaky_model("cuda")
-    cache = PagedKVCache(3, 2, 32, num_blocks=8, block_size=8, device="cuda")
+    model = _peaky_model(dev)
+    cache = PagedKVCache(3, 2, 32, num_blocks=8, block_size=8, device=dev)
     tab = cache.allocator.allocate(2)
     prefill_batch_forward(model, cache, [[5, 6, 7, 8, 9]], [tab])
-    args = (torch.tensor([11], device="cuda"), torch.tensor([5], device="cuda"), torch.tensor([tab + [cache.null_block]], device="cuda"))
-    torch.testing.assert_close(decode_one(model, cache, *args), decode_static(model, cache, *args), atol=1e-3, rtol=1e-3)
+    args = (torch.tensor([11], device=dev), torch.tensor([5], device=dev), torch.tensor([tab + [cache.null_block]], device=dev))
+    want = decode_static(model, cache, *args)
+    torch.testing.assert_close(decode_one(model, cache, *args), want, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(decode_one(model, cache, *args, paged=True), want, atol=1e-3, rtol=1e-3)   # qkv_to_cache + paged_attention
 
 
 @needs_triton
@@ -561,19 +586,20 @@ def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
     from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, _layer_qkv, _rope_at, _static_inputs, qkv_to_cache
     from guide.model import Llama, ModelConfig
     torch.manual_seed(0)
-    for H, KVH, dim in ((32, 4, 2048), (6, 2, 192)):
+    dev = KERNELS_ON
+    for H, KVH, dim in ((4, 2, 128), (6, 2, 192)) if INTERPRETED else ((32, 4, 2048), (6, 2, 192)):
         cfg = ModelConfig(vocab_size=64, dim=dim, n_layers=1, n_heads=H, n_kv_heads=KVH, hidden_dim=64, max_seq_len=256)
-        model = Llama(cfg).cuda().to(torch.bfloat16).eval()
+        model = Llama(cfg).to(dev, torch.bfloat16).eval()
         w = _fused_weights(model)[0]
-        want = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device="cuda", dtype=torch.bfloat16)
-        got = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device="cuda", dtype=torch.bfloat16)
-        tables = torch.randperm(20, device="cuda")[None]
+        want = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device=dev, dtype=torch.bfloat16)
+        got = PagedKVCache(1, KVH, cfg.head_dim, num_blocks=20, block_size=16, device=dev, dtype=torch.bfloat16)
+        tables = torch.randperm(20, device=dev)[None]
         for pos in (0, 17, 255):
-            x, positions = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16), torch.tensor([pos], device="cuda")
-            _, slots = _static_inputs(model, want, torch.tensor([1], device="cuda"), positions, tables)
+            x, positions = torch.randn(1, dim, device=dev, dtype=torch.bfloat16), torch.tensor([pos], device=dev)
+            _, slots = _static_inputs(model, want, torch.tensor([1], device=dev), positions, tables)
             q_want, kv = _layer_qkv(model, w, x, *_rope_at(model, positions, x.dtype))
             want.write(0, slots, kv)
-            for blocks in GEMV_TILES[:3] + (None,):
+            for blocks in (GEMV_TILES[-2:] if INTERPRETED else GEMV_TILES[:3]) + (None,):
                 q = qkv_to_cache(model, x, w[0], w[4], positions, slots, got.kv[0], blocks=blocks)
                 torch.testing.assert_close(q.float(), q_want.float(), atol=3e-2, rtol=3e-2)
                 torch.testing.assert_close(got.kv[0].float(), want.kv[0].float(), atol=3e-2, rtol=3e-2)
@@ -581,21 +607,29 @@ def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
 
 
 @needs_triton
-def test_triton_paged_attention_matches_gather_sdpa_and_engine_greedy():
-    """The Triton paged-attention kernel reads keys and values in place: the same as gather + SDPA for strided inputs
-    (as the graphs pass them), and an engine whose graphs use it decodes greedily like the eager engine."""
-    from guide.serve.engine import DecodeGraphs, PagedKVCache, _past_mask, paged_attention
+def test_triton_paged_attention_matches_gather_sdpa():
+    "The Triton paged-attention kernel reads keys and values in place: the same as gather + SDPA for strided inputs (as the graphs pass them)."
+    from guide.serve.engine import PagedKVCache, _past_mask, paged_attention
     rng = random.Random(0)
+    dev = KERNELS_ON
     for KVH, REP, hd, bs, B, NB in ((4, 8, 64, 16, 1, 16), (2, 2, 32, 8, 3, 5), (2, 1, 64, 16, 2, 128)):
-        cache = PagedKVCache(1, KVH, hd, num_blocks=200, block_size=bs, device="cuda", dtype=torch.bfloat16)
+        cache = PagedKVCache(1, KVH, hd, num_blocks=200, block_size=bs, device=dev, dtype=torch.bfloat16)
         cache.kv[0].normal_()
-        inp = torch.tensor([[0, rng.randrange(NB * bs)] + rng.sample(range(200), NB) for _ in range(B)], device="cuda")
-        q = torch.randn(B, KVH * REP * hd + 8, device="cuda", dtype=torch.bfloat16)[:, :KVH * REP * hd].view(B, KVH * REP, hd)
+        inp = torch.tensor([[0, rng.randrange(NB * bs)] + rng.sample(range(200), NB) for _ in range(B)], device=dev)
+        q = torch.randn(B, KVH * REP * hd + 8, device=dev, dtype=torch.bfloat16)[:, :KVH * REP * hd].view(B, KVH * REP, hd)
         got = paged_attention(q, cache.kv[0], inp[:, 2:], inp[:, 1])
         K, V = cache.gather(0, inp[:, 2:])
         want = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, KVH, REP, hd), K, V,
                                                                 attn_mask=_past_mask(inp[:, 1], NB * bs, q.dtype)).reshape(B, -1)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@needs_cuda
+def test_triton_paged_attention_engine_decodes_like_the_eager_one():
+    "An engine whose graphs attend with the paged-attention kernel decodes greedily like the eager engine."
+    from guide.serve.engine import DecodeGraphs
+    rng = random.Random(0)
     model = _peaky_model("cuda")
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     params = [SamplingParams(max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
@@ -607,6 +641,7 @@ def test_triton_paged_attention_matches_gather_sdpa_and_engine_greedy():
 
 
 @needs_triton
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs compute capability 9.0 (Hopper) or later")
 def test_triton_pdl_decode_equals_plain_decode():

@@ -2,7 +2,7 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, hashlib, itertools, math, queue, random, threading, time, uuid, weakref
+import asyncio, hashlib, itertools, math, os, queue, random, threading, time, uuid, weakref
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ from ..core import capture_cuda_graph
 from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
-__all__ = ['GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
+__all__ = ['INTERPRETED', 'GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
            'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator',
            'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise',
            'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
@@ -427,8 +427,17 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait    # programmatic dependent launch (sm_90+)
-except ImportError:                 # CPU-only installs: decode_one is not available, decode_static runs every bucket
+except ImportError:                 # installs without Triton: decode_one is not available, decode_static runs every bucket
     triton = None
+# Triton's interpreter (TRITON_INTERPRET=1 when this module is imported) runs the kernels on CPU tensors, slowly, with numpy:
+# the tests check them so without a GPU
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+def _kernel_ready(name: str, x: torch.Tensor):
+    "Raise why a Triton kernel cannot run on `x`'s device, if it cannot: no Triton, or not a GPU and not the interpreter."
+    if triton is None: raise RuntimeError(f"{name} needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(f"{name} runs on a CUDA GPU, got a tensor on {x.device} (on the CPU only under Triton's interpreter: TRITON_INTERPRET=1)")
 
 # the gemv tiles (BLOCK_N, BLOCK_K, num_warps) to try, autotuned per (N, K, flags) on first use: from one warp per
 # row (many small programs: the most loads in flight when N is only 2048) to 16 rows per program
@@ -502,7 +511,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     reducing a gate row and its up row together. Returns (1, N) in x's dtype. `blocks=(BLOCK_N, BLOCK_K,
     num_warps)` fixes the tile (else autotuned per shape on first use: do that outside graph capture).
     `pdl`: launch with programmatic dependent launch (Hopper and later; see `decode_one`)."""
-    if triton is None: raise RuntimeError("gemv needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    _kernel_ready("gemv", x)
     N, K = w.shape[0] // (2 if glu else 1), w.shape[1]
     if x.shape != (1, K) or not w.is_contiguous() or (glu and w.shape[0] % 2):
         raise ValueError(f"gemv: x {tuple(x.shape)} does not fit a contiguous weight {tuple(w.shape)}" + (" of gate rows then up rows" if glu else ""))
@@ -510,6 +519,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     args = (x, w, out, out if residual is None else residual.contiguous(), w if norm_weight is None else norm_weight, N, K, eps)
     flags = dict(NORM=norm_weight is not None, GLU=glu, RES=residual is not None, PDL=pdl, launch_pdl=pdl)
+    if blocks is None and INTERPRETED: blocks = GEMV_TILES[-1]       # the autotuner times tiles on a GPU; the widest is quickest to interpret
     if blocks is None: _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **flags)
     else: _gemv_kernel[(triton.cdiv(N, blocks[0]),)](*args, **flags, BLOCK_N=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return out
@@ -663,7 +673,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     `PagedKVCache.kv` (blocks, block_size, 2*kv_heads, hd), `tables` (B, NB) block ids, `positions` (B,): row b
     attends to its positions 0..positions[b]. Returns (B, H*hd) like SDPA over `cache.gather`. Needs Triton;
     head_dim, block_size and heads per KV head must be powers of two. `pdl`: programmatic dependent launch (see `decode_one`)."""
-    if triton is None: raise RuntimeError("paged_attention needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    _kernel_ready("paged_attention", q)
     B, H, hd = q.shape
     _, bs, kvh2, hd_kv = kv.shape
     KVH, NB = kvh2 // 2, tables.shape[1]
@@ -734,7 +744,7 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     (H + 2*KV) * hd rows of a fused weight), the rotary embedding at `positions` (1,) applied to q and k, and k|v
     written into the cache layer `kv` at `slots` (1,). Returns q (1, H, hd). `blocks=(pairs per program, BLOCK_K,
     num_warps)` fixes the tile (else autotuned on first use, outside graph capture). `pdl`: see `decode_one`."""
-    if triton is None: raise RuntimeError("qkv_to_cache needs Triton (pip install triton; it ships with CUDA builds of PyTorch)")
+    _kernel_ready("qkv_to_cache", x)
     cfg = model.config
     H, KVH, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     K = x.shape[-1]
@@ -746,6 +756,7 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     args = (x.contiguous(), w_qkv, norm_weight, cos, sin, positions, slots, q, kv, K, cfg.norm_eps, cos.stride(0))
     n_pairs = (H + 2 * KVH) * hd // 2
     flags = dict(H=H, KVH=KVH, HD=hd, PDL=pdl, launch_pdl=pdl)
+    if blocks is None and INTERPRETED: blocks = GEMV_TILES[-1]
     if blocks is None: _qkv_to_cache_tuned[lambda m: (triton.cdiv(n_pairs, m["BLOCK_P"]),)](*args, **flags)
     else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, **flags, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return q
