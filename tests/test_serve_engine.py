@@ -835,6 +835,27 @@ def test_speculative_decoding_gives_the_same_tokens(base, k):
     assert alone.stats["draft_tokens"] == 0
 
 
+def test_json_mode_beside_everything_else(base):
+    """JSON mode rows in a batch with speculation, chunked prefill, a small cache (preemption) and plain rows: every
+    token keeps the text a prefix of one JSON object, an answer that ends is one, and the plain rows' tokens are the
+    ones they get alone. Without a tokenizer, JSON mode is refused at the door."""
+    import json
+    from guide.serve.engine import JSON_START, json_feed
+    model, tok = base
+    prompts = ["def f(x):\n    return x\n\ndef g(x):\n", '{"a": 1, "b": ', "A record: ", "x = [1, 2, 3]\ny = [1, 2,"] * 2
+    params = [SamplingParams(max_tokens=40, temperature=0.9, seed=i, json_mode=i % 2 == 1) for i in range(len(prompts))]
+    eng = Engine(model, tok, block_size=4, num_blocks=40, max_batch_size=4, max_prefill_tokens=8, speculate=3)
+    outs = eng.generate(prompts, params)
+    assert eng.stats["preemptions"] > 0 and eng.num_free_blocks == 40
+    for o, p in zip(outs, params):
+        if not p.json_mode: continue
+        assert json_feed(JSON_START, o["text"]) is not None, o["text"]
+        if o["finish_reason"] == "stop": assert isinstance(json.loads(o["text"]), dict)
+    alone = Engine(model, tok).generate([p for p, sp in zip(prompts, params) if not sp.json_mode], [sp for sp in params if not sp.json_mode])
+    assert [o["token_ids"] for o in alone] == [o["token_ids"] for o, sp in zip(outs, params) if not sp.json_mode]
+    with pytest.raises(ValueError, match="tokenizer"): Engine(model, None).add_request([1, 2], SamplingParams(json_mode=True))
+
+
 def test_step_forward_returns_the_logits_asked_for(base):
     from guide.serve.engine import PagedKVCache, step_forward
     model, _ = base

@@ -270,8 +270,29 @@ BAD = [
     ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"x": 5}}).encode()),
     ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"99999": 5}}).encode()),  # not in the vocabulary
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
-                                         "response_format": {"type": "json_object"}}).encode()),
+                                         "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}).encode()),
 ]
+
+
+def test_json_mode_answers_parse(client):
+    """response_format json_object: every answer that ended is one JSON object, streamed or not (the engine's JSON mode);
+    one cut by max_tokens is a prefix of one."""
+    from guide.serve.engine import JSON_START, json_feed
+    messages = [{"role": "user", "content": "A user record as JSON, please."}]
+    ended = 0
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=48, temperature=0.8, seed=seed,
+                                           response_format={"type": "json_object"})
+        text, reason = r.choices[0].message.content, r.choices[0].finish_reason
+        assert json_feed(JSON_START, text) is not None, text
+        if reason == "stop": assert isinstance(json.loads(text), dict); ended += 1
+        streamed = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=48, temperature=0.8, seed=seed,
+                                                  response_format={"type": "json_object"}, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    assert ended >= 2
+    plain = client.completions.create(model="tiny-base", prompt="x = ", max_tokens=8, temperature=0,
+                                      extra_body={"response_format": {"type": "text"}})
+    assert plain.choices[0].text                                          # text: the no-op format
 
 
 @pytest.mark.parametrize("route,body", BAD, ids=range(len(BAD)))

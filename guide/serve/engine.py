@@ -17,10 +17,11 @@ from ..core import capture_cuda_graph
 from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
-__all__ = ['INTERPRETED', 'GEMV_TILES', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward',
-           'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator',
-           'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise',
-           'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
+__all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator',
+           'PagedKVCache', 'step_forward', 'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash',
+           'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention',
+           'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step',
+           'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed', 'json_done', 'JsonConstraint',
            'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
@@ -40,6 +41,7 @@ class SamplingParams:
     presence_penalty: float = 0.0      # subtracted from the logit of every token already generated (-2..2)
     frequency_penalty: float = 0.0     # ... times the number of times it was generated (-2..2)
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit (-100..100)
+    json_mode: bool = False            # only tokens that keep the text a prefix of one JSON object; it ends when the object closes
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -59,7 +61,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "json_mode"):
+            if not isinstance(getattr(self, name), bool): raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= 20): raise ValueError(f"{name} must be an integer in [0, 20] or None, got {v!r}")
@@ -77,8 +80,8 @@ class SamplingParams:
 
     @property
     def needs_logits(self) -> bool:
-        "Each token needs its row of logits on the host (log-probabilities, penalties, biases): no bursts, no drafts."
-        return self.logprobs is not None or self.adjusts_logits
+        "Each token needs its row of logits on the host (log-probabilities, penalties, biases, JSON mode): no bursts, no drafts."
+        return self.logprobs is not None or self.adjusts_logits or self.json_mode
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
@@ -873,6 +876,112 @@ class IncrementalDetokenizer:
         return new
 
 # %% ../../nbs/20_engine.ipynb #c046
+_LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
+JSON_START = ("", "{")                    # (open containers, what comes next): a JSON object, not yet begun
+JSON_MAX_DEPTH = 16
+
+def _json_value(stack: str, ch: str):
+    "The state after `ch` starts a value (None if it cannot)."
+    if ch in "{[":
+        if len(stack) >= JSON_MAX_DEPTH: return None
+        return (stack + ch, "key}" if ch == "{" else "value]")
+    if ch == '"': return (stack, "s")
+    if ch == "-": return (stack, "-")
+    if ch == "0": return (stack, "0")
+    if "1" <= ch <= "9": return (stack, "int")
+    if ch in _LITERALS: return (stack, "lit" + _LITERALS[ch])
+    return None
+
+def json_step(state: tuple[str, str], ch: str) -> tuple[str, str] | None:
+    """One character of compact JSON: the next `(open containers, what comes next)` state, or None if `ch` cannot come
+    here. Start from `JSON_START` (an object); `json_done(state)` once it has closed."""
+    stack, mode = state
+    if mode in ("s", "k"):                                         # in a string (a value, a key)
+        if ch == '"': return (stack, "end" if mode == "s" else ":")
+        if ch == "\\": return (stack, mode + "\\")
+        return None if ch < " " else state                         # control characters must be escaped
+    if mode[1:] == "\\":
+        if ch in '"\\/bfnrt': return (stack, mode[0])
+        return (stack, mode[0] + "u4") if ch == "u" else None
+    if mode[1:2] == "u":                                           # \uXXXX: hex digits left
+        if ch not in "0123456789abcdefABCDEF": return None
+        left = int(mode[2]) - 1
+        return (stack, mode[0] if left == 0 else f"{mode[0]}u{left}")
+    if mode.startswith("lit"):
+        if ch != mode[3]: return None
+        return (stack, "end" if len(mode) == 4 else "lit" + mode[4:])
+    if mode == "-":                                                # a number's first digit
+        if ch == "0": return (stack, "0")
+        return (stack, "int") if "1" <= ch <= "9" else None
+    if mode in (".", "e+"):                                        # a digit must follow
+        return (stack, "frac" if mode == "." else "exp") if "0" <= ch <= "9" else None
+    if mode == "e":
+        if ch in "+-": return (stack, "e+")
+        return (stack, "exp") if "0" <= ch <= "9" else None
+    if mode in ("0", "int", "frac", "exp"):                        # a number that may end here
+        if "0" <= ch <= "9" and mode != "0": return state
+        if ch == "." and mode in ("0", "int"): return (stack, ".")
+        if ch in "eE" and mode != "exp": return (stack, "e")
+        return json_step((stack, "end"), ch)
+    if mode == "{": return ("{", "key}") if ch == "{" else None
+    if mode == "key}":
+        if ch == "}": return (stack[:-1], "end")
+        return (stack, "k") if ch == '"' else None
+    if mode == "key": return (stack, "k") if ch == '"' else None
+    if mode == ":": return (stack, "value") if ch == ":" else None
+    if mode == "value]":
+        if ch == "]": return (stack[:-1], "end")
+        return _json_value(stack, ch)
+    if mode == "value": return _json_value(stack, ch)
+    if mode == "end":                                              # after a value
+        if not stack: return None                                  # the object is complete: nothing may follow
+        if ch == ",": return (stack, "key" if stack[-1] == "{" else "value")
+        if ch == ("}" if stack[-1] == "{" else "]"): return (stack[:-1], "end")
+        return None
+    raise ValueError(f"not a JSON state: {state!r}")
+
+def json_feed(state, text: str):
+    "The state after every character of `text`, or None."
+    for ch in text:
+        state = json_step(state, ch)
+        if state is None: return None
+    return state
+
+def json_done(state) -> bool: return state == ("", "end")
+
+class JsonConstraint:
+    """For a tokenizer: the tokens that keep a text a prefix of one compact JSON object, per `json_step` state (a bool
+    mask over the model's vocabulary of `vocab_size`, cached per state and device), and each token's text. A token's
+    text is what it adds after an anchor token, so a tokenizer that drops a token's leading space when it stands
+    alone (SentencePiece) is read right; special tokens, and tokens with no text, are never allowed."""
+    def __init__(self, tokenizer, vocab_size: int):
+        anchor = tokenizer.encode("a")
+        base, special = tokenizer.decode(anchor), set(getattr(tokenizer, "all_special_ids", []))
+        def text(i):
+            if i >= len(tokenizer) or i in special: return ""
+            both = tokenizer.decode(anchor + [i])
+            return both[len(base):] if both.startswith(base) else tokenizer.decode([i])
+        self.pieces = [text(i) for i in range(vocab_size)]
+        missing = [c for c in '{}[]",:0-1.etrufalsn' if c not in self.pieces]
+        if missing: raise ValueError(f"JSON mode needs a token for each of the characters {missing}")
+        self.vocab_size, self._masks = vocab_size, {}
+
+    def allowed(self, state, device="cpu") -> torch.Tensor:
+        "The tokens that may come next in `state` (bool, vocab_size)."
+        key = (state, str(device))
+        if key not in self._masks:
+            cpu = self._masks.get((state, "cpu"))
+            if cpu is None:
+                cpu = torch.tensor([bool(p) and json_feed(state, p) is not None for p in self.pieces])
+                self._masks[(state, "cpu")] = cpu
+            self._masks[key] = cpu.to(device)
+        return self._masks[key]
+
+    def advance(self, state, token: int):
+        "The state after `token` (None if it was not allowed)."
+        return json_feed(state, self.pieces[token]) if self.pieces[token] else None
+
+# %% ../../nbs/20_engine.ipynb #c049
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -901,6 +1010,7 @@ class Request:
         self.cached_tokens = 0            # of its prompt, found in the prefix cache at admission
         self.draft: list[int] = []        # tokens guessed for this step (speculative decoding), checked by the model
         self.prompt_lps: list | None = None   # prompt log-probabilities so far (SamplingParams.prompt_logprobs)
+        self.json_state = JSON_START if params.json_mode else None     # where its JSON text stands (`json_step`)
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
@@ -928,7 +1038,7 @@ class Request:
         "Its prefill computes the log-probability of every prompt token (asked for, and not delivered yet)."
         return self.params.prompt_logprobs is not None and not self.output_ids
 
-# %% ../../nbs/20_engine.ipynb #c048
+# %% ../../nbs/20_engine.ipynb #c051
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -980,6 +1090,7 @@ class Engine:
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
                           cached_tokens=0, draft_tokens=0, draft_accepted=0)
         self._ids = itertools.count()
+        self.json: JsonConstraint | None = None                              # built for the first request in JSON mode
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -998,6 +1109,9 @@ class Engine:
         V = self.model.config.vocab_size
         if not all(_is_int(t) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
         if params.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
+        if params.json_mode and self.json is None:
+            if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
+            self.json = JsonConstraint(self.tokenizer, V)                  # the tokens' texts, read once
         if any(t >= V for t in params.logit_bias): raise ValueError(f"logit_bias token ids must be in [0, {V})")
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
@@ -1261,18 +1375,22 @@ class Engine:
 
     def _adjusted(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """The logits with each row's `logit_bias` added and its presence and frequency penalties subtracted (OpenAI's
-        definitions: per token generated so far, `presence` once and `frequency` per time); the same tensor if no row has any."""
+        definitions: per token generated so far, `presence` once and `frequency` per time), and the tokens that JSON mode
+        does not allow masked out; the same tensor if no row has any of these."""
         adj = [i for i, r in enumerate(rows) if r.params.adjusts_logits]
-        if not adj: return logits
+        constrained = [i for i, r in enumerate(rows) if r.json_state is not None]
+        if not adj and not constrained: return logits
         dev, out = logits.device, logits.clone()
-        counted = [(j, t) for j, i in enumerate(adj) for t in rows[i].output_ids]
-        counts = torch.zeros(len(adj), logits.shape[-1], device=dev, dtype=logits.dtype)
-        if counted: counts.index_put_(tuple(torch.tensor(counted, device=dev).T), torch.ones(len(counted), device=dev, dtype=logits.dtype), accumulate=True)
-        presence = torch.tensor([rows[i].params.presence_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
-        frequency = torch.tensor([rows[i].params.frequency_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
-        biases, listed = torch.zeros_like(counts), [(j, t, b) for j, i in enumerate(adj) for t, b in rows[i].params.logit_bias.items()]
-        if listed: biases[[j for j, _, _ in listed], [t for _, t, _ in listed]] = torch.tensor([b for _, _, b in listed], device=dev, dtype=logits.dtype)
-        out[adj] = logits[adj] + biases - frequency * counts - presence * (counts > 0)
+        if adj:
+            counted = [(j, t) for j, i in enumerate(adj) for t in rows[i].output_ids]
+            counts = torch.zeros(len(adj), logits.shape[-1], device=dev, dtype=logits.dtype)
+            if counted: counts.index_put_(tuple(torch.tensor(counted, device=dev).T), torch.ones(len(counted), device=dev, dtype=logits.dtype), accumulate=True)
+            presence = torch.tensor([rows[i].params.presence_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
+            frequency = torch.tensor([rows[i].params.frequency_penalty for i in adj], device=dev, dtype=logits.dtype)[:, None]
+            biases, listed = torch.zeros_like(counts), [(j, t, b) for j, i in enumerate(adj) for t, b in rows[i].params.logit_bias.items()]
+            if listed: biases[[j for j, _, _ in listed], [t for _, t, _ in listed]] = torch.tensor([b for _, _, b in listed], device=dev, dtype=logits.dtype)
+            out[adj] = logits[adj] + biases - frequency * counts - presence * (counts > 0)
+        for i in constrained: out[i].masked_fill_(~self.json.allowed(rows[i].json_state, dev), float("-inf"))
         return out
 
     def _logprobs(self, rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
@@ -1289,11 +1407,13 @@ class Engine:
         if req.first_token_time is None: req.first_token_time = now
         p, reason = req.params, None
         req.output_ids.append(token)
-        if (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids: reason = "stop"
+        if req.json_state is not None: req.json_state = self.json.advance(req.json_state, token)
+        stop_token = (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids
+        if stop_token or (req.json_state is not None and json_done(req.json_state)): reason = "stop"   # (or the JSON object closed)
         elif len(req.output_ids) >= p.max_tokens: reason = "length"
         text_end = None
         if req.detokenizer is not None:
-            if reason != "stop": req.text += req.detokenizer.add(token)      # a stop token adds no text
+            if not stop_token: req.text += req.detokenizer.add(token)        # a stop token adds no text
             if reason: req.text += req.detokenizer.flush()                   # the end: an incomplete character too
             text_end = len(req.text)
             if p.stop:
@@ -1338,7 +1458,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c062
+# %% ../../nbs/20_engine.ipynb #c065
 def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
     """Draft up to `k` next tokens from the text itself: the tokens that followed the latest earlier occurrence of
     its last `n` tokens (n = max_ngram, ..., 1); [] if they never occurred before."""
@@ -1348,7 +1468,7 @@ def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
             if ids[i:i + n] == tail: return ids[i + n:i + n + k]
     return []
 
-# %% ../../nbs/20_engine.ipynb #c071
+# %% ../../nbs/20_engine.ipynb #c076
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1424,7 +1544,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c074
+# %% ../../nbs/20_engine.ipynb #c079
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

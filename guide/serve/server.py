@@ -23,10 +23,10 @@ from ..core import pick_device
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
-__all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'SamplingFields', 'CompletionRequest', 'ChatMessage', 'ChatRequest',
-           'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'EngineCounters',
-           'ServerState', 'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer', 'bind_socket',
-           'serve_in_thread', 'build_state', 'main']
+__all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'ResponseFormat', 'SamplingFields', 'CompletionRequest',
+           'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers',
+           'Metrics', 'EngineCounters', 'ServerState', 'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer',
+           'bind_socket', 'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -51,8 +51,10 @@ class StreamOptions(_Body):
 
 # OpenAI fields this server does not implement: taken at their no-op values, refused otherwise (never silently ignored)
 NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",),
-                   "tools": ([],), "functions": ([],),
-                   "response_format": ({"type": "text"},)}
+                   "tools": ([],), "functions": ([],)}
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object"]      # json_object: the engine's JSON mode; OpenAI's json_schema is not implemented
 
 class SamplingFields(_Body):
     model: str
@@ -71,6 +73,7 @@ class SamplingFields(_Body):
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None    # token id (as a string: JSON keys are) -> added to its logit, -100..100
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _bias_keys(self):
@@ -94,7 +97,8 @@ class SamplingFields(_Body):
                               stop=self.stop or [], seed=self.seed, stop_token_ids=eos_ids or [],
                               ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives(), prompt_logprobs=self.prompt_alternatives(),
                               presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
+                              logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
+                              json_mode=self.response_format is not None and self.response_format.type == "json_object")
 
     def top_alternatives(self) -> int | None:
         "How many top alternatives each token's log-probability comes with; None: no log-probabilities."
