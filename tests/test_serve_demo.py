@@ -46,14 +46,17 @@ def demo_url():
 def test_gradio_client_streams_a_reply(demo_url):
     from gradio_client import Client
     client = Client(demo_url, verbose=False)
-    reply = client.predict("What is a list?", 16, 0.0, api_name="/chat")
+    reply = client.predict("What is a list?", 16, 0.0, False, api_name="/chat")
     assert isinstance(reply, str) and reply.strip()
     # greedy is deterministic (a new client: one client's session keeps its chat history)
-    assert Client(demo_url, verbose=False).predict("What is a list?", 16, 0.0, api_name="/chat") == reply
-    job = Client(demo_url, verbose=False).submit("How do I open a file?", 24, 0.0, api_name="/chat")
+    assert Client(demo_url, verbose=False).predict("What is a list?", 16, 0.0, False, api_name="/chat") == reply
+    job = Client(demo_url, verbose=False).submit("How do I open a file?", 24, 0.0, False, api_name="/chat")
     job.result(timeout=60)
     outs = job.outputs()
     assert len(outs) >= 2 and all(outs[i + 1].startswith(outs[i]) for i in range(len(outs) - 1))   # streamed, growing
+    from guide.serve.engine import JSON_START, json_feed
+    as_json = Client(demo_url, verbose=False).predict("A user record, please", 64, 0.0, True, api_name="/chat")   # the JSON-mode box
+    assert as_json.startswith("{") and json_feed(JSON_START, as_json) is not None, as_json
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")

@@ -30,11 +30,11 @@ def make_responder(engine: AsyncEngine, tokenizer):
     "The streaming reply function for `gr.ChatInterface`."
     end = tokenizer.get_vocab().get("<|end|>")            # the tiny chat template's end of a turn (the engine stops at EOS anyway)
     ctx = engine.engine.max_seq_len
-    def respond(message: str, history: list, max_tokens: int = 64, temperature: float = 0.7) -> Iterator[str]:
+    def respond(message: str, history: list, max_tokens: int = 64, temperature: float = 0.7, json_mode: bool = False) -> Iterator[str]:
         max_tokens = int(max(1, min(int(max_tokens), ctx // 2)))
         ids = chat_prompt(tokenizer, message, history, ctx - max_tokens)
         sp = SamplingParams(max_tokens=max_tokens, temperature=float(max(0.0, temperature)), top_p=0.95,
-                            stop_token_ids=[end] if isinstance(end, int) else [])
+                            stop_token_ids=[end] if isinstance(end, int) else [], json_mode=bool(json_mode))
         text = ""
         for out in engine.stream(ids, sp, timeout=120):      # closing this generator aborts the request
             text += out.text
@@ -42,15 +42,17 @@ def make_responder(engine: AsyncEngine, tokenizer):
     return respond
 
 def build_demo(engine: AsyncEngine, tokenizer, title: str = "guide · tiny chat"):
-    "The Gradio `ChatInterface` over `engine` (streaming), with max-tokens and temperature controls."
+    "The Gradio `ChatInterface` over `engine` (streaming), with max-tokens, temperature and JSON-mode controls."
     import gradio as gr
     return gr.ChatInterface(
         make_responder(engine, tokenizer),
         additional_inputs=[gr.Slider(1, 256, value=64, step=1, label="max tokens"),
-                           gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature")],
+                           gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature"),
+                           gr.Checkbox(False, label="JSON mode (the reply is one JSON object)")],
         title=title, description="A ~1M-parameter model trained on Python's docs: fluent nonsense, served by the "
                                  "continuous-batching engine of chapter 20, streamed token by token.",
-        examples=[["What is a list?", 64, 0.7], ["How do I open a file?", 64, 0.7]], cache_examples=False, api_name="chat")
+        examples=[["What is a list?", 64, 0.7, False], ["How do I open a file?", 64, 0.7, False], ["A user record, please", 64, 0.7, True]],
+        cache_examples=False, api_name="chat")
 
 # %% ../../nbs/26_chat_demo.ipynb #c007
 def free_port(host: str = "127.0.0.1") -> int:
