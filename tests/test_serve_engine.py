@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from guide.core import setup_torch
 from guide.model import Llama, ModelConfig, generate
@@ -854,6 +855,41 @@ def test_json_mode_beside_everything_else(base):
     alone = Engine(model, tok).generate([p for p, sp in zip(prompts, params) if not sp.json_mode], [sp for sp in params if not sp.json_mode])
     assert [o["token_ids"] for o in alone] == [o["token_ids"] for o, sp in zip(outs, params) if not sp.json_mode]
     with pytest.raises(ValueError, match="tokenizer"): Engine(model, None).add_request([1, 2], SamplingParams(json_mode=True))
+
+
+def _schemas_and_values():
+    "A JSON schema in SchemaGrammar's subset, with a value it describes."
+    leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)),
+                     st.tuples(st.just({"type": "integer"}), st.integers(-10**12, 10**12)),
+                     st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
+                     st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
+                     st.lists(st.one_of(st.text(max_size=4), st.integers(-99, 99)), min_size=1, max_size=3, unique=True)
+                       .flatmap(lambda opts: st.tuples(st.just({"enum": opts}), st.sampled_from(opts))))
+    def nest(inner):
+        arrays = inner.flatmap(lambda sv: st.tuples(st.just({"type": "array", "items": sv[0]}), st.lists(st.just(sv[1]), max_size=3)))
+        objects = st.dictionaries(st.text(max_size=4), inner, max_size=3).map(
+            lambda d: ({"type": "object", "properties": {k: sv[0] for k, sv in d.items()}}, {k: sv[1] for k, sv in d.items()}))
+        return st.one_of(arrays, objects)
+    return st.recursive(leaf, nest, max_leaves=10).map(lambda sv: ({"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_schemas_and_values())
+def test_schema_grammar_reads_what_the_schema_describes(schema_value):
+    """For a schema and a value it describes (jsonschema agrees), the grammar reads the value's compact text to the
+    end, every prefix on the way and none of them done; one more character is refused."""
+    import json
+    import jsonschema
+    from guide.serve.engine import SchemaGrammar
+    schema, value = schema_value
+    jsonschema.validate(value, schema)
+    g, text = SchemaGrammar(schema), json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    state = g.start
+    for i, ch in enumerate(text):
+        assert not g.done(state), text[:i]
+        state = g.step(state, ch)
+        assert state is not None, (text, i)
+    assert g.done(state) and g.step(state, "}") is None and g.step(state, " ") is None
 
 
 def test_step_forward_returns_the_logits_asked_for(base):

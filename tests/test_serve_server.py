@@ -276,7 +276,8 @@ BAD = [
 
 def test_json_mode_answers_parse(client):
     """response_format json_object: every answer that ended is one JSON object, streamed or not (the engine's JSON mode);
-    one cut by max_tokens is a prefix of one."""
+    one cut by max_tokens is a prefix of one. json_schema: every answer that ended is valid under the schema (jsonschema);
+    a schema outside the grammar's subset is a 400 that says so."""
     from guide.serve.engine import JSON_START, json_feed
     messages = [{"role": "user", "content": "A user record as JSON, please."}]
     ended = 0
@@ -290,6 +291,17 @@ def test_json_mode_answers_parse(client):
                                                   response_format={"type": "json_object"}, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     assert ended >= 2
+    import jsonschema
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "label": {"enum": ["a", "b"]}, "tags": {"type": "array", "items": {"type": "string"}}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "point", "schema": point, "strict": True}}
+    valid = 0
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=48, temperature=0.8, seed=seed, response_format=fmt)
+        if r.choices[0].finish_reason == "stop": jsonschema.validate(json.loads(r.choices[0].message.content), point); valid += 1
+    assert valid >= 2
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}})
     plain = client.completions.create(model="tiny-base", prompt="x = ", max_tokens=8, temperature=0,
                                       extra_body={"response_format": {"type": "text"}})
     assert plain.choices[0].text                                          # text: the no-op format

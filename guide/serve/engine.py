@@ -2,7 +2,7 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, hashlib, itertools, math, os, queue, random, threading, time, uuid, weakref
+import asyncio, functools, hashlib, itertools, json, math, os, queue, random, threading, time, uuid, weakref
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -17,11 +17,12 @@ from ..core import capture_cuda_graph
 from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
-__all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'SamplingParams', 'NoFreeBlocks', 'BlockAllocator',
-           'PagedKVCache', 'step_forward', 'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash',
-           'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention',
-           'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters', 'sampling_tensors', 'multi_step',
-           'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed', 'json_done', 'JsonConstraint',
+__all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'JSON_OBJECT', 'SamplingParams', 'NoFreeBlocks',
+           'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward', 'prefill_forward',
+           'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one',
+           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
+           'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed',
+           'json_done', 'Grammar', 'JsonObjectGrammar', 'SchemaGrammar', 'grammar_of', 'JsonConstraint',
            'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
@@ -42,6 +43,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0     # ... times the number of times it was generated (-2..2)
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit (-100..100)
     json_mode: bool = False            # only tokens that keep the text a prefix of one JSON object; it ends when the object closes
+    json_schema: dict | None = None    # the same for the objects this JSON schema describes (`SchemaGrammar`'s subset)
 
     def __post_init__(self):
         if isinstance(self.stop, str): self.stop = [self.stop]
@@ -73,6 +75,10 @@ class SamplingParams:
         if not isinstance(self.logit_bias, dict) or not all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool)
                                                             and -100 <= b <= 100 for t, b in self.logit_bias.items()):
             raise ValueError(f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], got {self.logit_bias!r}")
+        if self.json_schema is not None:
+            if self.json_mode: raise ValueError("json_mode and json_schema must not both be set")
+            try: grammar_of(self)
+            except (TypeError, ValueError) as e: raise ValueError(f"json_schema must be a JSON schema in SchemaGrammar's subset: {e}") from None
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
 
     @property
@@ -81,7 +87,7 @@ class SamplingParams:
     @property
     def needs_logits(self) -> bool:
         "Each token needs its row of logits on the host (log-probabilities, penalties, biases, JSON mode): no bursts, no drafts."
-        return self.logprobs is not None or self.adjusts_logits or self.json_mode
+        return self.logprobs is not None or self.adjusts_logits or self.json_mode or self.json_schema is not None
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
@@ -949,12 +955,178 @@ def json_feed(state, text: str):
 
 def json_done(state) -> bool: return state == ("", "end")
 
+class Grammar:
+    "A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in caches."
+    def feed(self, state, text: str):
+        "The state after every character of `text`, or None."
+        for ch in text:
+            state = self.step(state, ch)
+            if state is None: return None
+        return state
+
+class JsonObjectGrammar(Grammar):
+    "Any one compact JSON object (`json_step`): JSON mode."
+    key, start = "json_object", JSON_START
+    def step(self, state, ch): return json_step(state, ch)
+    def done(self, state) -> bool: return json_done(state)
+
+JSON_OBJECT = JsonObjectGrammar()
+_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "title", "description"}
+_PASS = object()                                  # a frame that ended before this character: it is its parent's
+
+def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+class SchemaGrammar(Grammar):
+    """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
+    structured outputs take. An object is every one of its `properties` in the schema's order (the keys are written
+    by the grammar, the model chooses only the values); an array, its `items`, any number; `string`, `integer`,
+    `number`, `boolean`, `null`; `enum` and `const`. The root is an object. Anything else raises ValueError.
+    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str",), ("num", integer?),
+    ("seq", node ids) one after the other, ("arr", item node id). A state is the stack of frames (node id, progress)
+    being read, innermost last; () once the root has closed."""
+    def __init__(self, schema: dict):
+        if not isinstance(schema, dict) or schema.get("type") != "object": raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
+        self.nodes: list[tuple] = []
+        self.key = ("schema", _compact(schema))
+        root = self._compile(schema, "schema", 0)
+        self.start = self._settle([(root, self._begin(root))])
+
+    def _add(self, node) -> int: self.nodes.append(node); return len(self.nodes) - 1
+
+    def _compile(self, s, where: str, depth: int) -> int:
+        if not isinstance(s, dict): raise ValueError(f"{where}: a schema must be an object, got {s!r}")
+        if depth > JSON_MAX_DEPTH: raise ValueError(f"{where}: nested deeper than {JSON_MAX_DEPTH}")
+        if unknown := sorted(set(s) - _SCHEMA_KEYS):
+            raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const)")
+        if "const" in s: return self._add(("alt", (_compact(s["const"]),)))
+        if "enum" in s:
+            if not isinstance(s["enum"], list) or not s["enum"] or any(isinstance(v, (dict, list)) for v in s["enum"]):
+                raise ValueError(f"{where}: enum must be a non-empty list of strings, numbers, booleans or null")
+            return self._add(("alt", tuple(dict.fromkeys(_compact(v) for v in s["enum"]))))
+        t = s.get("type")
+        if t == "object":
+            props = s.get("properties", {})
+            if not isinstance(props, dict) or not set(s.get("required", [])) <= set(props):
+                raise ValueError(f"{where}: properties must be an object and required a list of its names")
+            if not props: return self._add(("lit", "{}"))
+            parts = []
+            for i, (name, sub) in enumerate(props.items()):
+                parts += [self._add(("lit", ("{" if i == 0 else ",") + _compact(name) + ":")), self._compile(sub, f"{where}.{name}", depth + 1)]
+            return self._add(("seq", tuple(parts + [self._add(("lit", "}"))])))
+        if t == "array":
+            if "items" not in s: raise ValueError(f"{where}: an array needs items")
+            return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1)))
+        if t == "string": return self._add(("str",))
+        if t in ("integer", "number"): return self._add(("num", t == "integer"))
+        if t == "boolean": return self._add(("alt", ("true", "false")))
+        if t == "null": return self._add(("lit", "null"))
+        raise ValueError(f"{where}: type {t!r} not supported (object, array, string, integer, number, boolean, null)")
+
+    def _begin(self, nid):
+        return {"lit": 0, "alt": "", "str": '"', "num": "", "seq": 0, "arr": "["}[self.nodes[nid][0]]
+
+    def _final(self, nid, p) -> bool:
+        "The frame is complete and no character can extend it."
+        node = self.nodes[nid]
+        kind = node[0]
+        if kind == "lit": return p == len(node[1])
+        if kind == "alt": return p in node[1] and not any(o != p and o.startswith(p) for o in node[1])
+        if kind == "str": return p == "end"
+        if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
+        if kind == "seq": return p == len(node[1])
+        return p == "end"                                   # arr
+
+    def _settle(self, stack: list) -> tuple:
+        "Pop the frames that are complete (their parent moves on) and open the next part of a sequence."
+        while stack:
+            nid, p = stack[-1]
+            if self._final(nid, p):
+                stack.pop()
+                if stack and self.nodes[stack[-1][0]][0] == "arr": stack[-1] = (stack[-1][0], "after")   # an item ended
+                continue
+            if self.nodes[nid][0] == "seq":
+                child = self.nodes[nid][1][p]
+                stack[-1] = (nid, p + 1); stack.append((child, self._begin(child)))
+                continue
+            break
+        return tuple(stack)
+
+    def step(self, state, ch):
+        stack = list(state)
+        while stack:
+            nid, p = stack[-1]
+            got = self._consume(nid, p, ch, stack)
+            if got is None: return None
+            if got is _PASS:                                # a number or an enum value ended before ch: ch is its parent's
+                stack.pop()
+                if stack and self.nodes[stack[-1][0]][0] == "arr": stack[-1] = (stack[-1][0], "after")
+                stack = list(self._settle(stack)); continue
+            if got == "retry": continue                     # an array opened an item: ch starts it
+            return self._settle(stack)
+        return None                                         # the root has closed: nothing may follow
+
+    def done(self, state) -> bool: return state == ()
+
+    def _consume(self, nid, p, ch, stack):
+        "Feed ch to the innermost frame: 'ok' (stack updated), 'retry' (a child pushed for ch), _PASS, or None."
+        node = self.nodes[nid]
+        kind = node[0]
+        new = None
+        if kind == "lit": new = p + 1 if node[1][p] == ch else None
+        elif kind == "alt":
+            if any(o.startswith(p + ch) for o in node[1]): new = p + ch
+            elif p in node[1]: return _PASS
+        elif kind == "str":
+            if p == '"': new = "s" if ch == '"' else None
+            elif p == "s": new = "end" if ch == '"' else "\\" if ch == "\\" else None if ch < " " else "s"
+            elif p == "\\": new = "s" if ch in '"\\/bfnrt' else "u4" if ch == "u" else None
+            else: new = (f"u{int(p[1]) - 1}" if p != "u1" else "s") if ch in "0123456789abcdefABCDEF" else None
+        elif kind == "num":
+            new = self._number(p, ch, integer=node[1])
+            if new is None and p in ("0", "int", "frac", "exp"): return _PASS
+        elif kind == "arr":
+            if p == "[": new = "first" if ch == "[" else None
+            elif ch == "]" and p in ("first", "after"): new = "end"
+            elif p == "after" and ch == ",": new = "item"
+            elif p == "first":
+                stack[-1] = (nid, "item"); stack.append((node[1], self._begin(node[1])))
+                stack[:] = list(self._settle(stack))
+                return "retry"
+            if new == "item":
+                stack[-1] = (nid, "item"); stack.append((node[1], self._begin(node[1])))
+                return "ok"
+        if new is None: return None
+        stack[-1] = (nid, new)
+        return "ok"
+
+    @staticmethod
+    def _number(p, ch, integer):
+        digit = "0" <= ch <= "9"
+        if p == "": return "-" if ch == "-" else "0" if ch == "0" else "int" if digit else None
+        if p == "-": return "0" if ch == "0" else "int" if digit else None
+        if p == "int" and digit: return "int"
+        if integer: return None
+        if p in ("0", "int"): return "." if ch == "." else "e" if ch in "eE" else None
+        if p == ".": return "frac" if digit else None
+        if p == "frac": return "frac" if digit else "e" if ch in "eE" else None
+        if p == "e": return "e+" if ch in "+-" else "exp" if digit else None
+        if p in ("e+", "exp"): return "exp" if digit else None
+        return None
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(key: str) -> SchemaGrammar: return SchemaGrammar(json.loads(key))
+
+def grammar_of(params: "SamplingParams") -> Grammar | None:
+    "The grammar a request's text must follow: its JSON schema's, any JSON object (JSON mode), or None."
+    if params.json_schema is not None: return _schema_grammar(_compact(params.json_schema))
+    return JSON_OBJECT if params.json_mode else None
+
 class JsonConstraint:
-    """For a tokenizer: the tokens that keep a text a prefix of one compact JSON object, per `json_step` state (a bool
-    mask over the model's vocabulary of `vocab_size`, cached per state and device), and each token's text. A token's
-    text is what it adds after an anchor token, so a tokenizer that drops a token's leading space when it stands
-    alone (SentencePiece) is read right; special tokens, and tokens with no text, are never allowed."""
-    def __init__(self, tokenizer, vocab_size: int):
+    """For a tokenizer: each token's text, and per grammar state the tokens that keep the text on the grammar's path
+    (a bool mask over the model's vocabulary of `vocab_size`, cached for the `max_masks` states used last, per
+    device). A token's text is what it adds after an anchor token, so a tokenizer that drops a token's leading space
+    when it stands alone (SentencePiece) is read right; special tokens, and tokens with no text, are never allowed."""
+    def __init__(self, tokenizer, vocab_size: int, max_masks: int = 1024):
         anchor = tokenizer.encode("a")
         base, special = tokenizer.decode(anchor), set(getattr(tokenizer, "all_special_ids", []))
         def text(i):
@@ -964,24 +1136,25 @@ class JsonConstraint:
         self.pieces = [text(i) for i in range(vocab_size)]
         missing = [c for c in '{}[]",:0-1.etrufalsn' if c not in self.pieces]
         if missing: raise ValueError(f"JSON mode needs a token for each of the characters {missing}")
-        self.vocab_size, self._masks = vocab_size, {}
+        self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
 
-    def allowed(self, state, device="cpu") -> torch.Tensor:
-        "The tokens that may come next in `state` (bool, vocab_size)."
-        key = (state, str(device))
+    def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
+        "The tokens that may come next in `state` of `grammar` (bool, vocab_size)."
+        key = (grammar.key, state, str(device))
         if key not in self._masks:
-            cpu = self._masks.get((state, "cpu"))
-            if cpu is None:
-                cpu = torch.tensor([bool(p) and json_feed(state, p) is not None for p in self.pieces])
-                self._masks[(state, "cpu")] = cpu
+            cpu = self._masks.get((grammar.key, state, "cpu"))
+            if cpu is None: cpu = torch.tensor([bool(p) and grammar.feed(state, p) is not None for p in self.pieces])
+            self._masks[(grammar.key, state, "cpu")] = cpu
             self._masks[key] = cpu.to(device)
+            while len(self._masks) > self.max_masks: self._masks.popitem(last=False)
+        self._masks.move_to_end(key)
         return self._masks[key]
 
-    def advance(self, state, token: int):
+    def advance(self, grammar: Grammar, state, token: int):
         "The state after `token` (None if it was not allowed)."
-        return json_feed(state, self.pieces[token]) if self.pieces[token] else None
+        return grammar.feed(state, self.pieces[token]) if self.pieces[token] else None
 
-# %% ../../nbs/20_engine.ipynb #c049
+# %% ../../nbs/20_engine.ipynb #c050
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -1010,7 +1183,8 @@ class Request:
         self.cached_tokens = 0            # of its prompt, found in the prefix cache at admission
         self.draft: list[int] = []        # tokens guessed for this step (speculative decoding), checked by the model
         self.prompt_lps: list | None = None   # prompt log-probabilities so far (SamplingParams.prompt_logprobs)
-        self.json_state = JSON_START if params.json_mode else None     # where its JSON text stands (`json_step`)
+        self.grammar = grammar_of(params)                              # the JSON its text must be, if any
+        self.json_state = self.grammar.start if self.grammar else None  # and where that text stands
         self.status = "waiting"           # waiting, running, finished
         self.finish_reason: str | None = None
         self.text, self.sent = "", 0      # detokenized output and how much of it was reported
@@ -1038,7 +1212,7 @@ class Request:
         "Its prefill computes the log-probability of every prompt token (asked for, and not delivered yet)."
         return self.params.prompt_logprobs is not None and not self.output_ids
 
-# %% ../../nbs/20_engine.ipynb #c051
+# %% ../../nbs/20_engine.ipynb #c052
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -1090,7 +1264,7 @@ class Engine:
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
                           cached_tokens=0, draft_tokens=0, draft_accepted=0)
         self._ids = itertools.count()
-        self.json: JsonConstraint | None = None                              # built for the first request in JSON mode
+        self.json: JsonConstraint | None = None                              # built for the first request in JSON mode or with a schema
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -1109,7 +1283,7 @@ class Engine:
         V = self.model.config.vocab_size
         if not all(_is_int(t) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
         if params.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
-        if params.json_mode and self.json is None:
+        if (params.json_mode or params.json_schema is not None) and self.json is None:
             if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
             self.json = JsonConstraint(self.tokenizer, V)                  # the tokens' texts, read once
         if any(t >= V for t in params.logit_bias): raise ValueError(f"logit_bias token ids must be in [0, {V})")
@@ -1390,7 +1564,7 @@ class Engine:
             biases, listed = torch.zeros_like(counts), [(j, t, b) for j, i in enumerate(adj) for t, b in rows[i].params.logit_bias.items()]
             if listed: biases[[j for j, _, _ in listed], [t for _, t, _ in listed]] = torch.tensor([b for _, _, b in listed], device=dev, dtype=logits.dtype)
             out[adj] = logits[adj] + biases - frequency * counts - presence * (counts > 0)
-        for i in constrained: out[i].masked_fill_(~self.json.allowed(rows[i].json_state, dev), float("-inf"))
+        for i in constrained: out[i].masked_fill_(~self.json.allowed(rows[i].grammar, rows[i].json_state, dev), float("-inf"))
         return out
 
     def _logprobs(self, rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
@@ -1407,9 +1581,9 @@ class Engine:
         if req.first_token_time is None: req.first_token_time = now
         p, reason = req.params, None
         req.output_ids.append(token)
-        if req.json_state is not None: req.json_state = self.json.advance(req.json_state, token)
+        if req.grammar is not None: req.json_state = self.json.advance(req.grammar, req.json_state, token)
         stop_token = (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids
-        if stop_token or (req.json_state is not None and json_done(req.json_state)): reason = "stop"   # (or the JSON object closed)
+        if stop_token or (req.grammar is not None and req.grammar.done(req.json_state)): reason = "stop"   # (or the JSON closed)
         elif len(req.output_ids) >= p.max_tokens: reason = "length"
         text_end = None
         if req.detokenizer is not None:
@@ -1458,7 +1632,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c065
+# %% ../../nbs/20_engine.ipynb #c066
 def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
     """Draft up to `k` next tokens from the text itself: the tokens that followed the latest earlier occurrence of
     its last `n` tokens (n = max_ngram, ..., 1); [] if they never occurred before."""
@@ -1468,7 +1642,7 @@ def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
             if ids[i:i + n] == tail: return ids[i + n:i + n + k]
     return []
 
-# %% ../../nbs/20_engine.ipynb #c076
+# %% ../../nbs/20_engine.ipynb #c079
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1544,7 +1718,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c079
+# %% ../../nbs/20_engine.ipynb #c082
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

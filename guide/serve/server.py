@@ -23,10 +23,10 @@ from ..core import pick_device
 from .engine import AsyncEngine, Engine, SamplingParams
 
 # %% auto #0
-__all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'ResponseFormat', 'SamplingFields', 'CompletionRequest',
-           'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers',
-           'Metrics', 'EngineCounters', 'ServerState', 'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer',
-           'bind_socket', 'serve_in_thread', 'build_state', 'main']
+__all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'JsonSchemaFormat', 'ResponseFormat', 'SamplingFields',
+           'CompletionRequest', 'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError', 'error_response',
+           'install_error_handlers', 'Metrics', 'EngineCounters', 'ServerState', 'InflightMiddleware', 'Choice',
+           'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -53,8 +53,20 @@ class StreamOptions(_Body):
 NOT_IMPLEMENTED = {"best_of": (1,), "suffix": ("",),
                    "tools": ([],), "functions": ([],)}
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema")       # in SchemaGrammar's subset (else a 400 that says what is not)
+    strict: bool | None = None                       # the output always follows the schema here
+
 class ResponseFormat(_Body):
-    type: Literal["text", "json_object"]      # json_object: the engine's JSON mode; OpenAI's json_schema is not implemented
+    type: Literal["text", "json_object", "json_schema"]    # json_object: the engine's JSON mode; json_schema: its SchemaGrammar
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None): raise ValueError("json_schema goes with type json_schema (and only with it)")
+        return self
 
 class SamplingFields(_Body):
     model: str
@@ -98,7 +110,8 @@ class SamplingFields(_Body):
                               ignore_eos=bool(self.ignore_eos), logprobs=self.top_alternatives(), prompt_logprobs=self.prompt_alternatives(),
                               presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                               logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
-                              json_mode=self.response_format is not None and self.response_format.type == "json_object")
+                              json_mode=self.response_format is not None and self.response_format.type == "json_object",
+                              json_schema=self.response_format.json_schema.schema_ if self.response_format and self.response_format.json_schema else None)
 
     def top_alternatives(self) -> int | None:
         "How many top alternatives each token's log-probability comes with; None: no log-probabilities."
