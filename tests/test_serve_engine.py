@@ -857,6 +857,25 @@ def test_json_mode_beside_everything_else(base):
     with pytest.raises(ValueError, match="tokenizer"): Engine(model, None).add_request([1, 2], SamplingParams(json_mode=True))
 
 
+def test_jump_forward_gives_the_same_tokens(base, monkeypatch):
+    """Jump-forward decoding (a grammar's forced tokens fed at once, as a draft sure to be kept) gives the tokens that
+    one pass per token gives, greedy and sampled, beside JSON mode, prompt-lookup speculation, chunked prefill and
+    preemption; eagerly and through the decode graphs (the CPU stand-in)."""
+    model, tok = base
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"},
+                                               "kind": {"enum": ["alpha", "beta"]}, "flags": {"type": "array", "items": {"type": "boolean"}}}}
+    prompts = ["A record as JSON: ", "def f(x):\n    return x\n\ndef g(x):\n", '{"name": ', "config = "] * 2
+    params = [SamplingParams(max_tokens=48, temperature=t, seed=i, **kw) for i, (t, kw) in enumerate(
+        [(0.0, dict(json_schema=schema)), (0.0, {}), (0.8, dict(json_schema=schema)), (0.7, dict(json_mode=True)),
+         (1.0, dict(json_schema=schema)), (0.0, dict(json_schema=schema, stop=["beta"])), (0.0, dict(json_schema=schema)), (0.9, {})])]
+    want = [o["token_ids"] for o in Engine(model, tok, jump_forward=False).generate(prompts, params)]
+    for graphs in (False, True):
+        eng = Engine(model, tok, block_size=4, num_blocks=24, max_batch_size=4, max_prefill_tokens=8, speculate=2)
+        if graphs: eng.graphs, _ = _cpu_decode_graphs(monkeypatch, model, eng.cache, 16)
+        assert [o["token_ids"] for o in eng.generate(prompts, params)] == want
+        assert eng.stats["draft_accepted"] > 0 and eng.stats["preemptions"] > 0 and eng.num_free_blocks == 24
+
+
 def _schemas_and_values():
     "A JSON schema in SchemaGrammar's subset, with a value it describes."
     leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)),

@@ -86,7 +86,7 @@ class SamplingParams:
 
     @property
     def needs_logits(self) -> bool:
-        "Each token needs its row of logits on the host (log-probabilities, penalties, biases, JSON mode): no bursts, no drafts."
+        "Each token needs its row of logits on the host (log-probabilities, penalties, biases, a grammar): no bursts."
         return self.logprobs is not None or self.adjusts_logits or self.json_mode or self.json_schema is not None
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
@@ -1154,6 +1154,11 @@ class JsonConstraint:
         "The state after `token` (None if it was not allowed)."
         return grammar.feed(state, self.pieces[token]) if self.pieces[token] else None
 
+    def only_token(self, grammar: Grammar, state) -> int | None:
+        "The one token `state` allows, if it allows exactly one (the grammar's own text: a key, a closing bracket)."
+        ids = self.allowed(grammar, state).nonzero()
+        return int(ids[0, 0]) if len(ids) == 1 else None
+
 # %% ../../nbs/20_engine.ipynb #c050
 @dataclass
 class RequestOutput:
@@ -1226,12 +1231,14 @@ class Engine:
     `speculate=k` > 0: speculative decoding by prompt lookup (`prompt_lookup`): each decode row drafts up to `k` tokens
     from its own text, and one pass checks them all; the text is the same as without (`_verify`). It pays in a small
     batch only: `speculate_max_batch=n` drafts only while at most `n` requests decode (vLLM's
-    `speculative_disable_by_batch_size`); None drafts at any batch size."""
+    `speculative_disable_by_batch_size`); None drafts at any batch size. `jump_forward`: a request whose grammar (JSON
+    mode, a schema) leaves no choice for its next tokens feeds them all in one pass, as a draft that is sure to be kept.
+    The CUDA graphs take up to `max_batch_size * (speculate + 1)` rows; a step that feeds more runs eagerly."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
                  paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, speculate: int = 0,
-                 speculate_max_batch: int | None = None):
+                 speculate_max_batch: int | None = None, jump_forward: bool = True):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -1246,6 +1253,7 @@ class Engine:
         cfg = model.config
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
         self.decode_steps, self.speculate, self.speculate_max_batch = decode_steps, speculate, speculate_max_batch
+        self.jump_forward = jump_forward
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
@@ -1405,24 +1413,34 @@ class Engine:
                 victim = self.running[-1]                   # the latest admitted gives way
                 self._preempt(victim)
                 if victim is req: break
-        if self.speculate: self._draft()
+        if self.speculate or (self.jump_forward and self.json is not None): self._draft()
         return [(r, k) for r, k in chunks if r in self.running]
 
     def _draft(self):
-        """Draft tokens for the decode rows that may speculate (no log-probabilities, penalties or biases: a checked
-        step keeps one row of logits per token), as many as the request may still produce but one, where the free
-        list has the blocks for them (speculation never preempts); none while more than `speculate_max_batch` rows decode."""
+        """Draft tokens for the decode rows: the tokens a grammar forces (`jump_forward`; sure to be kept), else up to
+        `speculate` by prompt lookup, while at most `speculate_max_batch` rows decode. Never for rows with
+        log-probabilities, penalties or biases (a checked step keeps one row of logits per token); as many as the
+        request may still produce but one; where the free list has the blocks for them (drafting never preempts)."""
         alloc, decoding = self.cache.allocator, [r for r in self.running if r.num_tokens - r.computed == 1]
         for req in self.running: req.draft = []
-        if self.speculate_max_batch is not None and len(decoding) > self.speculate_max_batch: return
+        lookup = self.speculate and (self.speculate_max_batch is None or len(decoding) <= self.speculate_max_batch)
         for req in decoding:
-            if req.params.needs_logits: continue
-            k = min(self.speculate, req.params.max_tokens - len(req.output_ids) - 1, self.max_seq_len - req.num_tokens)
-            draft = prompt_lookup(req.all_ids, k) if k > 0 else []
+            p = req.params
+            if p.logprobs is not None or p.adjusts_logits: continue
+            room = min(p.max_tokens - len(req.output_ids) - 1, self.max_seq_len - req.num_tokens)
+            if req.grammar is not None: draft = self._forced(req.grammar, req.json_state, room) if self.jump_forward else []
+            else: draft = prompt_lookup(req.all_ids, min(self.speculate, room)) if lookup and room > 0 else []
             extra = self.cache.blocks_for(req.num_tokens + len(draft)) - len(req.table)
             if not draft or extra > alloc.num_free: continue
             if extra > 0: req.table += alloc.allocate(extra)
             req.draft = draft
+
+    def _forced(self, grammar: Grammar, state, limit: int) -> list[int]:
+        "The tokens the grammar leaves no choice about from `state` on, at most `limit` (jump-forward decoding)."
+        forced = []
+        while len(forced) < limit and not grammar.done(state) and (token := self.json.only_token(grammar, state)) is not None:
+            forced.append(token); state = self.json.advance(grammar, state, token)
+        return forced
 
     # ---- one iteration -------------------------------------------------------------------------
     @torch.no_grad()
@@ -1446,7 +1464,9 @@ class Engine:
         last chunk, and the decode rows), and each verify row's accepted tokens (`_verify`)."""
         ids = [req.all_ids[req.computed:req.computed + k] for req, k in prefill]
         per_row = [k if req.scores_prompt else 1 for req, k in prefill]                 # logits rows of each prefill row
-        if self.graphs is not None and not prefill:      # a draft's tokens are rows of a decode step, each attending up to itself
+        fed_rows = len(decode) + sum(len(r.draft) + 1 for r in verify)
+        if self.graphs is not None and not prefill and fed_rows <= self.graphs.batch_sizes[-1]:    # (else eagerly: long forced drafts)
+            # a draft's tokens are rows of a decode step, each attending up to itself
             fed = [(t, r.num_tokens - 1 + j, r.table) for r in verify for j, t in enumerate([r.last_token] + r.draft)] + \
                   [(r.last_token, r.num_tokens - 1, r.table) for r in decode]    # (token, position, table) per row of logits
             logits = self.graphs(*map(list, zip(*fed)))
@@ -1488,7 +1508,8 @@ class Engine:
         keep the draft up to the first token that differs from what was sampled there, and the sampled token at that
         point: the text is the one decoding without a draft gives, greedy or sampled."""
         rows = [r for r in verify for _ in range(len(r.draft) + 1)]
-        sampled = self._sample(rows, logits, [r.num_tokens + j for r in verify for j in range(len(r.draft) + 1)])
+        states = [s for r in verify for s in self._states_along(r)]       # a grammar row's state at each fed position
+        sampled = self._sample(rows, logits, [r.num_tokens + j for r in verify for j in range(len(r.draft) + 1)], states)
         done, i = [], 0
         for req in verify:
             got = sampled[i:i + len(req.draft) + 1]; i += len(got)
@@ -1499,6 +1520,12 @@ class Engine:
                 done.append((req, self._append(req, t)))
                 if req.finished: break
         return done
+
+    def _states_along(self, req: Request) -> list:
+        "The request's grammar state before each token of its draft and after the last (None without a grammar)."
+        states = [req.json_state]
+        for t in req.draft: states.append(None if req.grammar is None else self.json.advance(req.grammar, states[-1], t))
+        return states
 
     def _lookahead(self, decode: list[Request]) -> int:
         """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
@@ -1538,21 +1565,21 @@ class Engine:
         if all(r.params.temperature < 1e-4 for r in rows): return None
         return [(p.temperature, p.top_k or 0, p.top_p or 1.0, r.seed) for r in rows for p in [r.params]]
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor, positions: list[int] | None = None) -> list[int]:
+    def _sample(self, rows: list[Request], logits: torch.Tensor, positions: list[int] | None = None, states: list | None = None) -> list[int]:
         """Greedy rows take the argmax, sampled rows a `sample_rows` draw, all rows in one call: noise from each
         request's seed and the position of its new token (default: the next one), so its text does not depend on
-        what else shares the batch."""
-        sampling, logits = self._sampling(rows), self._adjusted(rows, logits)
+        what else shares the batch. `states`: each row's grammar state, if not its request's own (a draft's positions)."""
+        sampling, logits = self._sampling(rows), self._adjusted(rows, logits, states)
         if sampling is None: return logits.argmax(-1).tolist()
         positions = torch.tensor([r.num_tokens for r in rows] if positions is None else positions, device=logits.device)
         return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
 
-    def _adjusted(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+    def _adjusted(self, rows: list[Request], logits: torch.Tensor, states: list | None = None) -> torch.Tensor:
         """The logits with each row's `logit_bias` added and its presence and frequency penalties subtracted (OpenAI's
         definitions: per token generated so far, `presence` once and `frequency` per time), and the tokens that JSON mode
         does not allow masked out; the same tensor if no row has any of these."""
         adj = [i for i, r in enumerate(rows) if r.params.adjusts_logits]
-        constrained = [i for i, r in enumerate(rows) if r.json_state is not None]
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
         if not adj and not constrained: return logits
         dev, out = logits.device, logits.clone()
         if adj:
@@ -1564,7 +1591,9 @@ class Engine:
             biases, listed = torch.zeros_like(counts), [(j, t, b) for j, i in enumerate(adj) for t, b in rows[i].params.logit_bias.items()]
             if listed: biases[[j for j, _, _ in listed], [t for _, t, _ in listed]] = torch.tensor([b for _, _, b in listed], device=dev, dtype=logits.dtype)
             out[adj] = logits[adj] + biases - frequency * counts - presence * (counts > 0)
-        for i in constrained: out[i].masked_fill_(~self.json.allowed(rows[i].grammar, rows[i].json_state, dev), float("-inf"))
+        for i in constrained:
+            state = rows[i].json_state if states is None else states[i]
+            out[i].masked_fill_(~self.json.allowed(rows[i].grammar, state, dev), float("-inf"))
         return out
 
     def _logprobs(self, rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[tuple | None]:

@@ -223,8 +223,8 @@ class EngineCounters:
     ran out), and speculation's drafted and accepted tokens (their ratio is the draft acceptance rate)."""
     counters = (("guide_engine_steps", "steps", "engine iterations (forward passes)"),
                 ("guide_engine_preemptions", "preemptions", "requests preempted for KV blocks (recomputed later)"),
-                ("guide_spec_draft_tokens", "draft_tokens", "tokens drafted by speculative decoding"),
-                ("guide_spec_accepted_tokens", "draft_accepted", "drafted tokens the model agreed with"))
+                ("guide_spec_draft_tokens", "draft_tokens", "tokens drafted: by speculative decoding, or forced by a JSON grammar"),
+                ("guide_spec_accepted_tokens", "draft_accepted", "drafted tokens kept (the model agreed, or the grammar forced them)"))
     def __init__(self, engine: Engine): self.engine = engine
     def collect(self):
         for name, key, doc in self.counters: yield CounterMetricFamily(name, doc, value=self.engine.stats[key])
