@@ -877,22 +877,35 @@ def test_jump_forward_gives_the_same_tokens(base, monkeypatch):
 
 
 def _schemas_and_values():
-    "A JSON schema in SchemaGrammar's subset, with a value it describes."
+    """A JSON schema in SchemaGrammar's subset, with a value it describes: leaves (bounded strings too), arrays
+    (bounded too), objects, anyOf, lists of types; at the top, the value's schema is sometimes a $ref into $defs."""
+    def bounded_strings(lo, extra):
+        hi = lo + extra
+        return st.tuples(st.just({"type": "string", "minLength": lo, "maxLength": hi}), st.text(min_size=lo, max_size=hi))
     leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)),
+                     st.integers(0, 3).flatmap(lambda lo: st.integers(0, 3).flatmap(lambda extra: bounded_strings(lo, extra))),
                      st.tuples(st.just({"type": "integer"}), st.integers(-10**12, 10**12)),
                      st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
                      st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
+                     st.tuples(st.just({"type": ["string", "null"]}), st.one_of(st.none(), st.text(max_size=3))),
                      st.lists(st.one_of(st.text(max_size=4), st.integers(-99, 99)), min_size=1, max_size=3, unique=True)
                        .flatmap(lambda opts: st.tuples(st.just({"enum": opts}), st.sampled_from(opts))))
     def nest(inner):
         arrays = inner.flatmap(lambda sv: st.tuples(st.just({"type": "array", "items": sv[0]}), st.lists(st.just(sv[1]), max_size=3)))
+        bounded = st.tuples(inner, st.integers(0, 2), st.integers(0, 2)).flatmap(lambda t: st.tuples(
+            st.just({"type": "array", "items": t[0][0], "minItems": t[1], "maxItems": t[1] + t[2]}), st.lists(st.just(t[0][1]), min_size=t[1], max_size=t[1] + t[2])))
         objects = st.dictionaries(st.text(max_size=4), inner, max_size=3).map(
             lambda d: ({"type": "object", "properties": {k: sv[0] for k, sv in d.items()}}, {k: sv[1] for k, sv in d.items()}))
-        return st.one_of(arrays, objects)
-    return st.recursive(leaf, nest, max_leaves=10).map(lambda sv: ({"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}))
+        unions = st.lists(inner, min_size=1, max_size=3).flatmap(lambda opts: st.integers(0, len(opts) - 1).map(
+            lambda i: ({"anyOf": [sv[0] for sv in opts]}, opts[i][1])))
+        return st.one_of(arrays, bounded, objects, unions)
+    def top(sv, by_ref):
+        if by_ref: return {"type": "object", "$defs": {"V": sv[0]}, "properties": {"v": {"$ref": "#/$defs/V"}}}, {"v": sv[1]}
+        return {"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}
+    return st.tuples(st.recursive(leaf, nest, max_leaves=10), st.booleans()).map(lambda t: top(*t))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(_schemas_and_values())
 def test_schema_grammar_reads_what_the_schema_describes(schema_value):
     """For a schema and a value it describes (jsonschema agrees), the grammar reads the value's compact text to the
@@ -909,6 +922,55 @@ def test_schema_grammar_reads_what_the_schema_describes(schema_value):
         state = g.step(state, ch)
         assert state is not None, (text, i)
     assert g.done(state) and g.step(state, "}") is None and g.step(state, " ") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(_schemas_and_values(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from('{}[]",:0-1.etrufalsnxé\\')), min_size=1, max_size=3))
+def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits):
+    """The other way round: a valid value's text with a few characters inserted, deleted or replaced. Whatever the
+    grammar reads to the end is JSON that jsonschema finds valid under the schema."""
+    import json
+    import jsonschema
+    from guide.serve.engine import SchemaGrammar
+    schema, value = schema_value
+    g, text = SchemaGrammar(schema), json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for where, how, ch in edits:
+        i = where % (len(text) + 1)
+        text = text[:i] + ch + text[i:] if how == 0 else text[:i] + text[i + 1:] if how == 1 else text[:i] + ch + text[i + 1:]
+    state = g.feed(g.start, text)
+    if state is not None and g.done(state): jsonschema.validate(json.loads(text), schema)
+
+
+def test_schema_grammar_takes_a_pydantic_model(base):
+    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields and length bounds: the grammar
+    reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
+    import json
+    from pydantic import BaseModel, Field
+    from guide.serve.engine import SchemaGrammar
+    class Address(BaseModel):
+        city: str = Field(max_length=8)
+    class Person(BaseModel):
+        name: str = Field(min_length=1, max_length=6)
+        age: int | None
+        tags: list[str] = Field(max_length=2)
+        home: Address | None
+        friends: list["Person"] = Field(max_length=2)
+    g = SchemaGrammar(Person.model_json_schema())
+    def reads(person: dict) -> bool:
+        state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
+        return state is not None and g.done(state)
+    ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo"),
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[])]).model_dump()
+    assert reads(ada)
+    for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5),
+                dict(ada, home={"city": "Amsterdam"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])])):
+        assert not reads(bad), bad
+    model, tok = base
+    outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=160, temperature=0.9, seed=i,
+                                                                          json_schema=Person.model_json_schema()) for i in range(8)])
+    closed = [o for o in outs if o["finish_reason"] == "stop"]
+    assert closed, [o["text"] for o in outs]
+    for o in closed: Person.model_validate_json(o["text"])
 
 
 def test_step_forward_returns_the_logits_asked_for(base):

@@ -307,6 +307,29 @@ def test_json_mode_answers_parse(client):
     assert plain.choices[0].text                                          # text: the no-op format
 
 
+def test_openai_parse_helper_returns_pydantic_models(client):
+    """The openai SDK's own structured-output helper: `chat.completions.parse(response_format=Model)` sends the strict
+    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems) and parses the
+    answer back into the model; an answer cut by max_tokens is the SDK's LengthFinishReasonError."""
+    from pydantic import BaseModel, Field
+    class Address(BaseModel):
+        city: str = Field(max_length=10)
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int | None
+        home: Address | None
+        friends: list["Person"] = Field(max_length=2)
+    parsed = 0
+    for seed in range(4):
+        try:
+            r = client.chat.completions.parse(model="tiny-base", messages=[{"role": "user", "content": "A person as JSON."}],
+                                              max_tokens=96, temperature=0.8, seed=seed, response_format=Person)
+        except openai.LengthFinishReasonError: continue
+        assert isinstance(r.choices[0].message.parsed, Person) and r.choices[0].finish_reason == "stop"
+        parsed += 1
+    assert parsed >= 2
+
+
 @pytest.mark.parametrize("route,body", BAD, ids=range(len(BAD)))
 def test_bad_input_is_4xx_with_openai_error(server, route, body):
     r = httpx.post(server + route, content=body, headers={"content-type": "application/json"})

@@ -956,12 +956,26 @@ def json_feed(state, text: str):
 def json_done(state) -> bool: return state == ("", "end")
 
 class Grammar:
-    "A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in caches."
+    """A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in
+    caches. `feed` remembers the steps it took (the last `max_steps`): a mask feeds every token's text from one state,
+    and most of those characters take the same few steps."""
+    max_steps = 1 << 16
+
     def feed(self, state, text: str):
         "The state after every character of `text`, or None."
+        steps = self.__dict__.setdefault("_steps", {})
         for ch in text:
-            state = self.step(state, ch)
-            if state is None: return None
+            after = steps.get((state, ch), steps)           # (the dict itself: not yet taken)
+            if after is steps:
+                after = self.step(state, ch)
+                if len(steps) >= self.max_steps: steps.clear()
+                steps[state, ch] = after
+            if after is None: return None
+            state = after
+        return state
+
+    def mask_key(self, state, horizon: int):
+        "What the tokens of up to `horizon` characters allowed in `state` depend on: `state` itself unless a grammar knows better."
         return state
 
 class JsonObjectGrammar(Grammar):
@@ -971,39 +985,63 @@ class JsonObjectGrammar(Grammar):
     def done(self, state) -> bool: return json_done(state)
 
 JSON_OBJECT = JsonObjectGrammar()
-_SCHEMA_KEYS = {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "title", "description"}
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
+_SCHEMA_KEYS = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
+                               "minItems", "maxItems", "minLength", "maxLength"}
+_SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
 def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 class SchemaGrammar(Grammar):
     """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
-    structured outputs take. An object is every one of its `properties` in the schema's order (the keys are written
-    by the grammar, the model chooses only the values); an array, its `items`, any number; `string`, `integer`,
-    `number`, `boolean`, `null`; `enum` and `const`. The root is an object. Anything else raises ValueError.
-    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str",), ("num", integer?),
-    ("seq", node ids) one after the other, ("arr", item node id). A state is the stack of frames (node id, progress)
-    being read, innermost last; () once the root has closed."""
+    structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes. An object is every one
+    of its `properties` in the schema's order (the keys are written by the grammar, the model chooses only the values);
+    an array, its `items` (`minItems` to `maxItems` of them); a `string` (`minLength` to `maxLength` characters, an
+    escape counting one, so an escaped surrogate pair counts two), `integer`, `number`, `boolean`, `null`; `enum`,
+    `const`; `anyOf` and a list of types (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`),
+    recursion included. The root is an object. Anything else (`pattern`, `format`, `minimum`, `oneOf`...) raises
+    ValueError, as does a schema that no finite value satisfies.
+    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("num", integer?),
+    ("seq", node ids) one after the other, ("arr", item node id, min, max), ("any", node ids) one of. A frame is
+    (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
+    closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options
+    have not yet parted)."""
     def __init__(self, schema: dict):
-        if not isinstance(schema, dict) or schema.get("type") != "object": raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
-        self.nodes: list[tuple] = []
+        if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+            raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
+        self.schema, self.nodes, self._refs = schema, [], {}
         self.key = ("schema", _compact(schema))
         root = self._compile(schema, "schema", 0)
-        self.start = self._settle([(root, self._begin(root))])
+        self.need = self._frames_needed()
+        if self.need[root] == math.inf: raise ValueError("schema: no finite JSON value satisfies it (each one runs through a $ref cycle)")
+        if self.need[root] > _SCHEMA_MAX_FRAMES: raise ValueError(f"schema: nested deeper than {JSON_MAX_DEPTH}")
+        self.start = frozenset(self._settle([(root, self._begin(root))]))
+        if any(self.step(self.start, ch) for ch in '["-0123456789tfn'): raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
 
     def _add(self, node) -> int: self.nodes.append(node); return len(self.nodes) - 1
 
     def _compile(self, s, where: str, depth: int) -> int:
         if not isinstance(s, dict): raise ValueError(f"{where}: a schema must be an object, got {s!r}")
-        if depth > JSON_MAX_DEPTH: raise ValueError(f"{where}: nested deeper than {JSON_MAX_DEPTH}")
+        if depth > 4 * JSON_MAX_DEPTH: raise ValueError(f"{where}: nested deeper than {JSON_MAX_DEPTH}")
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
-            raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const)")
+            raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const, anyOf, $ref, "
+                             "minItems, maxItems, minLength, maxLength)")
+        if "$ref" in s or "anyOf" in s:
+            head = "$ref" if "$ref" in s else "anyOf"
+            if beside := sorted(set(s) - _ANNOTATIONS - {head}): raise ValueError(f"{where}: {beside} beside {head} not supported")
+            if head == "$ref": return self._ref(s["$ref"], where, depth)
+            if not isinstance(s["anyOf"], list) or not s["anyOf"]: raise ValueError(f"{where}: anyOf must be a non-empty list of schemas")
+            return self._add(("any", tuple(self._compile(o, f"{where}.anyOf[{i}]", depth + 1) for i, o in enumerate(s["anyOf"]))))
         if "const" in s: return self._add(("alt", (_compact(s["const"]),)))
         if "enum" in s:
             if not isinstance(s["enum"], list) or not s["enum"] or any(isinstance(v, (dict, list)) for v in s["enum"]):
                 raise ValueError(f"{where}: enum must be a non-empty list of strings, numbers, booleans or null")
             return self._add(("alt", tuple(dict.fromkeys(_compact(v) for v in s["enum"]))))
         t = s.get("type")
+        if isinstance(t, list):
+            if not t or len(set(map(str, t))) < len(t): raise ValueError(f"{where}: type must be a type or a non-empty list of distinct types")
+            return self._add(("any", tuple(self._compile({**s, "type": one}, where, depth + 1) for one in t)))
         if t == "object":
             props = s.get("properties", {})
             if not isinstance(props, dict) or not set(s.get("required", [])) <= set(props):
@@ -1015,15 +1053,51 @@ class SchemaGrammar(Grammar):
             return self._add(("seq", tuple(parts + [self._add(("lit", "}"))])))
         if t == "array":
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
-            return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1)))
-        if t == "string": return self._add(("str",))
+            return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
+        if t == "string": return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
         if t in ("integer", "number"): return self._add(("num", t == "integer"))
         if t == "boolean": return self._add(("alt", ("true", "false")))
         if t == "null": return self._add(("lit", "null"))
         raise ValueError(f"{where}: type {t!r} not supported (object, array, string, integer, number, boolean, null)")
 
+    @staticmethod
+    def _bounds(s, low: str, high: str, where: str) -> tuple[int, int | None]:
+        lo, hi = s.get(low, 0), s.get(high)
+        if type(lo) is not int or lo < 0 or (hi is not None and (type(hi) is not int or hi < lo)):
+            raise ValueError(f"{where}: {low} and {high} must be whole numbers, 0 <= {low} <= {high}")
+        return lo, hi
+
+    def _ref(self, ref, where: str, depth: int) -> int:
+        "The node of the part of the schema that `ref` points at: compiled once, so a reference inside it comes back here."
+        if ref in self._refs: return self._refs[ref]
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ValueError(f"{where}: only a $ref within the schema is supported (#/$defs/Name), got {ref!r}")
+        target = self.schema
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target: raise ValueError(f"{where}: $ref {ref!r} points at nothing")
+            target = target[part]
+        nid = self._refs[ref] = self._add(None)
+        self.nodes[nid] = ("any", (self._compile(target, ref, depth + 1),))
+        return nid
+
+    def _frames_needed(self) -> list:
+        "Per node, the fewest frames a reading holds at once on the shortest way through one of its values (inf: no way ends)."
+        need = [math.inf] * len(self.nodes)
+        changed = True
+        while changed:
+            changed = False
+            for i, node in enumerate(self.nodes):
+                kind = node[0]
+                if kind == "seq": n = 1 + max(need[c] for c in node[1])
+                elif kind == "arr": n = 1 + (need[node[1]] if node[2] > 0 else 0)
+                elif kind == "any": n = min(need[c] for c in node[1])
+                else: n = 1
+                if n < need[i]: need[i], changed = n, True
+        return need
+
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "num": "", "seq": 0, "arr": "["}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "num": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1031,73 +1105,102 @@ class SchemaGrammar(Grammar):
         kind = node[0]
         if kind == "lit": return p == len(node[1])
         if kind == "alt": return p in node[1] and not any(o != p and o.startswith(p) for o in node[1])
-        if kind == "str": return p == "end"
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "seq": return p == len(node[1])
-        return p == "end"                                   # arr
+        return p == "end"                                   # str, arr
 
-    def _settle(self, stack: list) -> tuple:
-        "Pop the frames that are complete (their parent moves on) and open the next part of a sequence."
-        while stack:
-            nid, p = stack[-1]
-            if self._final(nid, p):
-                stack.pop()
-                if stack and self.nodes[stack[-1][0]][0] == "arr": stack[-1] = (stack[-1][0], "after")   # an item ended
-                continue
-            if self.nodes[nid][0] == "seq":
-                child = self.nodes[nid][1][p]
-                stack[-1] = (nid, p + 1); stack.append((child, self._begin(child)))
-                continue
-            break
-        return tuple(stack)
+    def _item_ended(self, stack: list):
+        "A frame was popped: if its parent is an array, one more of its items is done."
+        if stack and self.nodes[stack[-1][0]][0] == "arr":
+            nid, (_, n) = stack[-1]
+            _, _, lo, hi = self.nodes[nid]
+            stack[-1] = (nid, ("after", min(n + 1, max(lo, hi or 0))))
+
+    def _settle(self, stack: list) -> list[tuple]:
+        """Pop the frames that are complete (their parent moves on), open the next part of a sequence, and put each
+        option of an `anyOf` in its place (a reading each, if it can still end within the frame limit): the readings
+        that wait for a character."""
+        out, todo = [], [(stack, ())]
+        while todo:
+            stack, opened = todo.pop()
+            while stack:
+                nid, p = stack[-1]
+                node = self.nodes[nid]
+                if node[0] == "any":
+                    stack.pop()
+                    todo += [(stack + [(c, self._begin(c))], opened + (nid,)) for c in node[1]
+                             if c not in opened and len(stack) + self.need[c] <= _SCHEMA_MAX_FRAMES]
+                    break
+                if self._final(nid, p):
+                    stack.pop(); self._item_ended(stack); continue
+                if node[0] == "seq":
+                    child = node[1][p]
+                    stack[-1] = (nid, p + 1); stack.append((child, self._begin(child))); continue
+                out.append(tuple(stack)); break
+            else: out.append(())
+        return out
 
     def step(self, state, ch):
-        stack = list(state)
-        while stack:
-            nid, p = stack[-1]
-            got = self._consume(nid, p, ch, stack)
-            if got is None: return None
-            if got is _PASS:                                # a number or an enum value ended before ch: ch is its parent's
-                stack.pop()
-                if stack and self.nodes[stack[-1][0]][0] == "arr": stack[-1] = (stack[-1][0], "after")
-                stack = list(self._settle(stack)); continue
-            if got == "retry": continue                     # an array opened an item: ch starts it
-            return self._settle(stack)
-        return None                                         # the root has closed: nothing may follow
+        after = frozenset(s for stack in state for s in self._step_reading(list(stack), ch))
+        return after or None
 
-    def done(self, state) -> bool: return state == ()
+    def _step_reading(self, stack: list, ch) -> list[tuple]:
+        if not stack: return []                             # the root has closed: nothing may follow
+        nid, p = stack[-1]
+        got = self._consume(nid, p, ch, stack)
+        if got is None: return []
+        if got == "ok": return self._settle(stack)
+        if got is _PASS: stack.pop(); self._item_ended(stack)   # a number or an enum value ended before ch: ch is its parent's
+        return [s for reading in self._settle(stack) for s in self._step_reading(list(reading), ch)]
+
+    def done(self, state) -> bool: return () in state
+
+    def mask_key(self, state, horizon: int):
+        """`state`, with each count that `horizon` more characters cannot bring to its bound (a string's length, an
+        array's items) made the same: states that allow the same tokens of up to `horizon` characters share a key."""
+        def far(nid, p):
+            if type(p) is not tuple: return p
+            lo, hi, n = *self.nodes[nid][-2:], p[-1]
+            return p[:-1] + (-1,) if (hi is None or hi - n > horizon) and (n >= lo or lo - n > horizon) else p
+        return frozenset(tuple((nid, far(nid, p)) for nid, p in stack) for stack in state)
 
     def _consume(self, nid, p, ch, stack):
-        "Feed ch to the innermost frame: 'ok' (stack updated), 'retry' (a child pushed for ch), _PASS, or None."
+        "Feed ch to the innermost frame: 'ok' (stack updated), 'retry' (an item pushed for ch to start), _PASS, or None."
         node = self.nodes[nid]
-        kind = node[0]
-        new = None
+        kind, new = node[0], None
         if kind == "lit": new = p + 1 if node[1][p] == ch else None
         elif kind == "alt":
             if any(o.startswith(p + ch) for o in node[1]): new = p + ch
             elif p in node[1]: return _PASS
-        elif kind == "str":
-            if p == '"': new = "s" if ch == '"' else None
-            elif p == "s": new = "end" if ch == '"' else "\\" if ch == "\\" else None if ch < " " else "s"
-            elif p == "\\": new = "s" if ch in '"\\/bfnrt' else "u4" if ch == "u" else None
-            else: new = (f"u{int(p[1]) - 1}" if p != "u1" else "s") if ch in "0123456789abcdefABCDEF" else None
+        elif kind == "str": new = self._string(p, ch, *node[1:])
         elif kind == "num":
             new = self._number(p, ch, integer=node[1])
             if new is None and p in ("0", "int", "frac", "exp"): return _PASS
         elif kind == "arr":
-            if p == "[": new = "first" if ch == "[" else None
-            elif ch == "]" and p in ("first", "after"): new = "end"
-            elif p == "after" and ch == ",": new = "item"
-            elif p == "first":
-                stack[-1] = (nid, "item"); stack.append((node[1], self._begin(node[1])))
-                stack[:] = list(self._settle(stack))
-                return "retry"
-            if new == "item":
-                stack[-1] = (nid, "item"); stack.append((node[1], self._begin(node[1])))
-                return "ok"
+            item, lo, hi = node[1:]
+            if p == "[": new = ("first", 0) if ch == "[" else None
+            elif ch == "]" and p[0] in ("first", "after") and p[1] >= lo: new = "end"
+            elif p[0] == "first" or (p[0] == "after" and ch == "," and (hi is None or p[1] < hi)):
+                if hi == 0 or len(stack) + self.need[item] > _SCHEMA_MAX_FRAMES: return None     # no room for an item
+                stack[-1] = (nid, ("item", p[1])); stack.append((item, self._begin(item)))
+                return "retry" if p[0] == "first" else "ok"
         if new is None: return None
         stack[-1] = (nid, new)
         return "ok"
+
+    @staticmethod
+    def _string(p, ch, lo, hi):
+        "Progress in a string of lo to hi characters: '\"' before it, then (mode, characters so far), ('u', hex digits left, so far)."
+        if p == '"': return ("s", 0) if ch == '"' else None
+        n, cap = p[-1], max(lo, hi or 0)                    # counts stop at cap: beyond it they are all the same
+        if p[0] == "s":
+            if ch == '"': return "end" if n >= lo else None
+            if hi is not None and n >= hi: return None
+            if ch == "\\": return ("\\", n)
+            return None if ch < " " else ("s", min(n + 1, cap))     # control characters must be escaped
+        if p[0] == "\\": return ("s", min(n + 1, cap)) if ch in '"\\/bfnrt' else ("u", 4, n) if ch == "u" else None
+        if ch not in "0123456789abcdefABCDEF": return None
+        return ("u", p[1] - 1, n) if p[1] > 1 else ("s", min(n + 1, cap))
 
     @staticmethod
     def _number(p, ch, integer):
@@ -1136,15 +1239,17 @@ class JsonConstraint:
         self.pieces = [text(i) for i in range(vocab_size)]
         missing = [c for c in '{}[]",:0-1.etrufalsn' if c not in self.pieces]
         if missing: raise ValueError(f"JSON mode needs a token for each of the characters {missing}")
+        self.horizon = max(map(len, self.pieces))   # the longest token, in characters
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
 
     def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
         "The tokens that may come next in `state` of `grammar` (bool, vocab_size)."
-        key = (grammar.key, state, str(device))
+        same = grammar.mask_key(state, self.horizon)
+        key = (grammar.key, same, str(device))
         if key not in self._masks:
-            cpu = self._masks.get((grammar.key, state, "cpu"))
+            cpu = self._masks.get((grammar.key, same, "cpu"))
             if cpu is None: cpu = torch.tensor([bool(p) and grammar.feed(state, p) is not None for p in self.pieces])
-            self._masks[(grammar.key, state, "cpu")] = cpu
+            self._masks[(grammar.key, same, "cpu")] = cpu
             self._masks[key] = cpu.to(device)
             while len(self._masks) > self.max_masks: self._masks.popitem(last=False)
         self._masks.move_to_end(key)
@@ -1159,7 +1264,7 @@ class JsonConstraint:
         ids = self.allowed(grammar, state).nonzero()
         return int(ids[0, 0]) if len(ids) == 1 else None
 
-# %% ../../nbs/20_engine.ipynb #c050
+# %% ../../nbs/20_engine.ipynb #c051
 @dataclass
 class RequestOutput:
     "What one engine step produced for one request."
@@ -1217,7 +1322,7 @@ class Request:
         "Its prefill computes the log-probability of every prompt token (asked for, and not delivered yet)."
         return self.params.prompt_logprobs is not None and not self.output_ids
 
-# %% ../../nbs/20_engine.ipynb #c052
+# %% ../../nbs/20_engine.ipynb #c053
 class Engine:
     """A continuous-batching generation engine over a paged KV cache for a `guide.model.Llama` (or a
     transformers Llama or Mistral, converted). Drive it with `step()` or `generate()`; `AsyncEngine` runs it in a thread.
@@ -1661,7 +1766,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/20_engine.ipynb #c066
+# %% ../../nbs/20_engine.ipynb #c067
 def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
     """Draft up to `k` next tokens from the text itself: the tokens that followed the latest earlier occurrence of
     its last `n` tokens (n = max_ngram, ..., 1); [] if they never occurred before."""
@@ -1671,7 +1776,7 @@ def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
             if ids[i:i + n] == tail: return ids[i + n:i + n + k]
     return []
 
-# %% ../../nbs/20_engine.ipynb #c079
+# %% ../../nbs/20_engine.ipynb #c082
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1747,7 +1852,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/20_engine.ipynb #c082
+# %% ../../nbs/20_engine.ipynb #c085
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in
