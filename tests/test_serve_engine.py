@@ -885,6 +885,10 @@ def _schemas_and_values():
     leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)),
                      st.integers(0, 3).flatmap(lambda lo: st.integers(0, 3).flatmap(lambda extra: bounded_strings(lo, extra))),
                      st.tuples(st.just({"type": "integer"}), st.integers(-10**12, 10**12)),
+                     st.tuples(st.one_of(st.none(), st.integers(-300, 300)), st.one_of(st.none(), st.integers(0, 400))).flatmap(
+                         lambda b: st.tuples(st.just({"type": "integer", **({} if b[0] is None else {"minimum": b[0]}),
+                                                      **({} if b[1] is None else {"exclusiveMaximum": (b[0] or 0) + b[1] + 1})}),
+                                             st.integers(b[0], None if b[1] is None else (b[0] or 0) + b[1]))),
                      st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
                      st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
                      st.tuples(st.just({"type": ["string", "null"]}), st.one_of(st.none(), st.text(max_size=3))),
@@ -942,7 +946,7 @@ def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits
 
 
 def test_schema_grammar_takes_a_pydantic_model(base):
-    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields and length bounds: the grammar
+    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds and a range: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import json
     from pydantic import BaseModel, Field
@@ -951,7 +955,7 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         city: str = Field(max_length=8)
     class Person(BaseModel):
         name: str = Field(min_length=1, max_length=6)
-        age: int | None
+        age: int | None = Field(ge=0, le=120)
         tags: list[str] = Field(max_length=2)
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
@@ -962,7 +966,7 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo"),
                  friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[])]).model_dump()
     assert reads(ada)
-    for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5),
+    for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
                 dict(ada, home={"city": "Amsterdam"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])])):
         assert not reads(bad), bad
     model, tok = base
@@ -971,6 +975,29 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     closed = [o for o in outs if o["finish_reason"] == "stop"]
     assert closed, [o["text"] for o in outs]
     for o in closed: Person.model_validate_json(o["text"])
+
+
+def test_masks_shared_by_mask_key_are_the_masks(base):
+    """States whose counts no token can reach (a string's length, an array's items, an integer's digits) share one
+    cached mask: for every state on the way through texts near and far from the bounds, the cached mask is the one
+    computed from that state alone, and fewer masks than states were computed."""
+    import json
+    from guide.serve.engine import JsonConstraint, SchemaGrammar
+    _, tok = base
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 150},
+              "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60}}}
+    g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
+    states = set()
+    for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
+        text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)]}, separators=(",", ":"))
+        state = g.start
+        for ch in text: states.add(state); state = g.step(state, ch)
+        assert g.done(state)
+    for state in states:
+        assert torch.equal(jc.allowed(g, state), torch.tensor([bool(p) and g.feed(state, p) is not None for p in jc.pieces])), state
+    keys = {g.mask_key(state, jc.horizon) for state in states}
+    print(f"{len(states)} states, {len(keys)} masks")
+    assert len(keys) < len(states) / 2
 
 
 def test_step_forward_returns_the_logits_asked_for(base):

@@ -309,14 +309,14 @@ def test_json_mode_answers_parse(client):
 
 def test_openai_parse_helper_returns_pydantic_models(client):
     """The openai SDK's own structured-output helper: `chat.completions.parse(response_format=Model)` sends the strict
-    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems) and parses the
+    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems, minimum and maximum) and parses the
     answer back into the model; an answer cut by max_tokens is the SDK's LengthFinishReasonError."""
     from pydantic import BaseModel, Field
     class Address(BaseModel):
         city: str = Field(max_length=10)
     class Person(BaseModel):
         name: str = Field(max_length=10)
-        age: int | None
+        age: int | None = Field(ge=0, le=150)
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
     parsed = 0

@@ -974,8 +974,9 @@ class Grammar:
             state = after
         return state
 
-    def mask_key(self, state, horizon: int):
-        "What the tokens of up to `horizon` characters allowed in `state` depend on: `state` itself unless a grammar knows better."
+    def mask_key(self, state, horizon: tuple[int, int]):
+        """What the tokens allowed in `state` depend on, for tokens of at most `horizon` = (characters, leading digits):
+        `state` itself, unless a grammar knows better."""
         return state
 
 class JsonObjectGrammar(Grammar):
@@ -987,11 +988,37 @@ class JsonObjectGrammar(Grammar):
 JSON_OBJECT = JsonObjectGrammar()
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
 _SCHEMA_KEYS = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
-                               "minItems", "maxItems", "minLength", "maxLength"}
+                               "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
 def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
+    "Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`."
+    digits = text[1:] if text[:1] == "-" else text
+    if not all("0" <= c <= "9" for c in digits) or (digits[:1] == "0" and (len(text) > 1)): return False   # no 01, -0
+    if not digits: return not text or lo is None or lo < 0
+    v, k = int(digits), 0
+    while True:                                  # the integers of k more digits: a run of 10**k, further from 0 as k grows
+        a, b = v * 10**k, (v + 1) * 10**k - 1
+        if text[0] == "-": a, b = -b, -a
+        if (hi is None or a <= hi) and (lo is None or b >= lo): return True
+        if digits == "0" or (text[0] == "-" and lo is not None and b < lo) or (text[0] != "-" and hi is not None and a > hi): return False
+        k += 1
+
+def _int_within(text: str, lo: int | None, hi: int | None) -> bool:
+    "`text` is a whole integer in [lo, hi]."
+    return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi)
+
+def _int_far(text: str, lo: int | None, hi: int | None, horizon: int) -> bool:
+    "Every integer that `text` and up to `horizon` more digits can write is in [lo, hi]: the bounds are out of reach."
+    digits = text.lstrip("-")
+    if not digits or digits == "0": return False
+    near, far = int(digits), (int(digits) + 1) * 10**horizon - 1
+    if text[0] == "-": near, far = -far, -near
+    return (lo is None or near >= lo) and (hi is None or far <= hi)
 
 class SchemaGrammar(Grammar):
     """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
@@ -999,10 +1026,12 @@ class SchemaGrammar(Grammar):
     of its `properties` in the schema's order (the keys are written by the grammar, the model chooses only the values);
     an array, its `items` (`minItems` to `maxItems` of them); a `string` (`minLength` to `maxLength` characters, an
     escape counting one, so an escaped surrogate pair counts two), `integer`, `number`, `boolean`, `null`; `enum`,
-    `const`; `anyOf` and a list of types (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`),
-    recursion included. The root is an object. Anything else (`pattern`, `format`, `minimum`, `oneOf`...) raises
-    ValueError, as does a schema that no finite value satisfies.
+    `const`; `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` on an integer; `anyOf` and a list of types
+    (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`), recursion included. The root is an
+    object. Anything else (`pattern`, `format`, a range on a `number`, `oneOf`...) raises ValueError, as does a
+    schema that no finite value satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("num", integer?),
+    ("int", min, max) an integer in a range,
     ("seq", node ids) one after the other, ("arr", item node id, min, max), ("any", node ids) one of. A frame is
     (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
     closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options
@@ -1026,7 +1055,7 @@ class SchemaGrammar(Grammar):
         if depth > 4 * JSON_MAX_DEPTH: raise ValueError(f"{where}: nested deeper than {JSON_MAX_DEPTH}")
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
             raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const, anyOf, $ref, "
-                             "minItems, maxItems, minLength, maxLength)")
+                             "minItems, maxItems, minLength, maxLength, and minimum, maximum, exclusive... on integers)")
         if "$ref" in s or "anyOf" in s:
             head = "$ref" if "$ref" in s else "anyOf"
             if beside := sorted(set(s) - _ANNOTATIONS - {head}): raise ValueError(f"{where}: {beside} beside {head} not supported")
@@ -1055,7 +1084,10 @@ class SchemaGrammar(Grammar):
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
             return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
         if t == "string": return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
-        if t in ("integer", "number"): return self._add(("num", t == "integer"))
+        if t in ("integer", "number"):
+            if not (bounded := sorted(_RANGE_KEYS & set(s))): return self._add(("num", t == "integer"))
+            if t == "number": raise ValueError(f"{where}: {bounded} on a number not supported (on an integer it is)")
+            return self._add(("int", *self._int_range(s, where)))
         if t == "boolean": return self._add(("alt", ("true", "false")))
         if t == "null": return self._add(("lit", "null"))
         raise ValueError(f"{where}: type {t!r} not supported (object, array, string, integer, number, boolean, null)")
@@ -1065,6 +1097,20 @@ class SchemaGrammar(Grammar):
         lo, hi = s.get(low, 0), s.get(high)
         if type(lo) is not int or lo < 0 or (hi is not None and (type(hi) is not int or hi < lo)):
             raise ValueError(f"{where}: {low} and {high} must be whole numbers, 0 <= {low} <= {high}")
+        return lo, hi
+
+    @staticmethod
+    def _int_range(s, where: str) -> tuple[int | None, int | None]:
+        "The integers that minimum, maximum, exclusiveMinimum and exclusiveMaximum leave: (lowest, highest), None if unbounded."
+        lo = hi = None
+        for key in sorted(_RANGE_KEYS & set(s)):
+            v = s[key]
+            if type(v) not in (int, float) or not math.isfinite(v): raise ValueError(f"{where}: {key} must be a number")
+            if key == "minimum": lo = max(lo, math.ceil(v)) if lo is not None else math.ceil(v)
+            elif key == "exclusiveMinimum": lo = max(lo, math.floor(v) + 1) if lo is not None else math.floor(v) + 1
+            elif key == "maximum": hi = min(hi, math.floor(v)) if hi is not None else math.floor(v)
+            else: hi = min(hi, math.ceil(v) - 1) if hi is not None else math.ceil(v) - 1
+        if lo is not None and hi is not None and lo > hi: raise ValueError(f"{where}: no integer lies within its bounds")
         return lo, hi
 
     def _ref(self, ref, where: str, depth: int) -> int:
@@ -1097,7 +1143,7 @@ class SchemaGrammar(Grammar):
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "num": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "num": "", "int": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1106,6 +1152,7 @@ class SchemaGrammar(Grammar):
         if kind == "lit": return p == len(node[1])
         if kind == "alt": return p in node[1] and not any(o != p and o.startswith(p) for o in node[1])
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
+        if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind == "seq": return p == len(node[1])
         return p == "end"                                   # str, arr
 
@@ -1155,13 +1202,18 @@ class SchemaGrammar(Grammar):
 
     def done(self, state) -> bool: return () in state
 
-    def mask_key(self, state, horizon: int):
-        """`state`, with each count that `horizon` more characters cannot bring to its bound (a string's length, an
-        array's items) made the same: states that allow the same tokens of up to `horizon` characters share a key."""
+    def mask_key(self, state, horizon: tuple[int, int]):
+        """`state`, with each count that one token cannot bring to its bound made the same (a string's length, an
+        array's items, an integer's digits; a token has at most `horizon` = (characters, leading digits)): the states
+        that allow the same tokens share a key."""
+        chars, digits = horizon
         def far(nid, p):
+            kind = self.nodes[nid][0]
+            if kind == "int": return "far" if _int_far(p, *self.nodes[nid][1:], digits) else p
             if type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
-            return p[:-1] + (-1,) if (hi is None or hi - n > horizon) and (n >= lo or lo - n > horizon) else p
+            reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
+            return p[:-1] + (-1,) if (hi is None or hi - n > reach) and (n >= lo or lo - n > reach) else p
         return frozenset(tuple((nid, far(nid, p)) for nid, p in stack) for stack in state)
 
     def _consume(self, nid, p, ch, stack):
@@ -1176,6 +1228,9 @@ class SchemaGrammar(Grammar):
         elif kind == "num":
             new = self._number(p, ch, integer=node[1])
             if new is None and p in ("0", "int", "frac", "exp"): return _PASS
+        elif kind == "int":
+            if _int_prefix(p + ch, *node[1:]): new = p + ch
+            elif _int_within(p, *node[1:]): return _PASS
         elif kind == "arr":
             item, lo, hi = node[1:]
             if p == "[": new = ("first", 0) if ch == "[" else None
@@ -1239,7 +1294,8 @@ class JsonConstraint:
         self.pieces = [text(i) for i in range(vocab_size)]
         missing = [c for c in '{}[]",:0-1.etrufalsn' if c not in self.pieces]
         if missing: raise ValueError(f"JSON mode needs a token for each of the characters {missing}")
-        self.horizon = max(map(len, self.pieces))   # the longest token, in characters
+        leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
+        self.horizon = (max(map(len, self.pieces)), max(leading_digits))     # how far one token reaches (SchemaGrammar.mask_key)
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
 
     def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
