@@ -876,6 +876,19 @@ def test_jump_forward_gives_the_same_tokens(base, monkeypatch):
         assert eng.stats["draft_accepted"] > 0 and eng.stats["preemptions"] > 0 and eng.num_free_blocks == 24
 
 
+_PATTERN_ALPHABET = "".join(map(chr, range(32, 127))) + "\n\t"
+
+
+def _patterns():
+    "Regular expressions in CharRegex's subset: literals, classes, escapes, groups, alternation, repeats, anchors."
+    atom = st.sampled_from(["a", "b", "x", "0", "-", ".", r"\d", r"\w", r"\s", r"\D", r"\S", "[a-c]", "[^a]", r"[\d_]", r"\.", r"\n", '"', r"\\"])
+    def combine(inner):
+        return st.one_of(st.lists(inner, min_size=2, max_size=3).map("".join),
+                         st.lists(inner, min_size=2, max_size=3).map(lambda xs: "(" + "|".join(xs) + ")"),
+                         st.tuples(inner, st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "*?"])).map(lambda t: "(?:" + t[0] + ")" + t[1]))
+    return st.tuples(st.sampled_from(["", "^"]), st.recursive(atom, combine, max_leaves=6), st.sampled_from(["", "$"])).map("".join)
+
+
 def _schemas_and_values():
     """A JSON schema in SchemaGrammar's subset, with a value it describes: leaves (bounded strings too), arrays
     (bounded too), objects, anyOf, lists of types; at the top, the value's schema is sometimes a $ref into $defs."""
@@ -892,6 +905,8 @@ def _schemas_and_values():
                      st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
                      st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
                      st.tuples(st.just({"type": ["string", "null"]}), st.one_of(st.none(), st.text(max_size=3))),
+                     _patterns().flatmap(lambda rx: st.tuples(st.just({"type": "string", "pattern": rx}),
+                                                              st.from_regex(rx, fullmatch=True, alphabet=_PATTERN_ALPHABET))),
                      st.lists(st.one_of(st.text(max_size=4), st.integers(-99, 99)), min_size=1, max_size=3, unique=True)
                        .flatmap(lambda opts: st.tuples(st.just({"enum": opts}), st.sampled_from(opts))))
     def nest(inner):
@@ -945,14 +960,38 @@ def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits
     if state is not None and g.done(state): jsonschema.validate(json.loads(text), schema)
 
 
+@settings(max_examples=300, deadline=None)
+@given(_patterns(), st.data())
+def test_char_regex_matches_what_python_re_matches(pattern, data):
+    """On characters where Python's re and ECMA-262 agree (printable ASCII, newline, tab), a string is a JSON string
+    value the grammar reads to the end exactly when re.search finds the pattern in it ($ at the very end, as \\Z):
+    strings drawn to match, the same with a character replaced or inserted, and strings drawn at random."""
+    import json
+    import re
+    from guide.serve.engine import SchemaGrammar
+    g = SchemaGrammar({"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}})
+    python = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
+    matching = data.draw(st.from_regex(pattern, fullmatch=True, alphabet=_PATTERN_ALPHABET))
+    i, ch = data.draw(st.integers(0, len(matching))), data.draw(st.sampled_from("abx0-._ \n\t\"\\"))
+    for text in (matching, matching[:i] + ch + matching[i + 1:], matching[:i] + ch + matching[i:], data.draw(st.text("abx0-._ \n\t\"\\", max_size=8))):
+        state = g.feed(g.start, json.dumps({"s": text}, separators=(",", ":")))
+        assert (state is not None and g.done(state)) == bool(python.search(text)), (pattern, text)
+    state = g.start
+    for ch in json.dumps({"s": matching + ch}, separators=(",", ":")):      # never stuck: each live state has a way on
+        if state is None or g.done(state): break
+        assert any(g.step(state, c) for c in _PATTERN_ALPHABET + "\\\"}"), (pattern, matching)
+        state = g.step(state, ch)
+
+
 def test_schema_grammar_takes_a_pydantic_model(base):
-    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds and a range: the grammar
+    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, a range and a pattern: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import json
     from pydantic import BaseModel, Field
     from guide.serve.engine import SchemaGrammar
     class Address(BaseModel):
         city: str = Field(max_length=8)
+        zip: str = Field(pattern=r"^[0-9]{4} ?[A-Z]{2}$")
     class Person(BaseModel):
         name: str = Field(min_length=1, max_length=6)
         age: int | None = Field(ge=0, le=120)
@@ -963,11 +1002,11 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
-    ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo"),
+    ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150 AB"),
                  friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[])]).model_dump()
     assert reads(ada)
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
-                dict(ada, home={"city": "Amsterdam"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])])):
+                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])])):
         assert not reads(bad), bad
     model, tok = base
     outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=160, temperature=0.9, seed=i,

@@ -301,7 +301,7 @@ def test_json_mode_answers_parse(client):
     assert valid >= 2
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=8, response_format={
-            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}})
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "format": "email"}}}}})
     plain = client.completions.create(model="tiny-base", prompt="x = ", max_tokens=8, temperature=0,
                                       extra_body={"response_format": {"type": "text"}})
     assert plain.choices[0].text                                          # text: the no-op format
@@ -309,11 +309,12 @@ def test_json_mode_answers_parse(client):
 
 def test_openai_parse_helper_returns_pydantic_models(client):
     """The openai SDK's own structured-output helper: `chat.completions.parse(response_format=Model)` sends the strict
-    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems, minimum and maximum) and parses the
+    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems, minimum and maximum, pattern) and parses the
     answer back into the model; an answer cut by max_tokens is the SDK's LengthFinishReasonError."""
     from pydantic import BaseModel, Field
     class Address(BaseModel):
         city: str = Field(max_length=10)
+        zip: str = Field(pattern=r"^[0-9]{5}$")
     class Person(BaseModel):
         name: str = Field(max_length=10)
         age: int | None = Field(ge=0, le=150)

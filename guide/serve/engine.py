@@ -2,7 +2,8 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, functools, hashlib, itertools, json, math, os, queue, random, threading, time, uuid, weakref
+import asyncio, functools, hashlib, itertools, json, math, os, queue, random, re, threading, time, uuid, weakref
+import re._constants as _sre, re._parser as _sre_parse    # Python's own regex parser (CharRegex)
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ __all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'JSON_OB
            'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one',
            'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
            'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed',
-           'json_done', 'Grammar', 'JsonObjectGrammar', 'SchemaGrammar', 'grammar_of', 'JsonConstraint',
+           'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex', 'SchemaGrammar', 'grammar_of', 'JsonConstraint',
            'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
@@ -988,12 +989,129 @@ class JsonObjectGrammar(Grammar):
 JSON_OBJECT = JsonObjectGrammar()
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
 _SCHEMA_KEYS = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
-                               "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+                               "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
 def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}   # \x: the character
+_PY_DIGIT, _PY_WORD = re.compile(r"\d").fullmatch, re.compile(r"\w").fullmatch
+
+def _ascii_word(c: str) -> bool: return c.isascii() and (c.isalnum() or c == "_")
+def _any_space(c: str) -> bool: return c.isspace() or c == "\ufeff"
+
+_CATEGORIES = {   # (narrow, wide): what Python's re and ECMA-262 (JSON Schema's regexes) both match, and what either does
+    _sre.CATEGORY_DIGIT: (lambda c: "0" <= c <= "9", lambda c: "0" <= c <= "9" or bool(_PY_DIGIT(c))),
+    _sre.CATEGORY_NOT_DIGIT: (lambda c: not ("0" <= c <= "9" or _PY_DIGIT(c)), lambda c: not "0" <= c <= "9"),
+    _sre.CATEGORY_WORD: (_ascii_word, lambda c: bool(_PY_WORD(c))),
+    _sre.CATEGORY_NOT_WORD: (lambda c: not _PY_WORD(c), lambda c: not _ascii_word(c)),
+    _sre.CATEGORY_SPACE: (lambda c: c in " \t\n\r\f\v", _any_space),
+    _sre.CATEGORY_NOT_SPACE: (lambda c: not _any_space(c), lambda c: c not in " \t\n\r\f\v"),
+}
+
+class CharRegex:
+    """A JSON schema's `pattern` as an automaton over the characters of a string (Thompson's construction, on Python's
+    own parse of the pattern). It is searched, as JSON Schema searches: without a leading ^ (a trailing $) any text
+    may come before (after) the match. A class matches only what Python's `re` and ECMA-262 both would: \\d is
+    [0-9], \\w is [A-Za-z0-9_], and \\D is what neither calls a digit. Groups, |, ?, *, +, {m,n} (up to 64), classes
+    and escapes; back-references, lookarounds, \\b and flags raise ValueError. A state is the frozenset of automaton
+    states that can still reach a match through characters a JSON string can hold (any but the control characters
+    that need a \\u escape); `start`, `step(state, ch)` (None: no match that way), `accepts(state)`."""
+    def __init__(self, pattern: str):
+        if not isinstance(pattern, str): raise ValueError(f"a pattern must be a string, got {pattern!r}")
+        self.pattern, self.eps, self.moves, self.chars = pattern, [], [], set()
+        try: tree = _sre_parse.parse(pattern)
+        except re.error as e: raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+        if tree.state.flags & ~re.UNICODE: raise ValueError(f"pattern {pattern!r}: flags are not supported")
+        items = list(tree)
+        anchored = items[:1] in ([(_sre.AT, _sre.AT_BEGINNING)], [(_sre.AT, _sre.AT_BEGINNING_STRING)])
+        closed = items[-1:] in ([(_sre.AT, _sre.AT_END)], [(_sre.AT, _sre.AT_END_STRING)])
+        begin = self._state()
+        if not anchored: self.moves[begin].append((lambda c: True, begin))
+        self.accept = self._seq(items[anchored:len(items) - closed], begin)
+        if not closed: self.moves[self.accept].append((lambda c: True, self.accept))
+        self.live = self._live()
+        self.start = self._closure({begin})
+        if not self.start: raise ValueError(f"pattern {pattern!r} matches no string that JSON can hold without \\u escapes")
+
+    def _state(self) -> int: self.eps.append([]); self.moves.append([]); return len(self.eps) - 1
+
+    def _seq(self, items, s: int) -> int:
+        "Wire `items` one after the other from state s; the state where they end."
+        for op, av in items: s = self._item(op, av, s)
+        return s
+
+    def _item(self, op, av, s: int) -> int:
+        if op in (_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN):
+            t = self._state()
+            self.moves[s].append((self._test(op, av), t))
+            return t
+        if op is _sre.SUBPATTERN:
+            if av[1] or av[2]: raise ValueError(f"pattern {self.pattern!r}: flags are not supported")
+            return self._seq(av[3], s)
+        if op is _sre.BRANCH:
+            end = self._state()
+            for option in av[1]: self.eps[self._seq(option, s)].append(end)
+            return end
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):                # greedy or lazy: the same strings
+            lo, hi, sub = av
+            if lo > 64 or (hi != _sre.MAXREPEAT and hi > 64): raise ValueError(f"pattern {self.pattern!r}: repeats over 64 are not supported")
+            for _ in range(lo): s = self._seq(sub, s)
+            if hi == _sre.MAXREPEAT:                                # a loop: back to where it began
+                loop = self._state()
+                self.eps[s].append(loop); self.eps[self._seq(sub, loop)].append(loop)
+                return loop
+            end = self._state()
+            for _ in range(hi - lo): self.eps[s].append(end); s = self._seq(sub, s)
+            self.eps[s].append(end)
+            return end
+        what = {_sre.AT: "an anchor inside it or \\b", _sre.ASSERT: "a lookahead or lookbehind", _sre.ASSERT_NOT: "a lookahead or lookbehind",
+                _sre.GROUPREF: "a back-reference"}.get(op, str(op).lower())
+        raise ValueError(f"pattern {self.pattern!r}: {what} is not supported")
+
+    def _test(self, op, av):
+        "The test a character must pass, one that Python's re and ECMA-262 both agree on."
+        if op is _sre.LITERAL: self.chars.add(chr(av)); return lambda c: c == chr(av)
+        if op is _sre.NOT_LITERAL: return lambda c: c != chr(av)
+        if op is _sre.ANY: return lambda c: c not in "\n\r\u2028\u2029"
+        negate = av[:1] == [(_sre.NEGATE, None)]
+        members = av[negate:]
+        for kind, value in members:
+            if kind is _sre.LITERAL: self.chars.add(chr(value))
+            elif kind is _sre.RANGE: self.chars.update({chr(value[0]), chr(value[1])})
+            elif kind is not _sre.CATEGORY: raise ValueError(f"pattern {self.pattern!r}: {str(kind).lower()} in a class is not supported")
+        def member(c: str, wide: bool) -> bool:
+            return any(c == chr(v) if k is _sre.LITERAL else v[0] <= ord(c) <= v[1] if k is _sre.RANGE else _CATEGORIES[v][wide](c)
+                       for k, v in members)
+        return (lambda c: not member(c, True)) if negate else (lambda c: member(c, False))
+
+    def _live(self) -> set[int]:
+        "The states from which a JSON string can reach the match."
+        sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
+        back = [[] for _ in self.eps]
+        for s in range(len(self.eps)):
+            for t in self.eps[s]: back[t].append(s)
+            for test, t in self.moves[s]:
+                if any(map(test, sample)): back[t].append(s)
+        live, todo = {self.accept}, [self.accept]
+        while todo:
+            for s in back[todo.pop()]:
+                if s not in live: live.add(s); todo.append(s)
+        return live
+
+    def _closure(self, states) -> frozenset:
+        seen, todo = set(states), list(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen: seen.add(t); todo.append(t)
+        return frozenset(seen & self.live)
+
+    def step(self, state: frozenset, ch: str) -> frozenset | None:
+        return self._closure({t for s in state for test, t in self.moves[s] if test(ch)}) or None
+
+    def accepts(self, state: frozenset) -> bool: return self.accept in state
 
 def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
     "Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`."
@@ -1025,10 +1143,10 @@ class SchemaGrammar(Grammar):
     structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes. An object is every one
     of its `properties` in the schema's order (the keys are written by the grammar, the model chooses only the values);
     an array, its `items` (`minItems` to `maxItems` of them); a `string` (`minLength` to `maxLength` characters, an
-    escape counting one, so an escaped surrogate pair counts two), `integer`, `number`, `boolean`, `null`; `enum`,
+    escape counting one, so an escaped surrogate pair counts two; or one that matches a `pattern`: `CharRegex`), `integer`, `number`, `boolean`, `null`; `enum`,
     `const`; `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` on an integer; `anyOf` and a list of types
     (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`), recursion included. The root is an
-    object. Anything else (`pattern`, `format`, a range on a `number`, `oneOf`...) raises ValueError, as does a
+    object. Anything else (`format`, a range on a `number`, `oneOf`...) raises ValueError, as does a
     schema that no finite value satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("num", integer?),
     ("int", min, max) an integer in a range,
@@ -1083,7 +1201,10 @@ class SchemaGrammar(Grammar):
         if t == "array":
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
             return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
-        if t == "string": return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
+        if t == "string":
+            if "pattern" not in s: return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
+            if {"minLength", "maxLength"} & set(s): raise ValueError(f"{where}: a pattern with minLength or maxLength not supported (say it in the pattern)")
+            return self._add(("pat", CharRegex(s["pattern"])))
         if t in ("integer", "number"):
             if not (bounded := sorted(_RANGE_KEYS & set(s))): return self._add(("num", t == "integer"))
             if t == "number": raise ValueError(f"{where}: {bounded} on a number not supported (on an integer it is)")
@@ -1143,7 +1264,7 @@ class SchemaGrammar(Grammar):
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "num": "", "int": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1154,7 +1275,7 @@ class SchemaGrammar(Grammar):
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind == "seq": return p == len(node[1])
-        return p == "end"                                   # str, arr
+        return p == "end"                                   # str, pat, arr
 
     def _item_ended(self, stack: list):
         "A frame was popped: if its parent is an array, one more of its items is done."
@@ -1210,7 +1331,7 @@ class SchemaGrammar(Grammar):
         def far(nid, p):
             kind = self.nodes[nid][0]
             if kind == "int": return "far" if _int_far(p, *self.nodes[nid][1:], digits) else p
-            if type(p) is not tuple: return p
+            if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
             reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
             return p[:-1] + (-1,) if (hi is None or hi - n > reach) and (n >= lo or lo - n > reach) else p
@@ -1225,6 +1346,7 @@ class SchemaGrammar(Grammar):
             if any(o.startswith(p + ch) for o in node[1]): new = p + ch
             elif p in node[1]: return _PASS
         elif kind == "str": new = self._string(p, ch, *node[1:])
+        elif kind == "pat": new = self._patterned(p, ch, node[1])
         elif kind == "num":
             new = self._number(p, ch, integer=node[1])
             if new is None and p in ("0", "int", "frac", "exp"): return _PASS
@@ -1242,6 +1364,17 @@ class SchemaGrammar(Grammar):
         if new is None: return None
         stack[-1] = (nid, new)
         return "ok"
+
+    @staticmethod
+    def _patterned(p, ch, regex: CharRegex):
+        "Progress in a string that matches a pattern: '\"' before it, then ('s', the regex's state), ('\\\\', the same) after a backslash."
+        if p == '"': return ("s", regex.start) if ch == '"' else None
+        mode, at = p
+        if mode == "\\": after = regex.step(at, _JSON_ESCAPES[ch]) if ch in _JSON_ESCAPES else None     # \uXXXX is not taken
+        elif ch == '"': return "end" if regex.accepts(at) else None
+        elif ch == "\\": return ("\\", at) if any(regex.step(at, c) for c in _JSON_ESCAPES.values()) else None
+        else: after = regex.step(at, ch) if ch >= " " else None
+        return ("s", after) if after else None
 
     @staticmethod
     def _string(p, ch, lo, hi):
