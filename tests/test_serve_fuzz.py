@@ -35,7 +35,12 @@ fields = dict(
     max_tokens=st.integers(-2, 6) | junk, temperature=st.floats(-1, 3, allow_subnormal=False) | junk, top_p=st.floats(-0.5, 1.5, allow_subnormal=False) | junk,
     top_k=st.integers(-1, 5000) | junk, stop=st.lists(st.text(max_size=3), max_size=5) | text | junk,
     seed=st.integers(-1, 2**64) | junk, stream=st.booleans() | junk, n=st.integers(0, 3) | junk,
-    ignore_eos=st.booleans(), frequency_penalty=junk, encoding_format=st.sampled_from(["float", "base64", "hex"]) | junk)
+    ignore_eos=st.booleans(), frequency_penalty=junk, encoding_format=st.sampled_from(["float", "base64", "hex"]) | junk,
+    tools=st.lists(st.fixed_dictionaries({"type": st.just("function") | junk, "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "g", "bad name"]) | junk},
+        optional={"parameters": st.sampled_from([{"type": "object", "properties": {"x": {"type": "integer", "maximum": 9}}}, {"type": "array"},
+                                                 {"type": "object", "properties": {"x": {"$ref": "#/nope"}}}]) | junk})}), max_size=2) | junk,
+    tool_choice=st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]) | junk)
 near_valid = st.fixed_dictionaries(
     {"model": st.sampled_from(["tiny-base", "tiny-encoder", "gpt-4"]) | junk},
     optional=dict(prompt=text | st.lists(st.integers(-3, 2100), max_size=8) | st.lists(text, max_size=2) | junk,
@@ -56,7 +61,9 @@ valid_pairs = st.one_of(
     st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries(
         {"model": st.just("tiny-base"), "messages": st.lists(st.fixed_dictionaries(
             {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=16)}), min_size=1, max_size=3)},
-        optional=ok_sampling)),
+        optional=dict(ok_sampling, tools=st.just([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "s": {"type": "string", "pattern": "^[a-z]{1,3}$"}}}}}]),
+            tool_choice=st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}])))),
     st.tuples(st.sampled_from(["/v1/embeddings", "/v1/classify"]), st.fixed_dictionaries(
         {"model": st.just("tiny-encoder"), "input": ok_text | st.lists(ok_text, min_size=1, max_size=3)},
         optional=dict(encoding_format=st.sampled_from(["float", "base64"])))))

@@ -331,6 +331,66 @@ def test_openai_parse_helper_returns_pydantic_models(client):
     assert parsed >= 2
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "$defs": {"Zone": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}/[A-Z][a-z]{1,8}$"}},
+    "type": "object", "properties": {"zone": {"$ref": "#/$defs/Zone"}}, "required": ["zone"]}}}
+
+
+def test_tool_calls(client):
+    """tools with tool_choice required or a named function: the answer is a call, as OpenAI's tool_calls (the engine's
+    grammar makes the model write the call's JSON: a tool's name, then arguments its parameters describe, $refs in them
+    included), finish_reason tool_calls; streamed, the same calls. A conversation that holds calls and their results
+    goes on; auto with this base model answers in text."""
+    import jsonschema
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    called = set()
+    for seed in range(4):
+        kw = dict(model="tiny-base", messages=messages, tools=[WEATHER, TIME], tool_choice="required", max_tokens=64, temperature=0.9, seed=seed)
+        r = client.chat.completions.create(**kw)
+        choice = r.choices[0]
+        if choice.finish_reason == "length": continue
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name]); called.add(call.function.name)
+        streamed = list(client.chat.completions.create(**kw, stream=True))
+        calls = [tc for c in streamed for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+        assert [(c.function.name, c.function.arguments) for c in calls] == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        assert streamed[-1].choices[0].finish_reason == "tool_calls" and not any(c.choices[0].delta.content for c in streamed if c.choices)
+    assert called, "no call closed within 64 tokens"
+    named = client.chat.completions.create(model="tiny-base", messages=messages, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+    call = named.choices[0].message.tool_calls[0]
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    after = client.chat.completions.create(model="tiny-base", messages=follow, tools=[WEATHER, TIME], max_tokens=8, temperature=0)
+    assert after.choices[0].message.content is not None and after.choices[0].finish_reason in ("stop", "length")
+    auto = dict(model="tiny-base", messages=messages, tools=[WEATHER], max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(**auto).choices[0]
+    assert plain.message.tool_calls is None and plain.message.content and plain.finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**auto, stream=True) if c.choices) == plain.message.content
+
+
+def test_tool_call_errors(client):
+    messages = [{"role": "user", "content": "hi"}]
+    for bad in (dict(tool_choice="required"), dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+                dict(tools=[WEATHER, WEATHER]), dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]),
+                dict(tools=[WEATHER], logprobs=True), dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})):
+        with pytest.raises(openai.UnprocessableEntityError): client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=4, **bad)
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "format": "email"}}}}}
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=4, tools=[odd], tool_choice="required")
+    for bad_messages in ([{"role": "tool", "content": "x"}], [{"role": "user", "content": "x", "tool_calls": []}], [{"role": "assistant"}]):
+        with pytest.raises(openai.UnprocessableEntityError): client.chat.completions.create(model="tiny-base", messages=bad_messages, max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny-base", prompt="x", max_tokens=4, extra_body={"tools": [WEATHER]})
+
+
 @pytest.mark.parametrize("route,body", BAD, ids=range(len(BAD)))
 def test_bad_input_is_4xx_with_openai_error(server, route, body):
     r = httpx.post(server + route, content=body, headers={"content-type": "application/json"})

@@ -1242,8 +1242,9 @@ class SchemaGrammar(Grammar):
         target = self.schema
         for part in ref[2:].split("/") if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target: raise ValueError(f"{where}: $ref {ref!r} points at nothing")
-            target = target[part]
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target): target = target[int(part)]
+            elif isinstance(target, dict) and part in target: target = target[part]
+            else: raise ValueError(f"{where}: $ref {ref!r} points at nothing")
         nid = self._refs[ref] = self._add(None)
         self.nodes[nid] = ("any", (self._compile(target, ref, depth + 1),))
         return nid

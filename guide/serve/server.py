@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse, asyncio, base64, dataclasses, itertools, json, multiprocessing, multiprocessing.connection, os, signal, socket, sys, threading, time, uuid
 from functools import partial
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import uvicorn
@@ -20,13 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encode_texts, encoder_fn,
                                  encoder_recipe, load_encoder_fn)
 from ..core import pick_device
-from .engine import AsyncEngine, Engine, SamplingParams
+from .engine import AsyncEngine, Engine, SamplingParams, SchemaGrammar
 
 # %% auto #0
 __all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'JsonSchemaFormat', 'ResponseFormat', 'SamplingFields',
-           'CompletionRequest', 'ChatMessage', 'ChatRequest', 'EmbeddingRequest', 'APIError', 'error_response',
-           'install_error_handlers', 'Metrics', 'EngineCounters', 'ServerState', 'InflightMiddleware', 'Choice',
-           'build_app', 'DrainingServer', 'bind_socket', 'serve_in_thread', 'build_state', 'main']
+           'CompletionRequest', 'FunctionCall', 'ToolCall', 'ChatMessage', 'FunctionDef', 'Tool', 'NamedFunction',
+           'NamedToolChoice', 'ChatRequest', 'tool_call_schema', 'tool_calls_in', 'template_messages',
+           'EmbeddingRequest', 'APIError', 'error_response', 'install_error_handlers', 'Metrics', 'EngineCounters',
+           'ServerState', 'InflightMiddleware', 'Choice', 'build_app', 'DrainingServer', 'bind_socket',
+           'serve_in_thread', 'build_state', 'main']
 
 # %% ../../nbs/22_server.ipynb #c006
 class _Body(BaseModel):
@@ -69,6 +71,7 @@ class ResponseFormat(_Body):
         return self
 
 class SamplingFields(_Body):
+    not_implemented: ClassVar[dict] = NOT_IMPLEMENTED
     model: str
     max_tokens: int | None = Field(16, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -97,7 +100,7 @@ class SamplingFields(_Body):
     @classmethod
     def _implemented(cls, data):
         if isinstance(data, dict):
-            for name, no_ops in NOT_IMPLEMENTED.items():
+            for name, no_ops in cls.not_implemented.items():
                 if data.get(name) is not None and not any(data[name] == ok for ok in no_ops):
                     raise ValueError(f"{name}={data[name]!r} is not supported by this server (leave it out)")
         return data
@@ -128,21 +131,130 @@ class CompletionRequest(SamplingFields):
     def top_alternatives(self) -> int | None: return self.logprobs
     def prompt_alternatives(self) -> int | None: return self.logprobs if self.echo else None
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str                                   # JSON text, as OpenAI sends it
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None         # an assistant's calls (then content may be null)
+    tool_call_id: str | None = None                  # a tool's answer: to which call
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.tool_calls is not None and self.role != "assistant": raise ValueError("only an assistant message has tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None): raise ValueError("a tool message, and only it, has a tool_call_id")
+        if self.content is None and not self.tool_calls: raise ValueError("content is required (an assistant's may be null beside tool_calls)")
+        return self
+
+class FunctionDef(_Body):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None                   # the arguments' JSON schema, in SchemaGrammar's subset; none: {}
+    strict: bool | None = None                       # the calls always follow the schema here
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+class NamedFunction(_Body):
+    name: str
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 class ChatRequest(SamplingFields):
+    not_implemented: ClassVar[dict] = {k: v for k, v in NOT_IMPLEMENTED.items() if k != "tools"}
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # with tools the default is auto
+    parallel_tool_calls: bool | None = True
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs: raise ValueError("top_logprobs needs logprobs: true")
         return self
 
+    @model_validator(mode="after")
+    def _tools_fit(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names): raise ValueError("tools must have distinct names")
+        if self.tool_choice not in (None, "none", "auto") and not names: raise ValueError("tool_choice required or a named function needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.tool_mode != "none" and self.logprobs: raise ValueError("logprobs with tools are not supported")
+        if self.tool_mode in ("required", "named") and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format and a required tool call cannot both shape the answer")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        "none (plain text), auto (text, or a call if the answer is one), required (a call to any tool) or named (to that one)."
+        if not self.tools or self.tool_choice == "none": return "none"
+        return "named" if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice or "auto"
+
+    def call_schema(self) -> dict:
+        "The JSON schema of an answer that calls the tools (`tool_call_schema`) the request allows."
+        named = self.tool_choice.function.name if self.tool_mode == "named" else None
+        return tool_call_schema([t for t in self.tools if named in (None, t.function.name)], self.parallel_tool_calls is not False)
+
+    def sampling(self, eos_ids: list[int] | None = None) -> SamplingParams:
+        sp = super().sampling(eos_ids)
+        return dataclasses.replace(sp, json_schema=self.call_schema()) if self.tool_mode in ("required", "named") else sp
+
     def top_alternatives(self) -> int | None: return (self.top_logprobs or 0) if self.logprobs else None
+
+def _rebased(schema, prefix: str):
+    "`schema` with each local $ref (#/...) pointing into it from `prefix`, the place it will have inside a larger schema."
+    if isinstance(schema, list): return [_rebased(x, prefix) for x in schema]
+    if not isinstance(schema, dict): return schema
+    return {k: "#" + prefix + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, prefix) for k, v in schema.items()}
+
+def tool_call_schema(tools: list[Tool], parallel: bool = True) -> dict:
+    """The JSON schema of an answer that calls tools: `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}`, each
+    call one of `tools` with arguments its parameters describe; one call unless `parallel`. The engine's SchemaGrammar
+    then makes the model write nothing else; the server turns the answer into OpenAI's `tool_calls`."""
+    options = []
+    for i, t in enumerate(tools):
+        params = t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}}
+        options.append({"type": "object", "properties": {"name": {"const": t.function.name},
+                        "arguments": _rebased(params, f"/properties/tool_calls/items/anyOf/{i}/properties/arguments")}})
+    calls = {"type": "array", "items": {"anyOf": options}, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    return {"type": "object", "properties": {"tool_calls": calls}}
+
+def tool_calls_in(text: str, grammar: SchemaGrammar) -> list[dict] | None:
+    "OpenAI's `tool_calls` for an answer that is one the grammar of `tool_call_schema` reads to its end; None for any other text."
+    state = grammar.feed(grammar.start, text.strip())
+    if state is None or not grammar.done(state): return None
+    return [dict(id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                 function=dict(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False)))
+            for c in json.loads(text)["tool_calls"]]
+
+def template_messages(messages: list[ChatMessage], tools: list[Tool] | None, mode: str) -> list[dict]:
+    """The conversation as the system, user and assistant messages every chat template knows: the tools listed in a
+    system message first (unless the mode is none), an assistant's calls as the JSON it would have written, and a
+    tool's answer as a user message that names its call."""
+    out = []
+    if tools and mode != "none":
+        listing = json.dumps([t.function.model_dump(exclude_none=True) for t in tools], ensure_ascii=False)
+        out.append(dict(role="system", content=f'Tools you can call: {listing}. To call them, answer only '
+                                                f'{{"tool_calls": [{{"name": <tool name>, "arguments": <its arguments>}}]}}.'))
+    for m in messages:
+        if m.role == "tool": out.append(dict(role="user", content=f"Result of call {m.tool_call_id}: {m.content}"))
+        elif m.tool_calls:
+            calls = ",".join(f'{{"name":{json.dumps(c.function.name)},"arguments":{c.function.arguments}}}' for c in m.tool_calls)
+            out.append(dict(role="assistant", content=(m.content or "") + f'{{"tool_calls":[{calls}]}}'))
+        else: out.append(dict(role=m.role, content=m.content))
+    return out
 
 class EmbeddingRequest(_Body):
     model: str
@@ -414,7 +526,8 @@ def _sse(obj) -> str: return f"data: {json.dumps(obj)}\n\n"
 
 async def _stream(st: ServerState, gens: list, chunk, usage_of_prompt: int | None = None):
     """Server-sent events of a submitted request (`_submit`'s deltas, one per choice): one `chunk(index, text,
-    finish_reason, logprobs)` per engine delta with text (or the end), in the order they come, then [DONE]; `logprobs`:
+    finish_reason, logprobs)` per engine delta with text (or the end), in the order they come (it may return None to
+    hold a delta back, or a list of chunks), then [DONE]; `logprobs`:
     None, or the (token id, (log-probability, top)) of that choice's tokens since its last chunk. With
     `usage_of_prompt` (its prompt tokens: the client asked for `include_usage`), a last chunk before [DONE] carries no
     choices and the usage. Cancellation aborts the requests."""
@@ -435,7 +548,9 @@ async def _stream(st: ServerState, gens: list, chunk, usage_of_prompt: int | Non
             if first and out.token_ids: st.metrics.ttft.observe(time.perf_counter() - t0); first = False
             n[i], cached[i] = out.completion_tokens, out.cached_tokens
             if out.logprobs: pending[i] = (pending[i] or []) + list(zip(out.token_ids, out.logprobs))
-            if out.text or out.finished: yield _sse(chunk(i, out.text, out.finish_reason if out.finished else None, pending[i])); pending[i] = None
+            if out.text or out.finished:
+                got = chunk(i, out.text, out.finish_reason if out.finished else None, pending[i]); pending[i] = None
+                for c in [] if got is None else got if isinstance(got, list) else [got]: yield _sse(c)
             left -= out.finished
         else:
             if usage_of_prompt is not None: yield _sse(dict(chunk(0, "", None, None), choices=[], usage=_usage(usage_of_prompt, sum(n), max(cached))))
@@ -535,28 +650,43 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         _check_model(st, body.model)
-        _check_chars(st, sum(len(m.content) for m in body.messages), "messages")
+        mode = body.tool_mode
+        _check_chars(st, sum(len(json.dumps(m.model_dump())) for m in body.messages) + len(json.dumps([t.model_dump() for t in body.tools or []])), "messages")
         if not getattr(st.tokenizer, "chat_template", None):
             raise APIError(400, f"{st.model_name} has no chat template: send a prompt to /v1/completions", param="messages", code="no_chat_template")
-        ids = st.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        try: calls = SchemaGrammar(body.call_schema()) if mode != "none" else None      # reads an answer that calls tools
+        except ValueError as e: raise APIError(400, f"tools: {e}", param="tools") from None
+        ids = st.tokenizer.apply_chat_template(template_messages(body.messages, body.tools, mode), add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         sp = _sampling(st, body, ids, st.chat_stop_ids)
         deltas = _submit(st, ids, sp, body.n or 1)
         st.metrics.prompt_tokens.inc(len(ids))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            sent_role = [False] * len(deltas)
-            def chunk(i, text, reason, entries):
-                delta = {} if reason and not text else {"content": text}
+            sent_role, held, passing = [False] * len(deltas), [""] * len(deltas), [calls is None] * len(deltas)
+            def send(i, delta, reason, entries=None):
                 if not sent_role[i]: delta = {"role": "assistant", **delta}; sent_role[i] = True
                 return dict(id=cid, object="chat.completion.chunk", created=created, model=st.model_name,
                             choices=[dict(index=i, delta=delta, logprobs=_chat_logprobs(st.tokenizer, entries), finish_reason=reason)])
+            def chunk(i, text, reason, entries):
+                if not passing[i]:                          # the answer may be a call: held back until it cannot be one
+                    held[i] += text
+                    if reason is None and (mode != "auto" or calls.feed(calls.start, held[i].lstrip()) is not None): return None
+                    if reason == "stop" and (found := tool_calls_in(held[i], calls)):
+                        return [send(i, {"tool_calls": [dict(c, index=j) for j, c in enumerate(found)]}, None), send(i, {}, "tool_calls")]
+                    passing[i], text = True, held[i]
+                return send(i, {} if reason and not text else {"content": text}, reason, entries)
             usage = len(ids) if body.stream_options and body.stream_options.include_usage else None
             return StreamingResponse(_stream(st, deltas, chunk, usage), media_type="text/event-stream")
         results = await _collect_all(st, request, deltas)
+        def message(c: Choice) -> tuple[dict, str]:
+            found = tool_calls_in(c.text, calls) if calls is not None and c.finish_reason == "stop" else None
+            if found: return dict(role="assistant", content=None, tool_calls=found), "tool_calls"
+            return dict(role="assistant", content=c.text), c.finish_reason
+        answers = [message(c) for c in results]
         return dict(id=cid, object="chat.completion", created=created, model=st.model_name,
-                    choices=[dict(index=i, message=dict(role="assistant", content=c.text), logprobs=_chat_logprobs(st.tokenizer, c.logprobs),
-                                  finish_reason=c.finish_reason) for i, c in enumerate(results)],
+                    choices=[dict(index=i, message=m, logprobs=_chat_logprobs(st.tokenizer, c.logprobs), finish_reason=reason)
+                             for i, (c, (m, reason)) in enumerate(zip(results, answers))],
                     usage=_usage(len(ids), sum(c.completion_tokens for c in results), max(c.cached_tokens for c in results)))
 
     async def _encode(body: EmbeddingRequest):
