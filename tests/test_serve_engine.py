@@ -917,7 +917,9 @@ def _schemas_and_values():
             lambda d: ({"type": "object", "properties": {k: sv[0] for k, sv in d.items()}}, {k: sv[1] for k, sv in d.items()}))
         unions = st.lists(inner, min_size=1, max_size=3).flatmap(lambda opts: st.integers(0, len(opts) - 1).map(
             lambda i: ({"anyOf": [sv[0] for sv in opts]}, opts[i][1])))
-        return st.one_of(arrays, bounded, objects, unions)
+        maps = inner.flatmap(lambda sv: st.tuples(st.just({"type": "object", "additionalProperties": sv[0]}),
+                                                  st.dictionaries(st.text(max_size=3), st.just(sv[1]), max_size=3)))
+        return st.one_of(arrays, bounded, objects, unions, maps)
     def top(sv, by_ref):
         if by_ref: return {"type": "object", "$defs": {"V": sv[0]}, "properties": {"v": {"$ref": "#/$defs/V"}}}, {"v": sv[1]}
         return {"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}
@@ -998,15 +1000,16 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         tags: list[str] = Field(max_length=2)
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
+        scores: dict[str, int]
     g = SchemaGrammar(Person.model_json_schema())
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150 AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[])]).model_dump()
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={})], scores={"go": 3, "": -1}).model_dump()
     assert reads(ada)
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
-                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])])):
+                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5})):
         assert not reads(bad), bad
     model, tok = base
     outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=160, temperature=0.9, seed=i,

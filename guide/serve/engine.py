@@ -1148,9 +1148,12 @@ class SchemaGrammar(Grammar):
     (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`), recursion included. The root is an
     object. Anything else (`format`, a range on a `number`, `oneOf`...) raises ValueError, as does a
     schema that no finite value satisfies.
+    An object with no `properties` but an `additionalProperties` schema (Pydantic's `dict[str, X]`) has keys the
+    model chooses and values that schema describes.
     The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("num", integer?),
     ("int", min, max) an integer in a range,
-    ("seq", node ids) one after the other, ("arr", item node id, min, max), ("any", node ids) one of. A frame is
+    ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node id, value node id),
+    ("any", node ids) one of. A frame is
     (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
     closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options
     have not yet parted)."""
@@ -1193,6 +1196,8 @@ class SchemaGrammar(Grammar):
             props = s.get("properties", {})
             if not isinstance(props, dict) or not set(s.get("required", [])) <= set(props):
                 raise ValueError(f"{where}: properties must be an object and required a list of its names")
+            if not props and isinstance(extra := s.get("additionalProperties"), dict):   # dict[str, X]: keys the model's, values X
+                return self._add(("map", self._add(("str", 0, None)), self._compile(extra, f"{where}{{}}", depth + 1)))
             if not props: return self._add(("lit", "{}"))
             parts = []
             for i, (name, sub) in enumerate(props.items()):
@@ -1265,7 +1270,7 @@ class SchemaGrammar(Grammar):
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "seq": 0, "arr": "[", "any": None}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "seq": 0, "arr": "[", "map": "{", "any": None}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1276,11 +1281,14 @@ class SchemaGrammar(Grammar):
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind == "seq": return p == len(node[1])
-        return p == "end"                                   # str, pat, arr
+        return p == "end"                                   # str, pat, arr, map
 
     def _item_ended(self, stack: list):
-        "A frame was popped: if its parent is an array, one more of its items is done."
-        if stack and self.nodes[stack[-1][0]][0] == "arr":
+        "A frame was popped: if its parent is an array, one more of its items is done; a map, a key or a value."
+        if stack and self.nodes[stack[-1][0]][0] == "map":
+            nid, p = stack[-1]
+            stack[-1] = (nid, "colon" if p == "key" else "after")
+        elif stack and self.nodes[stack[-1][0]][0] == "arr":
             nid, (_, n) = stack[-1]
             _, _, lo, hi = self.nodes[nid]
             stack[-1] = (nid, ("after", min(n + 1, max(lo, hi or 0))))
@@ -1362,6 +1370,17 @@ class SchemaGrammar(Grammar):
                 if hi == 0 or len(stack) + self.need[item] > _SCHEMA_MAX_FRAMES: return None     # no room for an item
                 stack[-1] = (nid, ("item", p[1])); stack.append((item, self._begin(item)))
                 return "retry" if p[0] == "first" else "ok"
+        elif kind == "map":
+            key, value = node[1:]
+            if p == "{": new = "first" if ch == "{" else None
+            elif ch == "}" and p in ("first", "after"): new = "end"
+            elif p == "colon" and ch == ":":
+                stack[-1] = (nid, "value"); stack.append((value, self._begin(value)))
+                return "ok"
+            elif p == "first" or (p == "after" and ch == ","):
+                if len(stack) + self.need[value] > _SCHEMA_MAX_FRAMES: return None           # no room for a value after the key
+                stack[-1] = (nid, "key"); stack.append((key, self._begin(key)))
+                return "retry" if p == "first" else "ok"
         if new is None: return None
         stack[-1] = (nid, new)
         return "ok"
