@@ -1019,6 +1019,22 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     for o in closed: Person.model_validate_json(o["text"])
 
 
+def test_a_grammar_with_no_way_on_ends_only_its_request(base):
+    """A schema whose own text holds a character no token writes is refused at admission (ValueError); one whose value
+    needs such a character (a pattern) is found out when no token is allowed: that request ends ('abort', the text so
+    far), the others run on, and every block is freed."""
+    model, tok = base
+    eng = Engine(model, tok, num_blocks=64)
+    with pytest.raises(ValueError, match="no token"):
+        eng.add_request("x = ", SamplingParams(max_tokens=8, json_schema={"type": "object", "properties": {"a": {"enum": ["\u4e2d"]}}}))
+    stuck = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a\u4e2d$"}}}
+    outs = eng.generate(["x = ", "y = ", "z = "], [SamplingParams(max_tokens=16, json_schema=stuck), SamplingParams(max_tokens=8, ignore_eos=True),
+                                                   SamplingParams(max_tokens=16, json_mode=True)])
+    assert outs[0]["finish_reason"] == "abort" and outs[0]["text"] == '{"a":"a' and eng.stats["grammar_dead_ends"] == 1
+    assert len(outs[1]["token_ids"]) == 8 and outs[2]["finish_reason"] in ("stop", "length")
+    assert eng.num_free_blocks == 64 and not eng.running
+
+
 def test_masks_shared_by_mask_key_are_the_masks(base):
     """States whose counts no token can reach (a string's length, an array's items, an integer's digits) share one
     cached mask: for every state on the way through texts near and far from the bounds, the cached mask is the one

@@ -271,6 +271,8 @@ BAD = [
     ("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x", "logit_bias": {"99999": 5}}).encode()),  # not in the vocabulary
     ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}],
                                          "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "tiny-base", "messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"enum": ["\u4e2d"]}}}}}}).encode()),
 ]
 
 

@@ -1450,6 +1450,7 @@ class JsonConstraint:
         leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
         self.horizon = (max(map(len, self.pieces)), max(leading_digits))     # how far one token reaches (SchemaGrammar.mask_key)
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
+        self.chars, self._checked = set("".join(self.pieces)), set()
 
     def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
         "The tokens that may come next in `state` of `grammar` (bool, vocab_size)."
@@ -1467,6 +1468,14 @@ class JsonConstraint:
     def advance(self, grammar: Grammar, state, token: int):
         "The state after `token` (None if it was not allowed)."
         return grammar.feed(state, self.pieces[token]) if self.pieces[token] else None
+
+    def check(self, grammar: Grammar):
+        "Refuse a grammar whose own text (keys, enum and const values) has a character that no token's text holds."
+        if grammar.key not in self._checked:
+            texts = [n[1] for n in getattr(grammar, "nodes", []) if n[0] == "lit"] + [o for n in getattr(grammar, "nodes", []) if n[0] == "alt" for o in n[1]]
+            if missing := sorted({c for t in texts for c in t} - self.chars):
+                raise ValueError(f"the schema's text has characters that no token of this model writes: {missing}")
+            self._checked.add(grammar.key)
 
     def only_token(self, grammar: Grammar, state) -> int | None:
         "The one token `state` allows, if it allows exactly one (the grammar's own text: a key, a closing bracket)."
@@ -1584,7 +1593,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
-                          cached_tokens=0, draft_tokens=0, draft_accepted=0)
+                          cached_tokens=0, draft_tokens=0, draft_accepted=0, grammar_dead_ends=0)
         self._ids = itertools.count()
         self.json: JsonConstraint | None = None                              # built for the first request in JSON mode or with a schema
 
@@ -1608,6 +1617,7 @@ class Engine:
         if (params.json_mode or params.json_schema is not None) and self.json is None:
             if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
             self.json = JsonConstraint(self.tokenizer, V)                  # the tokens' texts, read once
+        if params.json_schema is not None: self.json.check(grammar_of(params))
         if any(t >= V for t in params.logit_bias): raise ValueError(f"logit_bias token ids must be in [0, {V})")
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
@@ -1923,8 +1933,14 @@ class Engine:
         now = time.perf_counter()
         if req.first_token_time is None: req.first_token_time = now
         p, reason = req.params, None
+        if req.grammar is not None:
+            state = self.json.advance(req.grammar, req.json_state, token)
+            if state is None:              # the grammar allowed no token: its text needs a character no token writes
+                self.stats["grammar_dead_ends"] += 1
+                self.running.remove(req); self._finish(req, "abort")
+                return RequestOutput(req.id, [], "", True, "abort", len(req.prompt_ids), len(req.output_ids), req.cached_tokens)
+            req.json_state = state
         req.output_ids.append(token)
-        if req.grammar is not None: req.json_state = self.json.advance(req.grammar, req.json_state, token)
         stop_token = (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids
         if stop_token or (req.grammar is not None and req.grammar.done(req.json_state)): reason = "stop"   # (or the JSON closed)
         elif len(req.output_ids) >= p.max_tokens: reason = "length"
