@@ -919,7 +919,10 @@ def _schemas_and_values():
             lambda i: ({"anyOf": [sv[0] for sv in opts]}, opts[i][1])))
         maps = inner.flatmap(lambda sv: st.tuples(st.just({"type": "object", "additionalProperties": sv[0]}),
                                                   st.dictionaries(st.text(max_size=3), st.just(sv[1]), max_size=3)))
-        return st.one_of(arrays, bounded, objects, unions, maps)
+        tuples = st.lists(inner, min_size=1, max_size=3).map(lambda svs: ({"type": "array", "prefixItems": [sv[0] for sv in svs], "minItems": len(svs),
+                                                              "maxItems": len(svs)}, [sv[1] for sv in svs]))
+        wrapped = inner.map(lambda sv: ({"allOf": [sv[0]], "description": "one schema"}, sv[1]))
+        return st.one_of(arrays, bounded, objects, unions, maps, tuples, wrapped)
     def top(sv, by_ref):
         if by_ref: return {"type": "object", "$defs": {"V": sv[0]}, "properties": {"v": {"$ref": "#/$defs/V"}}}, {"v": sv[1]}
         return {"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}
@@ -985,9 +988,34 @@ def test_char_regex_matches_what_python_re_matches(pattern, data):
         state = g.step(state, ch)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["uuid", "ipv4", "date", "email"]), st.data())
+def test_formats_write_only_valid_values(fmt, data):
+    """A string format is a pattern all of whose matches are valid: each passes jsonschema's FormatChecker (and parses
+    as a uuid, an IPv4 address, a date); real values of the format are read too (uuid4, any IPv4 address, dates but
+    29 February)."""
+    import datetime
+    import ipaddress
+    import json
+    import uuid
+    import jsonschema
+    from guide.serve.engine import _FORMATS, SchemaGrammar
+    text = data.draw(st.from_regex(_FORMATS[fmt], fullmatch=True))
+    assert jsonschema.FormatChecker().conforms(text, fmt), text
+    {"uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address, "date": datetime.date.fromisoformat, "email": lambda t: t.index("@")}[fmt](text)
+    real = {"uuid": lambda: str(uuid.UUID(int=data.draw(st.integers(0, 2**128 - 1)), version=4)),
+            "ipv4": lambda: str(ipaddress.IPv4Address(data.draw(st.integers(0, 2**32 - 1)))),
+            "date": lambda: data.draw(st.dates(datetime.date(1000, 1, 1)).filter(lambda d: (d.month, d.day) != (2, 29))).isoformat(),
+            "email": lambda: "ada.lovelace@example.org"}[fmt]()
+    g = SchemaGrammar({"type": "object", "properties": {"v": {"type": "string", "format": fmt}}})
+    state = g.feed(g.start, json.dumps({"v": real}, separators=(",", ":")))
+    assert state is not None and g.done(state), real
+
+
 def test_schema_grammar_takes_a_pydantic_model(base):
     """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, a range and a pattern: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
+    import datetime
     import json
     from pydantic import BaseModel, Field
     from guide.serve.engine import SchemaGrammar
@@ -1001,15 +1029,18 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
         scores: dict[str, int]
+        born: datetime.date
+        pair: tuple[int, bool]
     g = SchemaGrammar(Person.model_json_schema())
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150 AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={})], scores={"go": 3, "": -1}).model_dump()
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", pair=(0, True))],
+                 scores={"go": 3, "": -1}, born="1815-12-10", pair=(1, False)).model_dump(mode="json")
     assert reads(ada)
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
-                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5})):
+                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1])):
         assert not reads(bad), bad
     model, tok = base
     outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=160, temperature=0.9, seed=i,

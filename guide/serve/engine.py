@@ -989,8 +989,14 @@ class JsonObjectGrammar(Grammar):
 JSON_OBJECT = JsonObjectGrammar()
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
 _SCHEMA_KEYS = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
-                               "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+                               "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "prefixItems", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_FORMATS = {   # a string format as a pattern whose every match passes jsonschema's FormatChecker and Pydantic's parsing
+    "uuid": r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    "ipv4": r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
+    "date": r"^[1-9][0-9]{3}-(02-(0[1-9]|1[0-9]|2[0-8])|(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30))$",   # no 29 February
+    "email": r"^[a-z0-9]+([._+-][a-z0-9]+){0,3}@[a-z0-9]+(-[a-z0-9]+){0,2}(\.[a-z0-9]+(-[a-z0-9]+){0,2}){0,2}\.[a-z]{2,8}$",
+}
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
@@ -1140,23 +1146,25 @@ def _int_far(text: str, lo: int | None, hi: int | None, horizon: int) -> bool:
 
 class SchemaGrammar(Grammar):
     """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
-    structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes. An object is every one
-    of its `properties` in the schema's order (the keys are written by the grammar, the model chooses only the values);
-    an array, its `items` (`minItems` to `maxItems` of them); a `string` (`minLength` to `maxLength` characters, an
-    escape counting one, so an escaped surrogate pair counts two; or one that matches a `pattern`: `CharRegex`), `integer`, `number`, `boolean`, `null`; `enum`,
-    `const`; `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` on an integer; `anyOf` and a list of types
-    (any one of them); `$ref` to a part of the schema (`#/$defs/Name`, `#`), recursion included. The root is an
-    object. Anything else (`format`, a range on a `number`, `oneOf`...) raises ValueError, as does a
-    schema that no finite value satisfies.
-    An object with no `properties` but an `additionalProperties` schema (Pydantic's `dict[str, X]`) has keys the
-    model chooses and values that schema describes.
-    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("num", integer?),
-    ("int", min, max) an integer in a range,
-    ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node id, value node id),
-    ("any", node ids) one of. A frame is
-    (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
-    closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options
-    have not yet parted)."""
+    structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes.
+    - An object is every one of its `properties` in the schema's order (the keys are written by the grammar, the
+      model chooses only the values); one with no `properties` but an `additionalProperties` schema (`dict[str, X]`)
+      has keys the model chooses and values that schema describes. The root is an object.
+    - An array is its `items`, `minItems` to `maxItems` of them; a tuple, its `prefixItems`.
+    - A `string` has `minLength` to `maxLength` characters (an escape counts one, so an escaped surrogate pair counts
+      two), or matches a `pattern` (`CharRegex`), or has a `format` among uuid, ipv4, date and email (a pattern all of
+      whose matches are valid).
+    - `integer` (with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), `number`, `boolean`, `null`;
+      `enum`, `const`; `anyOf` and a list of types (any one of them); `allOf` of one schema; `$ref` to a part of the
+      schema (`#/$defs/Name`, `#`), recursion included.
+    Anything else (other formats, a range on a `number`, `oneOf`...) raises ValueError, as does a schema that no
+    finite value satisfies.
+    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("pat", CharRegex),
+    ("num", integer?), ("int", min, max) an integer in a range, ("seq", node ids) one after the other, ("arr", item
+    node id, min, max), ("map", key node id, value node id), ("any", node ids) one of. A frame is (node id,
+    progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has closed; a
+    state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options have
+    not yet parted)."""
     def __init__(self, schema: dict):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
@@ -1177,6 +1185,10 @@ class SchemaGrammar(Grammar):
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
             raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const, anyOf, $ref, "
                              "minItems, maxItems, minLength, maxLength, and minimum, maximum, exclusive... on integers)")
+        if "allOf" in s:                                    # one schema in a list (older Pydantic wraps a $ref so)
+            if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1 or set(s) - _ANNOTATIONS - {"allOf"}:
+                raise ValueError(f"{where}: allOf is supported only as a list of one schema, alone")
+            return self._compile(s["allOf"][0], f"{where}.allOf[0]", depth + 1)
         if "$ref" in s or "anyOf" in s:
             head = "$ref" if "$ref" in s else "anyOf"
             if beside := sorted(set(s) - _ANNOTATIONS - {head}): raise ValueError(f"{where}: {beside} beside {head} not supported")
@@ -1203,13 +1215,24 @@ class SchemaGrammar(Grammar):
             for i, (name, sub) in enumerate(props.items()):
                 parts += [self._add(("lit", ("{" if i == 0 else ",") + _compact(name) + ":")), self._compile(sub, f"{where}.{name}", depth + 1)]
             return self._add(("seq", tuple(parts + [self._add(("lit", "}"))])))
+        if t == "array" and "prefixItems" in s:             # a tuple: each position its own schema
+            items = s["prefixItems"]
+            if not isinstance(items, list) or s.get("minItems", len(items)) != len(items) or s.get("maxItems", len(items)) != len(items) \
+               or s.get("items", False) is not False:
+                raise ValueError(f"{where}: prefixItems is supported only as a tuple (no optional or further items)")
+            if not items: return self._add(("lit", "[]"))
+            parts = [p for i, sub in enumerate(items) for p in (self._add(("lit", "[" if i == 0 else ",")), self._compile(sub, f"{where}[{i}]", depth + 1))]
+            return self._add(("seq", tuple(parts + [self._add(("lit", "]"))])))
         if t == "array":
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
             return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
         if t == "string":
-            if "pattern" not in s: return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
-            if {"minLength", "maxLength"} & set(s): raise ValueError(f"{where}: a pattern with minLength or maxLength not supported (say it in the pattern)")
-            return self._add(("pat", CharRegex(s["pattern"])))
+            if "pattern" not in s and "format" not in s: return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
+            if len({"pattern", "format", "minLength", "maxLength"} & set(s)) > 1:
+                raise ValueError(f"{where}: pattern or format with each other or with minLength or maxLength not supported (say it in the pattern)")
+            if "format" in s and s["format"] not in _FORMATS:
+                raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted(_FORMATS))})")
+            return self._add(("pat", CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]])))
         if t in ("integer", "number"):
             if not (bounded := sorted(_RANGE_KEYS & set(s))): return self._add(("num", t == "integer"))
             if t == "number": raise ValueError(f"{where}: {bounded} on a number not supported (on an integer it is)")
