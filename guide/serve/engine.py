@@ -960,7 +960,7 @@ class Grammar:
     """A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in
     caches. `feed` remembers the steps it took (the last `max_steps`): a mask feeds every token's text from one state,
     and most of those characters take the same few steps."""
-    max_steps = 1 << 16
+    max_steps = 1 << 14
 
     def feed(self, state, text: str):
         "The state after every character of `text`, or None."
