@@ -1473,7 +1473,7 @@ class JsonConstraint:
         leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
         self.horizon = (max(map(len, self.pieces)), max(leading_digits))     # how far one token reaches (SchemaGrammar.mask_key)
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
-        self.chars, self._checked = set("".join(self.pieces)), set()
+        self.chars, self._checked, self._only = set("".join(self.pieces)), set(), {}
 
     def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
         "The tokens that may come next in `state` of `grammar` (bool, vocab_size)."
@@ -1502,8 +1502,12 @@ class JsonConstraint:
 
     def only_token(self, grammar: Grammar, state) -> int | None:
         "The one token `state` allows, if it allows exactly one (the grammar's own text: a key, a closing bracket)."
-        ids = self.allowed(grammar, state).nonzero()
-        return int(ids[0, 0]) if len(ids) == 1 else None
+        key = (grammar.key, grammar.mask_key(state, self.horizon))
+        if key not in self._only:
+            if len(self._only) >= 4 * self.max_masks: self._only.clear()
+            ids = self.allowed(grammar, state).nonzero()
+            self._only[key] = int(ids[0, 0]) if len(ids) == 1 else None
+        return self._only[key]
 
 # %% ../../nbs/20_engine.ipynb #c051
 @dataclass
@@ -1915,11 +1919,18 @@ class Engine:
     def _sample(self, rows: list[Request], logits: torch.Tensor, positions: list[int] | None = None, states: list | None = None) -> list[int]:
         """Greedy rows take the argmax, sampled rows a `sample_rows` draw, all rows in one call: noise from each
         request's seed and the position of its new token (default: the next one), so its text does not depend on
-        what else shares the batch. `states`: each row's grammar state, if not its request's own (a draft's positions)."""
+        what else shares the batch (rows whose grammar allows one token take it without a draw: the same token).
+        `states`: each row's grammar state, if not its request's own (a draft's positions)."""
         sampling, logits = self._sampling(rows), self._adjusted(rows, logits, states)
         if sampling is None: return logits.argmax(-1).tolist()
-        positions = torch.tensor([r.num_tokens for r in rows] if positions is None else positions, device=logits.device)
-        return sample_rows(logits, *sampling_tensors(sampling, logits.device), positions).tolist()
+        positions = [r.num_tokens for r in rows] if positions is None else positions
+        forced = {i: t for i, r in enumerate(rows) if r.grammar is not None
+                  and (t := self.json.only_token(r.grammar, r.json_state if states is None else states[i])) is not None}
+        draw = [i for i in range(len(rows)) if i not in forced]         # a row the grammar leaves one token needs no draw
+        if not draw: return [forced[i] for i in range(len(rows))]
+        if forced: logits, sampling, positions = logits[draw], [sampling[i] for i in draw], [positions[i] for i in draw]
+        drawn = dict(zip(draw, sample_rows(logits, *sampling_tensors(sampling, logits.device), torch.tensor(positions, device=logits.device)).tolist()))
+        return [forced[i] if i in forced else drawn[i] for i in range(len(rows))]
 
     def _adjusted(self, rows: list[Request], logits: torch.Tensor, states: list | None = None) -> torch.Tensor:
         """The logits with each row's `logit_bias` added and its presence and frequency penalties subtracted (OpenAI's
