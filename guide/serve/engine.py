@@ -23,8 +23,8 @@ __all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'JSON_OB
            'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one',
            'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
            'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed',
-           'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex', 'SchemaGrammar', 'grammar_of', 'JsonConstraint',
-           'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
+           'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex', 'SchemaGrammar', 'schema_grammar', 'grammar_of',
+           'JsonConstraint', 'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -1450,9 +1450,13 @@ class SchemaGrammar(Grammar):
 @functools.lru_cache(maxsize=64)
 def _schema_grammar(key: str) -> SchemaGrammar: return SchemaGrammar(json.loads(key))
 
+def schema_grammar(schema: dict) -> SchemaGrammar:
+    "The `SchemaGrammar` of `schema`, compiled once for the last 64 schemas (with the steps its `feed` remembers)."
+    return _schema_grammar(_compact(schema))
+
 def grammar_of(params: "SamplingParams") -> Grammar | None:
     "The grammar a request's text must follow: its JSON schema's, any JSON object (JSON mode), or None."
-    if params.json_schema is not None: return _schema_grammar(_compact(params.json_schema))
+    if params.json_schema is not None: return schema_grammar(params.json_schema)
     return JSON_OBJECT if params.json_mode else None
 
 class JsonConstraint:

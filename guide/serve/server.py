@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import (DeadlineExceeded, DynamicBatcher, QueueFull, RemoteBatcher, batcher_process, encode_texts, encoder_fn,
                                  encoder_recipe, load_encoder_fn)
 from ..core import pick_device
-from .engine import AsyncEngine, Engine, SamplingParams, SchemaGrammar
+from .engine import AsyncEngine, Engine, SamplingParams, SchemaGrammar, schema_grammar
 
 # %% auto #0
 __all__ = ['NOT_IMPLEMENTED', 'API_ROUTES', 'StreamOptions', 'JsonSchemaFormat', 'ResponseFormat', 'SamplingFields',
@@ -654,7 +654,7 @@ def build_app(state: ServerState) -> FastAPI:
         _check_chars(st, sum(len(json.dumps(m.model_dump())) for m in body.messages) + len(json.dumps([t.model_dump() for t in body.tools or []])), "messages")
         if not getattr(st.tokenizer, "chat_template", None):
             raise APIError(400, f"{st.model_name} has no chat template: send a prompt to /v1/completions", param="messages", code="no_chat_template")
-        try: calls = SchemaGrammar(body.call_schema()) if mode != "none" else None      # reads an answer that calls tools
+        try: calls = schema_grammar(body.call_schema()) if mode != "none" else None      # reads an answer that calls tools (the engine's compile)
         except ValueError as e: raise APIError(400, f"tools: {e}", param="tools") from None
         ids = st.tokenizer.apply_chat_template(template_messages(body.messages, body.tools, mode), add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
