@@ -18,13 +18,14 @@ from ..core import capture_cuda_graph
 from ..model import HF_ARCHS, Llama, from_hf
 
 # %% auto #0
-__all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'JSON_OBJECT', 'SamplingParams', 'NoFreeBlocks',
-           'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward', 'prefill_forward',
-           'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one',
-           'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters',
-           'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'json_step', 'json_feed',
-           'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex', 'SchemaGrammar', 'schema_grammar', 'grammar_of',
-           'JsonConstraint', 'RequestOutput', 'Request', 'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
+__all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'STRING_END', 'UNICODE_ESCAPE', 'JSON_OBJECT',
+           'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
+           'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv',
+           'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows',
+           'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
+           'json_string_step', 'json_step', 'json_feed', 'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex',
+           'SchemaGrammar', 'schema_grammar', 'grammar_of', 'JsonConstraint', 'RequestOutput', 'Request', 'Engine',
+           'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/20_engine.ipynb #c006
 @dataclass
@@ -886,6 +887,25 @@ class IncrementalDetokenizer:
 _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
 JSON_START = ("", "{")                    # (open containers, what comes next): a JSON object, not yet begun
 JSON_MAX_DEPTH = 16
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}   # \x: the character
+STRING_END = object()                     # json_string_step: the closing quote
+UNICODE_ESCAPE = "\\u"                    # json_string_step: the character of a \uXXXX escape (which one is not kept)
+_STRING_ESCAPES = {"", "\\", "u4", "u3", "u2", "u1"}    # json_string_step's escapes in progress
+
+def json_string_step(escape: str, ch: str):
+    """One character inside a JSON string, after its opening quote: None if `ch` cannot come here, `STRING_END` if it
+    closes the string, else `(escape, completed)`: the escape in progress after it ('' none, '\\' after a backslash,
+    'u4' to 'u1' hex digits left after \\u) and the character it completes ('' while an escape is incomplete). Every
+    JSON string in this chapter (JSON mode, a schema's lengths, its patterns) is read by this one function."""
+    if escape == "":
+        if ch == '"': return STRING_END
+        if ch == "\\": return ("\\", "")
+        return None if ch < " " else ("", ch)                      # control characters must be escaped
+    if escape == "\\":
+        if ch in _JSON_ESCAPES: return ("", _JSON_ESCAPES[ch])
+        return ("u4", "") if ch == "u" else None
+    if ch not in "0123456789abcdefABCDEF": return None
+    return ("", UNICODE_ESCAPE) if escape == "u1" else (f"u{int(escape[1]) - 1}", "")
 
 def _json_value(stack: str, ch: str):
     "The state after `ch` starts a value (None if it cannot)."
@@ -903,17 +923,10 @@ def json_step(state: tuple[str, str], ch: str) -> tuple[str, str] | None:
     """One character of compact JSON: the next `(open containers, what comes next)` state, or None if `ch` cannot come
     here. Start from `JSON_START` (an object); `json_done(state)` once it has closed."""
     stack, mode = state
-    if mode in ("s", "k"):                                         # in a string (a value, a key)
-        if ch == '"': return (stack, "end" if mode == "s" else ":")
-        if ch == "\\": return (stack, mode + "\\")
-        return None if ch < " " else state                         # control characters must be escaped
-    if mode[1:] == "\\":
-        if ch in '"\\/bfnrt': return (stack, mode[0])
-        return (stack, mode[0] + "u4") if ch == "u" else None
-    if mode[1:2] == "u":                                           # \uXXXX: hex digits left
-        if ch not in "0123456789abcdefABCDEF": return None
-        left = int(mode[2]) - 1
-        return (stack, mode[0] if left == 0 else f"{mode[0]}u{left}")
+    if mode[0] in "sk" and mode[1:] in _STRING_ESCAPES:            # in a string (a value, a key), maybe in an escape
+        after = json_string_step(mode[1:], ch)
+        if after is STRING_END: return (stack, "end" if mode[0] == "s" else ":")
+        return None if after is None else (stack, mode[0] + after[0])
     if mode.startswith("lit"):
         if ch != mode[3]: return None
         return (stack, "end" if len(mode) == 4 else "lit" + mode[4:])
@@ -988,9 +1001,10 @@ class JsonObjectGrammar(Grammar):
 
 JSON_OBJECT = JsonObjectGrammar()
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
-_SCHEMA_KEYS = _ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref",
-                               "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "prefixItems", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
+                                             "enum", "const", "anyOf", "allOf", "$ref", "minItems", "maxItems",
+                                             "minLength", "maxLength", "pattern", "format"}
 _FORMATS = {   # a string format as a pattern whose every match passes jsonschema's FormatChecker and Pydantic's parsing
     "uuid": r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
     "ipv4": r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
@@ -1002,7 +1016,6 @@ _PASS = object()                                  # a frame that ended before th
 
 def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
-_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}   # \x: the character
 _PY_DIGIT, _PY_WORD = re.compile(r"\d").fullmatch, re.compile(r"\w").fullmatch
 
 def _ascii_word(c: str) -> bool: return c.isascii() and (c.isalnum() or c == "_")
@@ -1410,28 +1423,27 @@ class SchemaGrammar(Grammar):
 
     @staticmethod
     def _patterned(p, ch, regex: CharRegex):
-        "Progress in a string that matches a pattern: '\"' before it, then ('s', the regex's state), ('\\\\', the same) after a backslash."
-        if p == '"': return ("s", regex.start) if ch == '"' else None
-        mode, at = p
-        if mode == "\\": after = regex.step(at, _JSON_ESCAPES[ch]) if ch in _JSON_ESCAPES else None     # \uXXXX is not taken
-        elif ch == '"': return "end" if regex.accepts(at) else None
-        elif ch == "\\": return ("\\", at) if any(regex.step(at, c) for c in _JSON_ESCAPES.values()) else None
-        else: after = regex.step(at, ch) if ch >= " " else None
-        return ("s", after) if after else None
+        "Progress in a string that matches a pattern: '\"' before it, then (escape in progress, the regex's state)."
+        if p == '"': return ("", regex.start) if ch == '"' else None
+        escape, at = p
+        after = json_string_step(escape, ch)
+        if after is STRING_END: return "end" if regex.accepts(at) else None
+        if after is None or after[0][:1] == "u" or after[1] == UNICODE_ESCAPE: return None    # \uXXXX is not taken
+        escape, completed = after
+        if escape: return (escape, at) if any(regex.step(at, c) for c in _JSON_ESCAPES.values()) else None   # some escape must fit
+        at = regex.step(at, completed)
+        return (escape, at) if at else None
 
     @staticmethod
     def _string(p, ch, lo, hi):
-        "Progress in a string of lo to hi characters: '\"' before it, then (mode, characters so far), ('u', hex digits left, so far)."
-        if p == '"': return ("s", 0) if ch == '"' else None
-        n, cap = p[-1], max(lo, hi or 0)                    # counts stop at cap: beyond it they are all the same
-        if p[0] == "s":
-            if ch == '"': return "end" if n >= lo else None
-            if hi is not None and n >= hi: return None
-            if ch == "\\": return ("\\", n)
-            return None if ch < " " else ("s", min(n + 1, cap))     # control characters must be escaped
-        if p[0] == "\\": return ("s", min(n + 1, cap)) if ch in '"\\/bfnrt' else ("u", 4, n) if ch == "u" else None
-        if ch not in "0123456789abcdefABCDEF": return None
-        return ("u", p[1] - 1, n) if p[1] > 1 else ("s", min(n + 1, cap))
+        "Progress in a string of lo to hi characters: '\"' before it, then (escape in progress, characters so far)."
+        if p == '"': return ("", 0) if ch == '"' else None
+        (escape, n), cap = p, max(lo, hi or 0)              # counts stop at cap: beyond it they are all the same
+        after = json_string_step(escape, ch)
+        if after is STRING_END: return "end" if n >= lo else None
+        if after is None or (not escape and hi is not None and n >= hi): return None      # (no room for another character)
+        escape, completed = after
+        return (escape, min(n + 1, cap) if completed else n)
 
     @staticmethod
     def _number(p, ch, integer):
@@ -1477,11 +1489,19 @@ class JsonConstraint:
         leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
         self.horizon = (max(map(len, self.pieces)), max(leading_digits))     # how far one token reaches (SchemaGrammar.mask_key)
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
-        self.chars, self._checked, self._only = set("".join(self.pieces)), set(), {}
+        self.chars, self._checked, self._only, self._keys = set("".join(self.pieces)), set(), {}, {}
+
+    def _mask_key(self, grammar: Grammar, state):
+        "`grammar.mask_key(state)`, remembered: a sampled row asks for it twice in a step (`only_token`, `allowed`)."
+        key = (grammar.key, state)
+        if key not in self._keys:
+            if len(self._keys) >= 4 * self.max_masks: self._keys.clear()
+            self._keys[key] = grammar.mask_key(state, self.horizon)
+        return self._keys[key]
 
     def allowed(self, grammar: Grammar, state, device="cpu") -> torch.Tensor:
         "The tokens that may come next in `state` of `grammar` (bool, vocab_size)."
-        same = grammar.mask_key(state, self.horizon)
+        same = self._mask_key(grammar, state)
         key = (grammar.key, same, str(device))
         if key not in self._masks:
             cpu = self._masks.get((grammar.key, same, "cpu"))
@@ -1506,7 +1526,7 @@ class JsonConstraint:
 
     def only_token(self, grammar: Grammar, state) -> int | None:
         "The one token `state` allows, if it allows exactly one (the grammar's own text: a key, a closing bracket)."
-        key = (grammar.key, grammar.mask_key(state, self.horizon))
+        key = (grammar.key, self._mask_key(grammar, state))
         if key not in self._only:
             if len(self._only) >= 4 * self.max_masks: self._only.clear()
             ids = self.allowed(grammar, state).nonzero()

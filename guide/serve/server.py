@@ -664,14 +664,17 @@ def build_app(state: ServerState) -> FastAPI:
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             sent_role, held, passing = [False] * len(deltas), [""] * len(deltas), [calls is None] * len(deltas)
+            reading = [calls.start if calls is not None else None] * len(deltas)   # "auto": the call grammar's state after the held text
             def send(i, delta, reason, entries=None):
                 if not sent_role[i]: delta = {"role": "assistant", **delta}; sent_role[i] = True
                 return dict(id=cid, object="chat.completion.chunk", created=created, model=st.model_name,
                             choices=[dict(index=i, delta=delta, logprobs=_chat_logprobs(st.tokenizer, entries), finish_reason=reason)])
             def chunk(i, text, reason, entries):
                 if not passing[i]:                          # the answer may be a call: held back until it cannot be one
+                    new = text if held[i].strip() else text.lstrip()          # (leading white space is not part of a call)
                     held[i] += text
-                    if reason is None and (mode != "auto" or calls.feed(calls.start, held[i].lstrip()) is not None): return None
+                    if mode == "auto" and reading[i] is not None: reading[i] = calls.feed(reading[i], new)   # only the new text: linear
+                    if reason is None and (mode != "auto" or reading[i] is not None): return None
                     if reason == "stop" and (found := tool_calls_in(held[i], calls)):
                         return [send(i, {"tool_calls": [dict(c, index=j) for j, c in enumerate(found)]}, None), send(i, {}, "tool_calls")]
                     passing[i], text = True, held[i]
