@@ -889,9 +889,22 @@ def _patterns():
     return st.tuples(st.sampled_from(["", "^"]), st.recursive(atom, combine, max_leaves=6), st.sampled_from(["", "$"])).map("".join)
 
 
+def _bounded_numbers():
+    """A `number` schema with a range (hundredths, each end inclusive, exclusive or open) and a value in it: a float of
+    ten-thousandths, which json.dumps writes without an exponent."""
+    def make(lo, width, lo_key, hi_key):
+        hi = None if width is None else (-5000 if lo is None else lo) + width
+        schema = {"type": "number", **({} if lo is None else {lo_key: lo / 100}), **({} if hi is None else {hi_key: hi / 100})}
+        first = (lo * 100 + (lo_key == "exclusiveMinimum")) if lo is not None else (hi or 0) * 100 - 10**6
+        last = (hi * 100 - (hi_key == "exclusiveMaximum")) if hi is not None else first + 10**6
+        return st.tuples(st.just(schema), st.integers(first, last).map(lambda k: k / 10000))
+    return st.tuples(st.one_of(st.none(), st.integers(-10**5, 10**5)), st.one_of(st.none(), st.integers(1, 10**4)),
+                     st.sampled_from(["minimum", "exclusiveMinimum"]), st.sampled_from(["maximum", "exclusiveMaximum"])).flatmap(lambda t: make(*t))
+
+
 def _schemas_and_values():
-    """A JSON schema in SchemaGrammar's subset, with a value it describes: leaves (bounded strings too), arrays
-    (bounded too), objects, anyOf, lists of types; at the top, the value's schema is sometimes a $ref into $defs."""
+    """A JSON schema in SchemaGrammar's subset, with a value it describes: leaves (bounded strings and numbers too),
+    arrays (bounded too), objects, anyOf, tagged oneOf, lists of types; at the top, the value's schema is sometimes a $ref into $defs."""
     def bounded_strings(lo, extra):
         hi = lo + extra
         return st.tuples(st.just({"type": "string", "minLength": lo, "maxLength": hi}), st.text(min_size=lo, max_size=hi))
@@ -903,6 +916,7 @@ def _schemas_and_values():
                                                       **({} if b[1] is None else {"exclusiveMaximum": (b[0] or 0) + b[1] + 1})}),
                                              st.integers(b[0], None if b[1] is None else (b[0] or 0) + b[1]))),
                      st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
+                     _bounded_numbers(),
                      st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
                      st.tuples(st.just({"type": ["string", "null"]}), st.one_of(st.none(), st.text(max_size=3))),
                      _patterns().flatmap(lambda rx: st.tuples(st.just({"type": "string", "pattern": rx}),
@@ -922,7 +936,10 @@ def _schemas_and_values():
         tuples = st.lists(inner, min_size=1, max_size=3).map(lambda svs: ({"type": "array", "prefixItems": [sv[0] for sv in svs], "minItems": len(svs),
                                                               "maxItems": len(svs)}, [sv[1] for sv in svs]))
         wrapped = inner.map(lambda sv: ({"allOf": [sv[0]], "description": "one schema"}, sv[1]))
-        return st.one_of(arrays, bounded, objects, unions, maps, tuples, wrapped)
+        tagged = st.lists(inner, min_size=1, max_size=3).flatmap(lambda opts: st.integers(0, len(opts) - 1).map(lambda i: (
+            {"oneOf": [{"type": "object", "properties": {"v": sv[0], "kind": {"const": f"k{j}"}}} for j, sv in enumerate(opts)],
+             "discriminator": {"propertyName": "kind"}}, {"v": opts[i][1], "kind": f"k{i}"})))
+        return st.one_of(arrays, bounded, objects, unions, maps, tuples, wrapped, tagged)
     def top(sv, by_ref):
         if by_ref: return {"type": "object", "$defs": {"V": sv[0]}, "properties": {"v": {"$ref": "#/$defs/V"}}}, {"v": sv[1]}
         return {"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}
@@ -963,6 +980,52 @@ def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits
         text = text[:i] + ch + text[i:] if how == 0 else text[:i] + text[i + 1:] if how == 1 else text[:i] + ch + text[i + 1:]
     state = g.feed(g.start, text)
     if state is not None and g.done(state): jsonschema.validate(json.loads(text), schema)
+
+
+_SCHEMA_WORDS = ["type", "properties", "required", "additionalProperties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf",
+                 "discriminator", "propertyName", "allOf", "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength", "pattern",
+                 "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "object", "string", "integer", "number",
+                 "array", "boolean", "null", "#/$defs/a", "#", "a", "k", "uuid", "^a+$"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_subnormal=False) | st.sampled_from(_SCHEMA_WORDS),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_SCHEMA_WORDS), inner, max_size=4),
+                    max_leaves=24),
+       st.dictionaries(st.sampled_from(_SCHEMA_WORDS), st.sampled_from(_SCHEMA_WORDS + [0, 1.5, -3, 10**400, float("nan"), [], {}]), max_size=3))
+def test_schema_grammar_refuses_what_it_cannot_read_with_a_value_error(value_schema, defs):
+    """Any JSON (NaN, infinities and huge integers too) given as a schema: SchemaGrammar compiles it or raises
+    ValueError, nothing else (the server answers that with a 400); what compiles reads text without raising."""
+    from guide.serve.engine import SchemaGrammar
+    schema = {"type": "object", "properties": {"v": value_schema}, "$defs": {"a": defs}}
+    try: g = SchemaGrammar(schema)
+    except ValueError: return
+    state = g.feed(g.start, '{"v":')
+    for ch in '"a1-.[{}]tn':
+        if state is not None: g.step(state, ch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_bounded_numbers(), st.lists(st.text("0123456789.-", min_size=1, max_size=9), min_size=1, max_size=6))
+def test_number_ranges_read_exactly_the_numbers_in_range(schema_value, texts):
+    """A number with a range: a text is read to the end exactly when it is a JSON number without an exponent that
+    jsonschema finds in range (short texts: where exact decimals and floats agree), and from every prefix of such a
+    text some character leads on."""
+    import json
+    import jsonschema
+    from guide.serve.engine import SchemaGrammar
+    schema, value = schema_value
+    g = SchemaGrammar({"type": "object", "properties": {"x": schema}})
+    for text in texts + [json.dumps(value)]:
+        try: valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
+        except json.JSONDecodeError: valid = False
+        state = g.feed(g.start, '{"x":' + text + "}")
+        assert (state is not None and g.done(state)) == valid, (schema, text)
+        state = g.feed(g.start, '{"x":')
+        for ch in text + "}":
+            assert any(g.step(state, c) is not None for c in "0123456789.-}"), (schema, text)
+            state = g.step(state, ch)
+            if state is None or g.done(state): break
 
 
 @settings(max_examples=300, deadline=None)
@@ -1013,12 +1076,20 @@ def test_formats_write_only_valid_values(fmt, data):
 
 
 def test_schema_grammar_takes_a_pydantic_model(base):
-    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, a range and a pattern: the grammar
+    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern
+    and a tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
+    from typing import Literal
     from pydantic import BaseModel, Field
     from guide.serve.engine import SchemaGrammar
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+    class Dog(BaseModel):
+        kind: Literal["dog", "puppy"]
+        good: bool
     class Address(BaseModel):
         city: str = Field(max_length=8)
         zip: str = Field(pattern=r"^[0-9]{4} ?[A-Z]{2}$")
@@ -1031,19 +1102,23 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         scores: dict[str, int]
         born: datetime.date
         pair: tuple[int, bool]
+        height: float = Field(gt=0, le=2.5)
+        pet: Cat | Dog | None = Field(discriminator="kind")
     g = SchemaGrammar(Person.model_json_schema())
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150 AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", pair=(0, True))],
-                 scores={"go": 3, "": -1}, born="1815-12-10", pair=(1, False)).model_dump(mode="json")
-    assert reads(ada)
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", pair=(0, True), height=0.9, pet=None)],
+                 scores={"go": 3, "": -1}, born="1815-12-10", pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9)).model_dump(mode="json")
+    assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False}))
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
-                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1])):
+                dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1]),
+                dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
+                dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10})):
         assert not reads(bad), bad
     model, tok = base
-    outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=160, temperature=0.9, seed=i,
+    outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=256, temperature=0.9, seed=i,
                                                                           json_schema=Person.model_json_schema()) for i in range(8)])
     closed = [o for o in outs if o["finish_reason"] == "stop"]
     assert closed, [o["text"] for o in outs]
@@ -1067,18 +1142,20 @@ def test_a_grammar_with_no_way_on_ends_only_its_request(base):
 
 
 def test_masks_shared_by_mask_key_are_the_masks(base):
-    """States whose counts no token can reach (a string's length, an array's items, an integer's digits) share one
+    """States whose counts no token can reach (a string's length, an array's items, an integer's or a number's digits) share one
     cached mask: for every state on the way through texts near and far from the bounds, the cached mask is the one
     computed from that state alone, and fewer masks than states were computed."""
     import json
     from guide.serve.engine import JsonConstraint, SchemaGrammar
     _, tok = base
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 150},
-              "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60}}}
+              "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60},
+              "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40}}}
     g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
     states = set()
     for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
-        text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)]}, separators=(",", ":"))
+        text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}")},
+                          separators=(",", ":"))
         state = g.start
         for ch in text: states.add(state); state = g.step(state, ch)
         assert g.done(state)

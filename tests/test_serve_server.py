@@ -304,6 +304,11 @@ def test_json_mode_answers_parse(client):
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=8, response_format={
             "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "format": "hostname"}}}}})
+    for schema, why in (({"type": "object", "properties": {"x": {"type": "integer", "minimum": 10**400}}}, "within"),    # (no float holds it)
+                        ({"type": "object", "properties": {"x": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}, "cannot overlap")):
+        with pytest.raises(openai.BadRequestError, match=why):
+            client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=8,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
     plain = client.completions.create(model="tiny-base", prompt="x = ", max_tokens=8, temperature=0,
                                       extra_body={"response_format": {"type": "text"}})
     assert plain.choices[0].text                                          # text: the no-op format
@@ -376,6 +381,20 @@ def test_tool_calls(client):
     plain = client.chat.completions.create(**auto).choices[0]
     assert plain.message.tool_calls is None and plain.message.content and plain.finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**auto, stream=True) if c.choices) == plain.message.content
+    one_call = {"type": "object", "properties": {"tool_calls": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+        "type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": WEATHER["function"]["parameters"]}}}}}
+    closed = 0
+    for seed in range(3):       # auto, with the text held to a call's JSON (response_format): read as a call, streamed or not
+        kw = dict(auto, max_tokens=96, temperature=0.9, seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": one_call}})
+        choice = client.chat.completions.create(**kw).choices[0]
+        if choice.finish_reason == "length": continue
+        streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        calls = [tc for c in streamed for tc in (c.choices[0].delta.tool_calls or [])]
+        assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+        assert [c.function.arguments for c in calls] == [c.function.arguments for c in choice.message.tool_calls]
+        assert not any(c.choices[0].delta.content for c in streamed)
+        closed += 1
+    assert closed, "no call closed within 96 tokens"
 
 
 def test_tool_call_errors(client):

@@ -7,6 +7,7 @@ import re._constants as _sre, re._parser as _sre_parse    # Python's own regex p
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import partial
 from operator import attrgetter, getitem, is_, is_not
 from typing import AsyncIterator, Callable, Iterator
@@ -1003,8 +1004,8 @@ JSON_OBJECT = JsonObjectGrammar()
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
-                                             "enum", "const", "anyOf", "allOf", "$ref", "minItems", "maxItems",
-                                             "minLength", "maxLength", "pattern", "format"}
+                                             "enum", "const", "anyOf", "oneOf", "discriminator", "allOf", "$ref",
+                                             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format"}
 _FORMATS = {   # a string format as a pattern whose every match passes jsonschema's FormatChecker and Pydantic's parsing
     "uuid": r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
     "ipv4": r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
@@ -1014,7 +1015,9 @@ _FORMATS = {   # a string format as a pattern whose every match passes jsonschem
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
-def _compact(value) -> str: return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _compact(value) -> str:
+    "`value` as compact JSON (ValueError for NaN and infinities, which JSON has no text for)."
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 _PY_DIGIT, _PY_WORD = re.compile(r"\d").fullmatch, re.compile(r"\w").fullmatch
 
@@ -1157,6 +1160,66 @@ def _int_far(text: str, lo: int | None, hi: int | None, horizon: int) -> bool:
     if text[0] == "-": near, far = -far, -near
     return (lo is None or near >= lo) and (hi is None or far <= hi)
 
+def _range_bound(s: dict, key: str, where: str) -> int | float:
+    "`s[key]`, a bound of a range: a number within ±1e300 (ValueError otherwise)."
+    v = s[key]
+    if type(v) not in (int, float) or not abs(v) <= 1e300: raise ValueError(f"{where}: {key} must be a number within ±1e300")
+    return v
+
+_REAL_TEXT = re.compile(r"-?((0|[1-9][0-9]*)(\.[0-9]*)?)?")     # a number with a range, as far as it has been written
+
+def _real_span(text: str) -> tuple[bool, Fraction, Fraction]:
+    "(negative?, a, b): the numbers that a `text` with a '.' can still write are those of magnitude in [a, b)."
+    body = text.lstrip("-")
+    whole, fraction = body.split(".")
+    a = Fraction(f"{whole}.{fraction}" if fraction else whole)
+    return text.startswith("-"), a, a + Fraction(1, 10 ** len(fraction))
+
+def _touches(neg: bool, a, b, lo: Fraction | None, hi: Fraction | None) -> bool:
+    "Some number of magnitude in [a, b), of that sign, is in [lo, hi]."
+    if neg: return (hi is None or -b < hi) and (lo is None or lo <= -a)
+    return (hi is None or a <= hi) and (lo is None or lo < b)
+
+def _inside(neg: bool, a, b, lo: Fraction | None, hi: Fraction | None) -> bool:
+    "Every number of magnitude in [a, b), of that sign, is in [lo, hi]."
+    if neg: return (lo is None or lo <= -b) and (hi is None or -a <= hi)
+    return (lo is None or lo <= a) and (hi is None or b <= hi)
+
+def _real_prefix(text: str, lo: Fraction | None, hi: Fraction | None) -> bool:
+    "Some number in [lo, hi] is written in JSON, without an exponent, starting with `text`."
+    if not _REAL_TEXT.fullmatch(text): return False
+    if not text: return True                     # (a range holds a number: _real_range checks)
+    neg, body = text.startswith("-"), text.lstrip("-")
+    if not body: return _touches(neg, 0, math.inf, lo, hi)
+    if "." in body: return _touches(*_real_span(text), lo, hi)
+    if body == "0": return _touches(neg, 0, 1, lo, hi)           # 0 and 0.x: no more whole digits
+    v, k = int(body), 0
+    while True:                                  # k more whole digits, then any fraction: [v, v + 1) * 10**k
+        a, b = v * 10**k, (v + 1) * 10**k
+        if _touches(neg, a, b, lo, hi): return True
+        if (lo is not None and -a < lo) if neg else (hi is not None and a > hi): return False
+        k += 1
+
+def _real_within(text: str, lo: Fraction | None, hi: Fraction | None) -> bool:
+    "`text` is a whole number in [lo, hi]."
+    if not _REAL_TEXT.fullmatch(text) or text.lstrip("-") == "" or text.endswith("."): return False
+    return (lo is None or Fraction(text) >= lo) and (hi is None or Fraction(text) <= hi)
+
+def _real_next(text: str, ch: str, lo: Fraction | None, hi: Fraction | None) -> str | None:
+    """The progress after `ch` in a number in [lo, hi] written as `text` so far: the longer text, "free" once every
+    way on stays in range (a fraction whose every further digit does: the states then merge), or None."""
+    if text == "free": return "free" if "0" <= ch <= "9" else None
+    text += ch
+    if not _real_prefix(text, lo, hi): return None
+    return "free" if "." in text and not text.endswith(".") and _inside(*_real_span(text), lo, hi) else text
+
+def _real_far(text: str, lo: Fraction | None, hi: Fraction | None, horizon: int) -> bool:
+    "Every number that `text` (no '.' yet) and up to `horizon` more digits, then any fraction, can write is in [lo, hi]."
+    body = text.lstrip("-")
+    if not body.isdigit() or body == "0": return False
+    v = int(body)
+    return _inside(text.startswith("-"), v, (v + 1) * 10**horizon, lo, hi)
+
 class SchemaGrammar(Grammar):
     """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
     structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes.
@@ -1167,23 +1230,25 @@ class SchemaGrammar(Grammar):
     - A `string` has `minLength` to `maxLength` characters (an escape counts one, so an escaped surrogate pair counts
       two), or matches a `pattern` (`CharRegex`), or has a `format` among uuid, ipv4, date and email (a pattern all of
       whose matches are valid).
-    - `integer` (with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`), `number`, `boolean`, `null`;
-      `enum`, `const`; `anyOf` and a list of types (any one of them); `allOf` of one schema; `$ref` to a part of the
-      schema (`#/$defs/Name`, `#`), recursion included.
-    Anything else (other formats, a range on a `number`, `oneOf`...) raises ValueError, as does a schema that no
-    finite value satisfies.
+    - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
+      a range is written without an exponent), `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
+      one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
+      options of different types); `allOf` of one schema; `$ref` to a part of the schema (`#/$defs/Name`, `#`),
+      recursion included.
+    Anything else (other formats, `multipleOf`, `not`...) raises ValueError, as does a schema that no finite value
+    satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("pat", CharRegex),
-    ("num", integer?), ("int", min, max) an integer in a range, ("seq", node ids) one after the other, ("arr", item
-    node id, min, max), ("map", key node id, value node id), ("any", node ids) one of. A frame is (node id,
-    progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has closed; a
-    state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose options have
-    not yet parted)."""
+    ("num", integer?), ("int", min, max) an integer in a range, ("real", min, max) a number in one, ("seq", node ids)
+    one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
+    of. A frame is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once
+    the root has closed; a state is the frozenset of the readings still possible (more than one only inside an
+    `anyOf` whose options have not yet parted)."""
     def __init__(self, schema: dict):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
         self.schema, self.nodes, self._refs = schema, [], {}
-        self.key = ("schema", _compact(schema))
         root = self._compile(schema, "schema", 0)
+        self.key = ("schema", _compact(schema))
         self.need = self._frames_needed()
         if self.need[root] == math.inf: raise ValueError("schema: no finite JSON value satisfies it (each one runs through a $ref cycle)")
         if self.need[root] > _SCHEMA_MAX_FRAMES: raise ValueError(f"schema: nested deeper than {JSON_MAX_DEPTH}")
@@ -1196,30 +1261,35 @@ class SchemaGrammar(Grammar):
         if not isinstance(s, dict): raise ValueError(f"{where}: a schema must be an object, got {s!r}")
         if depth > 4 * JSON_MAX_DEPTH: raise ValueError(f"{where}: nested deeper than {JSON_MAX_DEPTH}")
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
-            raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, items, enum, const, anyOf, $ref, "
-                             "minItems, maxItems, minLength, maxLength, and minimum, maximum, exclusive... on integers)")
+            raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, additionalProperties, items, "
+                             "prefixItems, enum, const, anyOf, oneOf, allOf, $ref, minItems, maxItems, minLength, maxLength, "
+                             "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum)")
         if "allOf" in s:                                    # one schema in a list (older Pydantic wraps a $ref so)
             if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1 or set(s) - _ANNOTATIONS - {"allOf"}:
                 raise ValueError(f"{where}: allOf is supported only as a list of one schema, alone")
             return self._compile(s["allOf"][0], f"{where}.allOf[0]", depth + 1)
-        if "$ref" in s or "anyOf" in s:
-            head = "$ref" if "$ref" in s else "anyOf"
-            if beside := sorted(set(s) - _ANNOTATIONS - {head}): raise ValueError(f"{where}: {beside} beside {head} not supported")
+        if "$ref" in s or "anyOf" in s or "oneOf" in s:
+            head = "$ref" if "$ref" in s else "anyOf" if "anyOf" in s else "oneOf"
+            if beside := sorted(set(s) - _ANNOTATIONS - {head} - ({"discriminator"} if head == "oneOf" else set())):
+                raise ValueError(f"{where}: {beside} beside {head} not supported")
             if head == "$ref": return self._ref(s["$ref"], where, depth)
-            if not isinstance(s["anyOf"], list) or not s["anyOf"]: raise ValueError(f"{where}: anyOf must be a non-empty list of schemas")
-            return self._add(("any", tuple(self._compile(o, f"{where}.anyOf[{i}]", depth + 1) for i, o in enumerate(s["anyOf"]))))
-        if "const" in s: return self._add(("alt", (_compact(s["const"]),)))
+            if not isinstance(s[head], list) or not s[head]: raise ValueError(f"{where}: {head} must be a non-empty list of schemas")
+            options = tuple(self._compile(o, f"{where}.{head}[{i}]", depth + 1) for i, o in enumerate(s[head]))
+            if head == "oneOf": self._check_one_of(s, where)              # (the options compiled: each is a schema we read)
+            return self._add(("any", options))
+        if "const" in s: return self._add(("alt", (self._value_text(s["const"], where),)))
         if "enum" in s:
             if not isinstance(s["enum"], list) or not s["enum"] or any(isinstance(v, (dict, list)) for v in s["enum"]):
                 raise ValueError(f"{where}: enum must be a non-empty list of strings, numbers, booleans or null")
-            return self._add(("alt", tuple(dict.fromkeys(_compact(v) for v in s["enum"]))))
+            return self._add(("alt", tuple(dict.fromkeys(self._value_text(v, where) for v in s["enum"]))))
         t = s.get("type")
         if isinstance(t, list):
             if not t or len(set(map(str, t))) < len(t): raise ValueError(f"{where}: type must be a type or a non-empty list of distinct types")
             return self._add(("any", tuple(self._compile({**s, "type": one}, where, depth + 1) for one in t)))
         if t == "object":
-            props = s.get("properties", {})
-            if not isinstance(props, dict) or not set(s.get("required", [])) <= set(props):
+            props, required = s.get("properties", {}), s.get("required", [])
+            if not isinstance(props, dict) or not isinstance(required, list) or not all(isinstance(r, str) for r in required) \
+               or not set(required) <= set(props):
                 raise ValueError(f"{where}: properties must be an object and required a list of its names")
             if not props and isinstance(extra := s.get("additionalProperties"), dict):   # dict[str, X]: keys the model's, values X
                 return self._add(("map", self._add(("str", 0, None)), self._compile(extra, f"{where}{{}}", depth + 1)))
@@ -1248,11 +1318,15 @@ class SchemaGrammar(Grammar):
             return self._add(("pat", CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]])))
         if t in ("integer", "number"):
             if not (bounded := sorted(_RANGE_KEYS & set(s))): return self._add(("num", t == "integer"))
-            if t == "number": raise ValueError(f"{where}: {bounded} on a number not supported (on an integer it is)")
-            return self._add(("int", *self._int_range(s, where)))
+            return self._add(("int", *self._int_range(s, where)) if t == "integer" else ("real", *self._real_range(s, where)))
         if t == "boolean": return self._add(("alt", ("true", "false")))
         if t == "null": return self._add(("lit", "null"))
         raise ValueError(f"{where}: type {t!r} not supported (object, array, string, integer, number, boolean, null)")
+
+    @staticmethod
+    def _value_text(value, where: str) -> str:
+        try: return _compact(value)
+        except ValueError: raise ValueError(f"{where}: {value!r} has no JSON text (NaN, an infinity)") from None
 
     @staticmethod
     def _bounds(s, low: str, high: str, where: str) -> tuple[int, int | None]:
@@ -1266,8 +1340,7 @@ class SchemaGrammar(Grammar):
         "The integers that minimum, maximum, exclusiveMinimum and exclusiveMaximum leave: (lowest, highest), None if unbounded."
         lo = hi = None
         for key in sorted(_RANGE_KEYS & set(s)):
-            v = s[key]
-            if type(v) not in (int, float) or not math.isfinite(v): raise ValueError(f"{where}: {key} must be a number")
+            v = _range_bound(s, key, where)
             if key == "minimum": lo = max(lo, math.ceil(v)) if lo is not None else math.ceil(v)
             elif key == "exclusiveMinimum": lo = max(lo, math.floor(v) + 1) if lo is not None else math.floor(v) + 1
             elif key == "maximum": hi = min(hi, math.floor(v)) if hi is not None else math.floor(v)
@@ -1275,9 +1348,35 @@ class SchemaGrammar(Grammar):
         if lo is not None and hi is not None and lo > hi: raise ValueError(f"{where}: no integer lies within its bounds")
         return lo, hi
 
+    @staticmethod
+    def _real_range(s, where: str) -> tuple[Fraction | None, Fraction | None]:
+        """The numbers that minimum, maximum, exclusiveMinimum and exclusiveMaximum leave, as [lowest, highest] (None if
+        unbounded). A validator reads a text as the nearest float, so an exclusive bound becomes the next float past
+        it, and each bound the exact decimal of its float's shortest text: a text in range is a float in range."""
+        lo = hi = None
+        for key in sorted(_RANGE_KEYS & set(s)):
+            v = _range_bound(s, key, where)
+            if key.startswith("exclusive"):                  # the first float past v; past 0, 1e-300: clear of subnormal
+                up, f = key == "exclusiveMinimum", float(v)    # floats, which a process may flush to 0 (torch.set_flush_denormal)
+                if abs(f) < 1e-300: f = 1e-300 if up else -1e-300
+                while (f <= v) if up else (f >= v): f = math.nextafter(f, math.inf if up else -math.inf)
+                v = f
+            v = Fraction(v) if type(v) is int else Fraction(repr(v))
+            if key.endswith("inimum"): lo = v if lo is None else max(lo, v)
+            else: hi = v if hi is None else min(hi, v)
+        if lo is not None and hi is not None and lo > hi: raise ValueError(f"{where}: no number lies within its bounds")
+        return lo, hi
+
     def _ref(self, ref, where: str, depth: int) -> int:
         "The node of the part of the schema that `ref` points at: compiled once, so a reference inside it comes back here."
         if ref in self._refs: return self._refs[ref]
+        target = self._target(ref, where)
+        nid = self._refs[ref] = self._add(None)
+        self.nodes[nid] = ("any", (self._compile(target, ref, depth + 1),))
+        return nid
+
+    def _target(self, ref, where: str):
+        "The part of the schema that `ref` points at."
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise ValueError(f"{where}: only a $ref within the schema is supported (#/$defs/Name), got {ref!r}")
         target = self.schema
@@ -1286,9 +1385,38 @@ class SchemaGrammar(Grammar):
             if isinstance(target, list) and part.isdigit() and int(part) < len(target): target = target[int(part)]
             elif isinstance(target, dict) and part in target: target = target[part]
             else: raise ValueError(f"{where}: $ref {ref!r} points at nothing")
-        nid = self._refs[ref] = self._add(None)
-        self.nodes[nid] = ("any", (self._compile(target, ref, depth + 1),))
-        return nid
+        return target
+
+    def _resolved(self, s, where: str):
+        "`s`, through any $ref and one-schema allOf (at most a few: a cycle of references is not followed round)."
+        for _ in range(8):
+            if isinstance(s, dict) and "$ref" in s: s = self._target(s["$ref"], where)
+            elif isinstance(s, dict) and isinstance(s.get("allOf"), list) and len(s["allOf"]) == 1: s = s["allOf"][0]
+            else: return s
+        return s
+
+    def _check_one_of(self, s, where: str):
+        """`oneOf` reads as `anyOf` when no value can match two of its options; refuse it unless the schema shows that:
+        a `discriminator` property that each option (an object, whose every property the grammar writes) fixes to its
+        own values, or options each of one type, all different (integer and number overlap)."""
+        options = [self._resolved(o, where) for o in s["oneOf"]]
+        if "discriminator" in s:
+            if not isinstance(s["discriminator"], dict) or not isinstance(name := s["discriminator"].get("propertyName"), str):
+                raise ValueError(f"{where}: discriminator must be an object with a propertyName")
+            tags = []
+            for o in options:
+                prop = self._resolved(o.get("properties", {}).get(name), where) if isinstance(o, dict) and o.get("type", "object") == "object" else None
+                values = ([prop["const"]] if "const" in prop else prop.get("enum")) if isinstance(prop, dict) else None
+                if not isinstance(values, list) or not all(v is None or type(v) in (str, bool, int, float) for v in values):
+                    raise ValueError(f"{where}: every oneOf option must be an object that gives {name!r} a const or enum value "
+                                     "(strings, numbers, booleans, null)")
+                tags.append({(type(v) is bool, Fraction(v) if type(v) in (int, float) else v) for v in values})   # 1 == 1.0, not True
+            if sum(map(len, tags)) == len(set().union(*tags)): return
+        else:
+            types = [o.get("type") if isinstance(o, dict) else None for o in options]
+            if all(isinstance(t, str) for t in types) and len(set(types)) == len(types) and not {"integer", "number"} <= set(types): return
+        raise ValueError(f"{where}: oneOf is supported when its options cannot overlap (a discriminator with values of its "
+                         "own per option, or options of different types); otherwise use anyOf")
 
     def _frames_needed(self) -> list:
         "Per node, the fewest frames a reading holds at once on the shortest way through one of its values (inf: no way ends)."
@@ -1306,7 +1434,7 @@ class SchemaGrammar(Grammar):
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "seq": 0, "arr": "[", "map": "{", "any": None}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{", "any": None}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1316,6 +1444,7 @@ class SchemaGrammar(Grammar):
         if kind == "alt": return p in node[1] and not any(o != p and o.startswith(p) for o in node[1])
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
+        if kind == "real": return False                     # another digit is always possible
         if kind == "seq": return p == len(node[1])
         return p == "end"                                   # str, pat, arr, map
 
@@ -1376,6 +1505,7 @@ class SchemaGrammar(Grammar):
         def far(nid, p):
             kind = self.nodes[nid][0]
             if kind == "int": return "far" if _int_far(p, *self.nodes[nid][1:], digits) else p
+            if kind == "real": return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
             reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
@@ -1398,6 +1528,9 @@ class SchemaGrammar(Grammar):
         elif kind == "int":
             if _int_prefix(p + ch, *node[1:]): new = p + ch
             elif _int_within(p, *node[1:]): return _PASS
+        elif kind == "real":
+            new = _real_next(p, ch, *node[1:])
+            if new is None and (p == "free" or _real_within(p, *node[1:])): return _PASS
         elif kind == "arr":
             item, lo, hi = node[1:]
             if p == "[": new = ("first", 0) if ch == "[" else None
@@ -1464,7 +1597,9 @@ def _schema_grammar(key: str) -> SchemaGrammar: return SchemaGrammar(json.loads(
 
 def schema_grammar(schema: dict) -> SchemaGrammar:
     "The `SchemaGrammar` of `schema`, compiled once for the last 64 schemas (with the steps its `feed` remembers)."
-    return _schema_grammar(_compact(schema))
+    try: key = _compact(schema)
+    except (TypeError, ValueError) as e: raise ValueError(f"schema: not JSON ({e})") from None
+    return _schema_grammar(key)
 
 def grammar_of(params: "SamplingParams") -> Grammar | None:
     "The grammar a request's text must follow: its JSON schema's, any JSON object (JSON mode), or None."
