@@ -1317,7 +1317,7 @@ class SchemaGrammar(Grammar):
                 raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted(_FORMATS))})")
             return self._add(("pat", CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]])))
         if t in ("integer", "number"):
-            if not (bounded := sorted(_RANGE_KEYS & set(s))): return self._add(("num", t == "integer"))
+            if not _RANGE_KEYS & set(s): return self._add(("num", t == "integer"))
             return self._add(("int", *self._int_range(s, where)) if t == "integer" else ("real", *self._real_range(s, where)))
         if t == "boolean": return self._add(("alt", ("true", "false")))
         if t == "null": return self._add(("lit", "null"))
