@@ -1109,14 +1109,18 @@ class CharRegex:
                        for k, v in members)
         return (lambda c: not member(c, True)) if negate else (lambda c: member(c, False))
 
+    def _writable(self, test) -> bool:
+        "Some character a JSON string can hold without a \\u escape passes `test`."
+        sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
+        return any(map(test, sample))
+
     def _live(self) -> set[int]:
         "The states from which a JSON string can reach the match."
-        sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
         back = [[] for _ in self.eps]
         for s in range(len(self.eps)):
             for t in self.eps[s]: back[t].append(s)
             for test, t in self.moves[s]:
-                if any(map(test, sample)): back[t].append(s)
+                if self._writable(test): back[t].append(s)
         live, todo = {self.accept}, [self.accept]
         while todo:
             for s in back[todo.pop()]:
@@ -1134,6 +1138,30 @@ class CharRegex:
         return self._closure({t for s in state for test, t in self.moves[s] if test(ch)}) or None
 
     def accepts(self, state: frozenset) -> bool: return self.accept in state
+
+    def fits(self, state: frozenset, n: int, lo: int, hi: int | None) -> bool:
+        "From `state`, after `n` characters, some way on ends in a match of `lo` to `hi` (None: any) characters in all."
+        first, last = max(0, lo - n), None if hi is None else hi - n
+        if last is not None and last < first: return False
+        ends, loop_from = self.end_sets()
+        period = len(ends) - loop_from
+        stop = max(first, loop_from) + period - 1            # past it, the sets come round again
+        if last is not None: stop = min(stop, last)
+        return any(state & ends[k if k < len(ends) else loop_from + (k - loop_from) % period] for k in range(first, stop + 1))
+
+    def end_sets(self) -> tuple[list[frozenset], int]:
+        """`ends[k]`: the automaton states from which k more characters can end in the match; from index `loop_from`
+        on, the list repeats (`ends[len(ends)]` is `ends[loop_from]`): a finite automaton's lengths are periodic."""
+        if getattr(self, "_ends", None) is None:
+            closure = [self._closure({t}) for t in range(len(self.eps))]
+            writable = [[t for test, t in self.moves[s] if self._writable(test)] for s in range(len(self.eps))]
+            ends, seen = [frozenset({self.accept})], {}
+            while ends[-1] not in seen:
+                if len(ends) > 4096: raise ValueError(f"pattern {self.pattern!r}: its lengths repeat too late to bound them")
+                seen[ends[-1]] = len(ends) - 1
+                ends.append(frozenset(s for s in range(len(self.eps)) if any(closure[t] & ends[-1] for t in writable[s])))
+            self._ends = (ends[:-1], seen[ends[-1]])
+        return self._ends
 
 def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
     "Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`."
@@ -1228,8 +1256,8 @@ class SchemaGrammar(Grammar):
       has keys the model chooses and values that schema describes. The root is an object.
     - An array is its `items`, `minItems` to `maxItems` of them; a tuple, its `prefixItems`.
     - A `string` has `minLength` to `maxLength` characters (an escape counts one, so an escaped surrogate pair counts
-      two), or matches a `pattern` (`CharRegex`), or has a `format` among uuid, ipv4, date and email (a pattern all of
-      whose matches are valid).
+      two); it may also match a `pattern` (`CharRegex`) or have a `format` among uuid, ipv4, date and email (a
+      pattern all of whose matches are valid), and then takes a character only where the match can still end in time.
     - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
       a range is written without an exponent), `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
       one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
@@ -1237,7 +1265,7 @@ class SchemaGrammar(Grammar):
       recursion included.
     Anything else (other formats, `multipleOf`, `not`...) raises ValueError, as does a schema that no finite value
     satisfies.
-    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("pat", CharRegex),
+    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
     ("num", integer?), ("int", min, max) an integer in a range, ("real", min, max) a number in one, ("seq", node ids)
     one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
     of. A frame is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once
@@ -1311,11 +1339,12 @@ class SchemaGrammar(Grammar):
             return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
         if t == "string":
             if "pattern" not in s and "format" not in s: return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
-            if len({"pattern", "format", "minLength", "maxLength"} & set(s)) > 1:
-                raise ValueError(f"{where}: pattern or format with each other or with minLength or maxLength not supported (say it in the pattern)")
+            if "pattern" in s and "format" in s: raise ValueError(f"{where}: pattern and format together not supported (say it in the pattern)")
             if "format" in s and s["format"] not in _FORMATS:
                 raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted(_FORMATS))})")
-            return self._add(("pat", CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]])))
+            regex, (lo, hi) = CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]]), self._bounds(s, "minLength", "maxLength", where)
+            if (lo, hi) != (0, None) and not regex.fits(regex.start, 0, lo, hi): raise ValueError(f"{where}: no string of {lo} to {hi} characters matches {regex.pattern!r}")
+            return self._add(("pat", regex, lo, hi))
         if t in ("integer", "number"):
             if not _RANGE_KEYS & set(s): return self._add(("num", t == "integer"))
             return self._add(("int", *self._int_range(s, where)) if t == "integer" else ("real", *self._real_range(s, where)))
@@ -1369,7 +1398,7 @@ class SchemaGrammar(Grammar):
 
     def _ref(self, ref, where: str, depth: int) -> int:
         "The node of the part of the schema that `ref` points at: compiled once, so a reference inside it comes back here."
-        if ref in self._refs: return self._refs[ref]
+        if isinstance(ref, str) and ref in self._refs: return self._refs[ref]
         target = self._target(ref, where)
         nid = self._refs[ref] = self._add(None)
         self.nodes[nid] = ("any", (self._compile(target, ref, depth + 1),))
@@ -1521,7 +1550,7 @@ class SchemaGrammar(Grammar):
             if any(o.startswith(p + ch) for o in node[1]): new = p + ch
             elif p in node[1]: return _PASS
         elif kind == "str": new = self._string(p, ch, *node[1:])
-        elif kind == "pat": new = self._patterned(p, ch, node[1])
+        elif kind == "pat": new = self._patterned(p, ch, *node[1:])
         elif kind == "num":
             new = self._number(p, ch, integer=node[1])
             if new is None and p in ("0", "int", "frac", "exp"): return _PASS
@@ -1555,17 +1584,21 @@ class SchemaGrammar(Grammar):
         return "ok"
 
     @staticmethod
-    def _patterned(p, ch, regex: CharRegex):
-        "Progress in a string that matches a pattern: '\"' before it, then (escape in progress, the regex's state)."
-        if p == '"': return ("", regex.start) if ch == '"' else None
-        escape, at = p
+    def _patterned(p, ch, regex: CharRegex, lo: int, hi: int | None):
+        """Progress in a string of lo to hi characters that matches a pattern: '\"' before it, then (escape in progress,
+        the regex's state, characters so far). A character is taken only if some way on still ends in time."""
+        if p == '"': return ("", regex.start, 0) if ch == '"' else None
+        escape, at, n = p
         after = json_string_step(escape, ch)
-        if after is STRING_END: return "end" if regex.accepts(at) else None
+        if after is STRING_END: return "end" if regex.accepts(at) and n >= lo else None
         if after is None or after[0][:1] == "u" or after[1] == UNICODE_ESCAPE: return None    # \uXXXX is not taken
+        def on(at):                                                  # the state after one more character, or None
+            if lo == 0 and hi is None: return at                     # (any live state can end: CharRegex keeps only those)
+            return at if at and regex.fits(at, n + 1, lo, hi) else None
         escape, completed = after
-        if escape: return (escape, at) if any(regex.step(at, c) for c in _JSON_ESCAPES.values()) else None   # some escape must fit
-        at = regex.step(at, completed)
-        return (escape, at) if at else None
+        if escape: return (escape, at, n) if any(on(regex.step(at, c)) for c in _JSON_ESCAPES.values()) else None   # some escape must fit
+        at = on(regex.step(at, completed))
+        return (escape, at, min(n + 1, max(lo, hi or 0))) if at else None      # counts stop at the larger bound
 
     @staticmethod
     def _string(p, ch, lo, hi):
