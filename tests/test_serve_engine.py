@@ -1051,6 +1051,17 @@ def test_char_regex_matches_what_python_re_matches(pattern, data):
         state = g.step(state, ch)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text("()[]{}|*+?.^$\\-,0123456789abdswDSW:=!<>", max_size=24), st.integers(0, 3), st.one_of(st.none(), st.integers(0, 3)))
+def test_char_regex_refuses_what_it_cannot_read_with_a_value_error(pattern, lo, extra):
+    """Any text as a pattern, with or without lengths: compiled, or ValueError (a 400 at the server), nothing else."""
+    from guide.serve.engine import SchemaGrammar
+    schema = {"type": "string", "pattern": pattern, "minLength": lo, **({} if extra is None else {"maxLength": lo + extra})}
+    try: g = SchemaGrammar({"type": "object", "properties": {"s": schema}})
+    except ValueError: return
+    g.feed(g.start, '{"s":"ab0')
+
+
 @settings(max_examples=300, deadline=None)
 @given(_patterns(), st.integers(0, 4), st.one_of(st.none(), st.integers(0, 5)), st.data())
 def test_patterns_with_lengths_read_the_matches_of_those_lengths(pattern, lo, extra, data):

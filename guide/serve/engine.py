@@ -2,7 +2,7 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, functools, hashlib, itertools, json, math, os, queue, random, re, threading, time, uuid, weakref
+import asyncio, functools, hashlib, itertools, json, math, os, queue, random, re, threading, time, uuid, warnings, weakref
 import re._constants as _sre, re._parser as _sre_parse    # Python's own regex parser (CharRegex)
 from array import array
 from collections import OrderedDict, deque
@@ -1044,21 +1044,30 @@ class CharRegex:
     def __init__(self, pattern: str):
         if not isinstance(pattern, str): raise ValueError(f"a pattern must be a string, got {pattern!r}")
         self.pattern, self.eps, self.moves, self.chars = pattern, [], [], set()
-        try: tree = _sre_parse.parse(pattern)
-        except re.error as e: raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)       # ("possible nested set": the server's log is no place for it)
+                tree = _sre_parse.parse(pattern)
+        except (re.error, RecursionError) as e: raise ValueError(f"pattern {pattern!r} is not a regular expression we read: {e}") from None
         if tree.state.flags & ~re.UNICODE: raise ValueError(f"pattern {pattern!r}: flags are not supported")
         items = list(tree)
         anchored = items[:1] in ([(_sre.AT, _sre.AT_BEGINNING)], [(_sre.AT, _sre.AT_BEGINNING_STRING)])
         closed = items[-1:] in ([(_sre.AT, _sre.AT_END)], [(_sre.AT, _sre.AT_END_STRING)])
         begin = self._state()
         if not anchored: self.moves[begin].append((lambda c: True, begin))
-        self.accept = self._seq(items[anchored:len(items) - closed], begin)
+        try: self.accept = self._seq(items[anchored:len(items) - closed], begin)
+        except RecursionError: raise ValueError(f"pattern {pattern!r}: nested too deeply") from None
         if not closed: self.moves[self.accept].append((lambda c: True, self.accept))
         self.live = self._live()
         self.start = self._closure({begin})
         if not self.start: raise ValueError(f"pattern {pattern!r} matches no string that JSON can hold without \\u escapes")
 
-    def _state(self) -> int: self.eps.append([]); self.moves.append([]); return len(self.eps) - 1
+    max_states = 10_000            # a repeat copies what it repeats: (a{64}){64} is 4,162 states, one more {64} 266,000
+
+    def _state(self) -> int:
+        if len(self.eps) >= self.max_states:
+            raise ValueError(f"pattern {self.pattern!r}: over {self.max_states} automaton states (nested repeats multiply)")
+        self.eps.append([]); self.moves.append([]); return len(self.eps) - 1
 
     def _seq(self, items, s: int) -> int:
         "Wire `items` one after the other from state s; the state where they end."
@@ -1111,8 +1120,9 @@ class CharRegex:
 
     def _writable(self, test) -> bool:
         "Some character a JSON string can hold without a \\u escape passes `test`."
-        sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
-        return any(map(test, sample))
+        if getattr(self, "_sample", None) is None:
+            self._sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
+        return any(map(test, self._sample))
 
     def _live(self) -> set[int]:
         "The states from which a JSON string can reach the match."
@@ -1157,7 +1167,7 @@ class CharRegex:
             writable = [[t for test, t in self.moves[s] if self._writable(test)] for s in range(len(self.eps))]
             ends, seen = [frozenset({self.accept})], {}
             while ends[-1] not in seen:
-                if len(ends) > 4096: raise ValueError(f"pattern {self.pattern!r}: its lengths repeat too late to bound them")
+                if len(ends) * len(self.eps) > 2_000_000: raise ValueError(f"pattern {self.pattern!r}: its lengths repeat too late to bound them")
                 seen[ends[-1]] = len(ends) - 1
                 ends.append(frozenset(s for s in range(len(self.eps)) if any(closure[t] & ends[-1] for t in writable[s])))
             self._ends = (ends[:-1], seen[ends[-1]])
