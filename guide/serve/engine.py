@@ -2,7 +2,7 @@
 
 # %% ../../nbs/20_engine.ipynb #c003
 from __future__ import annotations
-import asyncio, functools, hashlib, itertools, json, math, os, queue, random, re, threading, time, uuid, warnings, weakref
+import asyncio, bisect, functools, hashlib, itertools, json, math, os, queue, random, re, threading, time, uuid, warnings, weakref
 import re._constants as _sre, re._parser as _sre_parse    # Python's own regex parser (CharRegex)
 from array import array
 from collections import OrderedDict, deque
@@ -1258,6 +1258,17 @@ def _real_far(text: str, lo: Fraction | None, hi: Fraction | None, horizon: int)
     v = int(body)
     return _inside(text.startswith("-"), v, (v + 1) * 10**horizon, lo, hi)
 
+def _starts(options: tuple[str, ...], prefix: str, after: int = 0) -> bool:
+    """Some one of the sorted `options` starts with `prefix` (past the first `after` that do): a binary search, for an
+    enum may hold thousands of values and a mask asks once per token."""
+    i = bisect.bisect_left(options, prefix) + after
+    return i < len(options) and options[i].startswith(prefix)
+
+def _one_of(options: tuple[str, ...], text: str) -> bool:
+    "`text` is one of the sorted `options`."
+    i = bisect.bisect_left(options, text)
+    return i < len(options) and options[i] == text
+
 class SchemaGrammar(Grammar):
     """The compact JSON texts that a JSON schema describes, character by character: the subset that OpenAI's strict
     structured outputs take, which is also what Pydantic's `Model.model_json_schema()` writes.
@@ -1275,7 +1286,7 @@ class SchemaGrammar(Grammar):
       recursion included.
     Anything else (other formats, `multipleOf`, `not`...) raises ValueError, as does a schema that no finite value
     satisfies.
-    The schema compiles to nodes: ("lit", text), ("alt", texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
+    The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
     ("num", integer?), ("int", min, max) an integer in a range, ("real", min, max) a number in one, ("seq", node ids)
     one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
     of. A frame is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once
@@ -1319,7 +1330,7 @@ class SchemaGrammar(Grammar):
         if "enum" in s:
             if not isinstance(s["enum"], list) or not s["enum"] or any(isinstance(v, (dict, list)) for v in s["enum"]):
                 raise ValueError(f"{where}: enum must be a non-empty list of strings, numbers, booleans or null")
-            return self._add(("alt", tuple(dict.fromkeys(self._value_text(v, where) for v in s["enum"]))))
+            return self._add(("alt", tuple(sorted({self._value_text(v, where) for v in s["enum"]}))))
         t = s.get("type")
         if isinstance(t, list):
             if not t or len(set(map(str, t))) < len(t): raise ValueError(f"{where}: type must be a type or a non-empty list of distinct types")
@@ -1358,7 +1369,7 @@ class SchemaGrammar(Grammar):
         if t in ("integer", "number"):
             if not _RANGE_KEYS & set(s): return self._add(("num", t == "integer"))
             return self._add(("int", *self._int_range(s, where)) if t == "integer" else ("real", *self._real_range(s, where)))
-        if t == "boolean": return self._add(("alt", ("true", "false")))
+        if t == "boolean": return self._add(("alt", ("false", "true")))
         if t == "null": return self._add(("lit", "null"))
         raise ValueError(f"{where}: type {t!r} not supported (object, array, string, integer, number, boolean, null)")
 
@@ -1480,7 +1491,7 @@ class SchemaGrammar(Grammar):
         node = self.nodes[nid]
         kind = node[0]
         if kind == "lit": return p == len(node[1])
-        if kind == "alt": return p in node[1] and not any(o != p and o.startswith(p) for o in node[1])
+        if kind == "alt": return _one_of(node[1], p) and not _starts(node[1], p, after=1)
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind == "real": return False                     # another digit is always possible
@@ -1557,8 +1568,8 @@ class SchemaGrammar(Grammar):
         kind, new = node[0], None
         if kind == "lit": new = p + 1 if node[1][p] == ch else None
         elif kind == "alt":
-            if any(o.startswith(p + ch) for o in node[1]): new = p + ch
-            elif p in node[1]: return _PASS
+            if _starts(node[1], p + ch): new = p + ch
+            elif _one_of(node[1], p): return _PASS
         elif kind == "str": new = self._string(p, ch, *node[1:])
         elif kind == "pat": new = self._patterned(p, ch, *node[1:])
         elif kind == "num":
