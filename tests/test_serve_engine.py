@@ -1182,19 +1182,21 @@ def test_a_grammar_with_no_way_on_ends_only_its_request(base):
 
 
 def test_masks_shared_by_mask_key_are_the_masks(base):
-    """States whose counts no token can reach (a string's length, an array's items, an integer's or a number's digits) share one
-    cached mask: for every state on the way through texts near and far from the bounds, the cached mask is the one
-    computed from that state alone, and fewer masks than states were computed."""
+    """States whose counts no token can reach (a string's length, with or without a pattern, an array's items, an
+    integer's or a number's digits) share one cached mask: for every state on the way through texts near and far from
+    the bounds, the cached mask is the one computed from that state alone, and fewer masks than states were computed."""
     import json
     from guide.serve.engine import JsonConstraint, SchemaGrammar
     _, tok = base
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 150},
               "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60},
-              "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40}}}
+              "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40},
+              "p": {"type": "string", "pattern": "^([a-z]+ )*$", "minLength": 2, "maxLength": 120}}}
     g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
     states = set()
     for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
-        text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}")},
+        text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}"),
+                           "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)]},
                           separators=(",", ":"))
         state = g.start
         for ch in text: states.add(state); state = g.step(state, ch)

@@ -316,22 +316,32 @@ def test_json_mode_answers_parse(client):
 
 def test_openai_parse_helper_returns_pydantic_models(client):
     """The openai SDK's own structured-output helper: `chat.completions.parse(response_format=Model)` sends the strict
-    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems, minimum and maximum, pattern) and parses the
-    answer back into the model; an answer cut by max_tokens is the SDK's LengthFinishReasonError."""
+    JSON schema of a Pydantic model ($defs, $ref, recursion, anyOf for Optional, maxLength, maxItems, minimum and
+    maximum on integers and floats, a pattern with a maxLength, a tagged union) and parses the answer back into the
+    model; an answer cut by max_tokens is the SDK's LengthFinishReasonError."""
+    from typing import Literal
     from pydantic import BaseModel, Field
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        good: bool
     class Address(BaseModel):
         city: str = Field(max_length=10)
-        zip: str = Field(pattern=r"^[0-9]{5}$")
+        zip: str = Field(pattern=r"^[0-9]+$", max_length=5)
     class Person(BaseModel):
         name: str = Field(max_length=10)
         age: int | None = Field(ge=0, le=150)
+        height: float = Field(gt=0, le=2.5)
+        pet: Cat | Dog | None = Field(discriminator="kind")
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
     parsed = 0
     for seed in range(4):
         try:
             r = client.chat.completions.parse(model="tiny-base", messages=[{"role": "user", "content": "A person as JSON."}],
-                                              max_tokens=96, temperature=0.8, seed=seed, response_format=Person)
+                                              max_tokens=160, temperature=0.8, seed=seed, response_format=Person)
         except openai.LengthFinishReasonError: continue
         assert isinstance(r.choices[0].message.parsed, Person) and r.choices[0].finish_reason == "stop"
         parsed += 1

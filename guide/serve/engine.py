@@ -1556,11 +1556,21 @@ class SchemaGrammar(Grammar):
             kind = self.nodes[nid][0]
             if kind == "int": return "far" if _int_far(p, *self.nodes[nid][1:], digits) else p
             if kind == "real": return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p
+            if kind == "pat": return p[:-1] + (-1,) if type(p) is tuple and self._pattern_far(self.nodes[nid], p[-1], chars) else p
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
             reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
             return p[:-1] + (-1,) if (hi is None or hi - n > reach) and (n >= lo or lo - n > reach) else p
         return frozenset(tuple((nid, far(nid, p)) for nid, p in stack) for stack in state)
+
+    @staticmethod
+    def _pattern_far(node, n: int, chars: int) -> bool:
+        """A pattern's length bounds are out of a token's reach after `n` characters: at least minLength written, and
+        maxLength further off than `chars` and a whole period of the match's end lengths (`CharRegex.end_sets`)."""
+        _, regex, lo, hi = node
+        if hi is None or n < lo: return False
+        ends, loop_from = regex.end_sets()
+        return hi - n - chars >= len(ends)                  # (len(ends): loop_from and one period)
 
     def _consume(self, nid, p, ch, stack):
         "Feed ch to the innermost frame: 'ok' (stack updated), 'retry' (an item pushed for ch to start), _PASS, or None."
