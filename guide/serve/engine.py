@@ -1058,7 +1058,8 @@ class CharRegex:
         try: self.accept = self._seq(items[anchored:len(items) - closed], begin)
         except RecursionError: raise ValueError(f"pattern {pattern!r}: nested too deeply") from None
         if not closed: self.moves[self.accept].append((lambda c: True, self.accept))
-        self.live = self._live()
+        self._sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
+        self.live, self._ends = self._live(), None
         self.start = self._closure({begin})
         if not self.start: raise ValueError(f"pattern {pattern!r} matches no string that JSON can hold without \\u escapes")
 
@@ -1119,9 +1120,7 @@ class CharRegex:
         return (lambda c: not member(c, True)) if negate else (lambda c: member(c, False))
 
     def _writable(self, test) -> bool:
-        "Some character a JSON string can hold without a \\u escape passes `test`."
-        if getattr(self, "_sample", None) is None:
-            self._sample = [chr(i) for i in range(32, 127)] + list("\b\f\n\r\té中") + [c for c in self.chars if c >= " " or c in "\b\f\n\r\t"]
+        "Some character a JSON string can hold without a \\u escape passes `test` (of those in `_sample`)."
         return any(map(test, self._sample))
 
     def _live(self) -> set[int]:
@@ -1162,7 +1161,7 @@ class CharRegex:
     def end_sets(self) -> tuple[list[frozenset], int]:
         """`ends[k]`: the automaton states from which k more characters can end in the match; from index `loop_from`
         on, the list repeats (`ends[len(ends)]` is `ends[loop_from]`): a finite automaton's lengths are periodic."""
-        if getattr(self, "_ends", None) is None:
+        if self._ends is None:
             closure = [self._closure({t}) for t in range(len(self.eps))]
             writable = [[t for test, t in self.moves[s] if self._writable(test)] for s in range(len(self.eps))]
             ends, seen = [frozenset({self.accept})], {}
@@ -1172,31 +1171,6 @@ class CharRegex:
                 ends.append(frozenset(s for s in range(len(self.eps)) if any(closure[t] & ends[-1] for t in writable[s])))
             self._ends = (ends[:-1], seen[ends[-1]])
         return self._ends
-
-def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
-    "Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`."
-    digits = text[1:] if text[:1] == "-" else text
-    if not all("0" <= c <= "9" for c in digits) or (digits[:1] == "0" and (len(text) > 1)): return False   # no 01, -0
-    if not digits: return not text or lo is None or lo < 0
-    v, k = int(digits), 0
-    while True:                                  # the integers of k more digits: a run of 10**k, further from 0 as k grows
-        a, b = v * 10**k, (v + 1) * 10**k - 1
-        if text[0] == "-": a, b = -b, -a
-        if (hi is None or a <= hi) and (lo is None or b >= lo): return True
-        if digits == "0" or (text[0] == "-" and lo is not None and b < lo) or (text[0] != "-" and hi is not None and a > hi): return False
-        k += 1
-
-def _int_within(text: str, lo: int | None, hi: int | None) -> bool:
-    "`text` is a whole integer in [lo, hi]."
-    return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi)
-
-def _int_far(text: str, lo: int | None, hi: int | None, horizon: int) -> bool:
-    "Every integer that `text` and up to `horizon` more digits can write is in [lo, hi]: the bounds are out of reach."
-    digits = text.lstrip("-")
-    if not digits or digits == "0": return False
-    near, far = int(digits), (int(digits) + 1) * 10**horizon - 1
-    if text[0] == "-": near, far = -far, -near
-    return (lo is None or near >= lo) and (hi is None or far <= hi)
 
 def _range_bound(s: dict, key: str, where: str) -> int | float:
     "`s[key]`, a bound of a range: a number within ±1e300 (ValueError otherwise)."
@@ -1257,6 +1231,17 @@ def _real_far(text: str, lo: Fraction | None, hi: Fraction | None, horizon: int)
     if not body.isdigit() or body == "0": return False
     v = int(body)
     return _inside(text.startswith("-"), v, (v + 1) * 10**horizon, lo, hi)
+
+def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
+    """Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`: a number's test, for with
+    whole bounds a number in range that starts so can be made an integer in range; only '.', -0 and a '-' with no
+    negative integer in range are the integer's own refusals."""
+    if "." in text or text.startswith("-0") or (text == "-" and lo is not None and lo >= 0): return False
+    return _real_prefix(text, lo, hi)
+
+def _int_within(text: str, lo: int | None, hi: int | None) -> bool:
+    "`text` is a whole integer in [lo, hi]."
+    return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi)
 
 def _starts(options: tuple[str, ...], prefix: str, after: int = 0) -> bool:
     """Some one of the sorted `options` starts with `prefix` (past the first `after` that do): a binary search, for an
@@ -1554,8 +1539,7 @@ class SchemaGrammar(Grammar):
         chars, digits = horizon
         def far(nid, p):
             kind = self.nodes[nid][0]
-            if kind == "int": return "far" if _int_far(p, *self.nodes[nid][1:], digits) else p
-            if kind == "real": return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p
+            if kind in ("int", "real"): return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p   # (for an integer, tighter by one)
             if kind == "pat": return p[:-1] + (-1,) if type(p) is tuple and self._pattern_far(self.nodes[nid], p[-1], chars) else p
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
