@@ -936,10 +936,16 @@ def _schemas_and_values():
         tuples = st.lists(inner, min_size=1, max_size=3).map(lambda svs: ({"type": "array", "prefixItems": [sv[0] for sv in svs], "minItems": len(svs),
                                                               "maxItems": len(svs)}, [sv[1] for sv in svs]))
         wrapped = inner.map(lambda sv: ({"allOf": [sv[0]], "description": "one schema"}, sv[1]))
-        tagged = st.lists(inner, min_size=1, max_size=3).flatmap(lambda opts: st.integers(0, len(opts) - 1).map(lambda i: (
-            {"oneOf": [{"type": "object", "properties": {"v": sv[0], "kind": {"const": f"k{j}"}}} for j, sv in enumerate(opts)],
-             "discriminator": {"propertyName": "kind"}}, {"v": opts[i][1], "kind": f"k{i}"})))
-        return st.one_of(arrays, bounded, objects, unions, maps, tuples, wrapped, tagged)
+        def tagged_object(tag, sv, tag_first): return {"type": "object", "properties": {"kind": tag, "v": sv[0]} if tag_first else {"v": sv[0], "kind": tag}}
+        tagged = st.tuples(st.lists(inner, min_size=1, max_size=3), st.booleans()).flatmap(lambda t: st.integers(0, len(t[0]) - 1).map(lambda i: (
+            {"oneOf": [tagged_object({"const": f"k{j}"}, sv, t[1]) for j, sv in enumerate(t[0])], "discriminator": {"propertyName": "kind"}},
+            {"kind": f"k{i}", "v": t[0][i][1]} if t[1] else {"v": t[0][i][1], "kind": f"k{i}"})))
+        tag_values = st.lists(st.sampled_from(["a", "ab", 1, 12, 1.5, True, None]), min_size=1, max_size=2, unique=True)
+        tag_unions = st.lists(st.tuples(inner, tag_values), min_size=1, max_size=4).flatmap(lambda opts: st.integers(0, len(opts) - 1).flatmap(
+            lambda i: st.sampled_from(opts[i][1]).map(lambda tag: (      # anyOf: values may repeat across options (then either rest)
+                {"anyOf": [tagged_object({"enum": vs} if len(vs) > 1 else {"const": vs[0]}, sv, True) for sv, vs in opts]},
+                {"kind": tag, "v": opts[i][0][1]}))))
+        return st.one_of(arrays, bounded, objects, unions, maps, tuples, wrapped, tagged, tag_unions)
     def top(sv, by_ref):
         if by_ref: return {"type": "object", "$defs": {"V": sv[0]}, "properties": {"v": {"$ref": "#/$defs/V"}}}, {"v": sv[1]}
         return {"type": "object", "properties": {"v": sv[0]}}, {"v": sv[1]}
@@ -980,6 +986,28 @@ def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits
         text = text[:i] + ch + text[i:] if how == 0 else text[:i] + text[i + 1:] if how == 1 else text[:i] + ch + text[i + 1:]
     state = g.feed(g.start, text)
     if state is not None and g.done(state): jsonschema.validate(json.loads(text), schema)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_schemas_and_values(), st.integers(0, 10**6), st.data())
+def test_tag_nodes_allow_what_a_reading_per_option_allows(schema_value, leave_at, data):
+    """Parity: the grammar that folds tagged anyOf/oneOf options into one "tag" node and the one that keeps a reading
+    per option (tags=False) allow the same characters and are done alike at every step, along a value's text up to a
+    point and then along a random walk from there (40 characters)."""
+    import json
+    from guide.serve.engine import SchemaGrammar
+    schema, value = schema_value
+    folded, per_option = SchemaGrammar(schema), SchemaGrammar(schema, tags=False)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    alphabet, leave_at = sorted(set(text) | set('{}[]",:0-1.2eEtrufalsnkv\\')), leave_at % (len(text) + 1)
+    a, b = folded.start, per_option.start
+    for i in range(leave_at + 40):
+        allowed = [c for c in alphabet if folded.step(a, c) is not None]
+        assert allowed == [c for c in alphabet if per_option.step(b, c) is not None], (text[:i], allowed)
+        assert folded.done(a) == per_option.done(b) and len(a) <= len(b)
+        if not allowed: break
+        ch = text[i] if i < leave_at else data.draw(st.sampled_from(allowed))
+        a, b = folded.step(a, ch), per_option.step(b, ch)
 
 
 _SCHEMA_WORDS = ["type", "properties", "required", "additionalProperties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf",

@@ -1274,15 +1274,16 @@ class SchemaGrammar(Grammar):
     The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
     ("num", integer?), ("int", min, max) an integer in a range, ("real", min, max) a number in one, ("seq", node ids)
     one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
-    of. A frame is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once
-    the root has closed; a state is the frozenset of the readings still possible (more than one only inside an
-    `anyOf` whose options have not yet parted)."""
-    def __init__(self, schema: dict):
+    of, ("tag", text, sorted value texts, node ids) the text, one of the values, then that value's node. A frame is
+    (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
+    closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose
+    options have not yet parted). With `tags` off, no "tag" nodes: a reading per option until they part."""
+    def __init__(self, schema: dict, tags: bool = True):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
-        self.schema, self.nodes, self._refs = schema, [], {}
+        self.schema, self.nodes, self._refs, self.tags, self._fits = schema, [], {}, tags, {}
         root = self._compile(schema, "schema", 0)
-        self.key = ("schema", _compact(schema))
+        self.key = ("schema", _compact(schema)) + (() if tags else ("no tags",))
         self.need = self._frames_needed()
         if self.need[root] == math.inf: raise ValueError("schema: no finite JSON value satisfies it (each one runs through a $ref cycle)")
         if self.need[root] > _SCHEMA_MAX_FRAMES: raise ValueError(f"schema: nested deeper than {JSON_MAX_DEPTH}")
@@ -1310,7 +1311,7 @@ class SchemaGrammar(Grammar):
             if not isinstance(s[head], list) or not s[head]: raise ValueError(f"{where}: {head} must be a non-empty list of schemas")
             options = tuple(self._compile(o, f"{where}.{head}[{i}]", depth + 1) for i, o in enumerate(s[head]))
             if head == "oneOf": self._check_one_of(s, where)              # (the options compiled: each is a schema we read)
-            return self._add(("any", options))
+            return self._union(options)
         if "const" in s: return self._add(("alt", (self._value_text(s["const"], where),)))
         if "enum" in s:
             if not isinstance(s["enum"], list) or not s["enum"] or any(isinstance(v, (dict, list)) for v in s["enum"]):
@@ -1453,6 +1454,49 @@ class SchemaGrammar(Grammar):
         raise ValueError(f"{where}: oneOf is supported when its options cannot overlap (a discriminator with values of its "
                          "own per option, or options of different types); otherwise use anyOf")
 
+    def _union(self, options: tuple[int, ...]) -> int:
+        """One of `options`: an "any" node, in which the options that are objects opening with the same key and a const
+        or enum value for it (tool calls, tagged unions) are folded into one "tag" node (unless `tags` is off). "any"
+        keeps a reading per option until their texts part; "tag" keeps one, finds the value among all the options'
+        values by bisection and then goes on with the rest of that option's object."""
+        groups, untagged = {}, []
+        for o in options:
+            if self.tags and (q := self._tagged(o)) is not None: groups.setdefault(self.nodes[self.nodes[q][1][0]][1], []).append(q)
+            else: untagged.append(o)
+        folded = []
+        for lead, seqs in groups.items():
+            if len(seqs) == 1: folded.append(seqs[0]); continue
+            after = {}                                       # value text -> the rests of the objects that allow it
+            for q in seqs:
+                parts = self.nodes[q][1]
+                rest = self._add(("seq", parts[2:]))
+                for text in self.nodes[parts[1]][1]: after.setdefault(text, []).append(rest)
+            texts = tuple(sorted(after))
+            rests = tuple(r[0] if len(r) == 1 else self._add(("any", tuple(r))) for r in map(after.get, texts))
+            folded.append(self._add(("tag", lead, texts, rests)))
+        return folded[0] if len(folded) == 1 and not untagged else self._add(("any", tuple(untagged + folded)))
+
+    def _tagged(self, nid: int) -> int | None:
+        """The sequence `nid` stands for (through $refs) if it opens with a literal, then a const or enum value, then a
+        literal that no value's text can go on with (',', '}' or ']': a value's text is complete JSON): an object whose
+        first property is a tag. None for anything else, a $ref still being compiled too."""
+        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1: nid = node[1][0]
+        if node is None or node[0] != "seq" or len(node[1]) < 3: return None
+        lead, value, then = (self.nodes[i] for i in node[1][:3])
+        if None in (lead, value, then) or (lead[0], value[0], then[0]) != ("lit", "alt", "lit") or then[1][:1] not in (",", "}", "]"): return None
+        return nid
+
+    def _fitting(self, nid: int, depth: int) -> tuple[str, ...]:
+        "The values of the tag node `nid`, as its frame's place `depth` in the stack allows: those whose rest fits in the frame limit."
+        if (nid, depth) not in self._fits:
+            _, _, texts, rests = self.nodes[nid]
+            self._fits[nid, depth] = tuple(t for t, r in zip(texts, rests) if depth + self.need[r] <= _SCHEMA_MAX_FRAMES)
+        return self._fits[nid, depth]
+
+    def _tag_rest(self, nid: int, value: str) -> int:
+        _, _, texts, rests = self.nodes[nid]
+        return rests[bisect.bisect_left(texts, value)]
+
     def _frames_needed(self) -> list:
         "Per node, the fewest frames a reading holds at once on the shortest way through one of its values (inf: no way ends)."
         need = [math.inf] * len(self.nodes)
@@ -1464,12 +1508,13 @@ class SchemaGrammar(Grammar):
                 if kind == "seq": n = 1 + max(need[c] for c in node[1])
                 elif kind == "arr": n = 1 + (need[node[1]] if node[2] > 0 else 0)
                 elif kind == "any": n = min(need[c] for c in node[1])
+                elif kind == "tag": n = min(need[r] for r in node[3])           # (the tag's frame becomes its rest's)
                 else: n = 1
                 if n < need[i]: need[i], changed = n, True
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{", "any": None}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{", "any": None, "tag": ""}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1479,7 +1524,7 @@ class SchemaGrammar(Grammar):
         if kind == "alt": return _one_of(node[1], p) and not _starts(node[1], p, after=1)
         if kind == "num": return node[1] and p == "0"       # an integer 0: no digit, '.' or 'e' may follow
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
-        if kind == "real": return False                     # another digit is always possible
+        if kind in ("real", "tag"): return False           # another digit is always possible; a tag becomes its rest
         if kind == "seq": return p == len(node[1])
         return p == "end"                                   # str, pat, arr, map
 
@@ -1508,6 +1553,10 @@ class SchemaGrammar(Grammar):
                     todo += [(stack + [(c, self._begin(c))], opened + (nid,)) for c in node[1]
                              if c not in opened and len(stack) + self.need[c] <= _SCHEMA_MAX_FRAMES]
                     break
+                if node[0] == "tag" and len(p) >= len(node[1]):     # the value's text complete and no longer: the rest
+                    value, texts = p[len(node[1]):], self._fitting(nid, len(stack) - 1)
+                    if _one_of(texts, value) and not _starts(texts, value, after=1):
+                        rest = self._tag_rest(nid, value); stack[-1] = (rest, self._begin(rest)); continue
                 if self._final(nid, p):
                     stack.pop(); self._item_ended(stack); continue
                 if node[0] == "seq":
@@ -1564,6 +1613,14 @@ class SchemaGrammar(Grammar):
         elif kind == "alt":
             if _starts(node[1], p + ch): new = p + ch
             elif _one_of(node[1], p): return _PASS
+        elif kind == "tag":
+            lead, texts = node[1], self._fitting(nid, len(stack) - 1)
+            if len(p) < len(lead): new = p + ch if lead[len(p)] == ch else None
+            elif _starts(texts, p[len(lead):] + ch): new = p + ch
+            elif _one_of(texts, p[len(lead):]):              # a number's text ended before ch: ch is the rest's
+                rest = self._tag_rest(nid, p[len(lead):])
+                stack[-1] = (rest, self._begin(rest))
+                return "retry"
         elif kind == "str": new = self._string(p, ch, *node[1:])
         elif kind == "pat": new = self._patterned(p, ch, *node[1:])
         elif kind == "num":
