@@ -3,12 +3,12 @@
 # cost the others (all steps: at most ~22 minutes; a short session runs a few, e.g. `decode tests profile`).
 # Results land in benchmarks/results/.
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR] [STEPS...]   # needs CUDA; RESULTS_DIR defaults to benchmarks/results
-#   STEPS: any of tests decode profile engine-paths http http-own batcher mfu, run in the order given (default: all, in that order); DECODE_ARGS="--no-compile --no-hf-compile" skips the torch.compile variants (guide's, transformers' static cache)
+#   STEPS: any of tests decode profile engine-paths sampling http http-own batcher mfu, run in the order given (default: all, in that order); DECODE_ARGS="--no-compile --no-hf-compile" skips the torch.compile variants (guide's, transformers' static cache)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 res=${1:-benchmarks/results}; shift || true
-steps=${*:-tests decode profile engine-paths http http-own batcher mfu}
+steps=${*:-tests decode profile engine-paths sampling http http-own batcher mfu}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 status=0
@@ -23,6 +23,7 @@ for s in $steps; do      # in the order given: put first what matters most if ti
       step 200 sh -c "python3 benchmarks/serve_speculative.py --device cuda --batches 1 8 32 --out '$res' &&
                       python3 benchmarks/serve_prefix_cache.py --device cuda --out '$res' &&
                       python3 benchmarks/serve_chunked_prefill.py --device cuda --out '$res'" ;;
+    sampling) step 60 python3 benchmarks/serve_sampling.py --device cuda --name serve_sampling_gpu --out "$res" ;;
     http) step 240 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 8 12 --clients 4 --concurrency 256 \
             --requests 400000 --time-limit 15 --shared-encoder --encoder-batch-size 128 --encoder-delay 0.002 --name serve_http_gpu --out "$res" ;;
     http-own) step 150 python3 benchmarks/serve_http.py --tier gpu --device cuda --workers 6 --clients 4 --concurrency 256 \
@@ -30,7 +31,7 @@ for s in $steps; do      # in the order given: put first what matters most if ti
     batcher) step 120 python3 benchmarks/serve_batcher.py --tier gpu --device cuda --requests 20000 --concurrency 64 \
             --max-batch-size 64 --name serve_batcher_gpu --out "$res" ;;
     mfu) step 240 python3 benchmarks/train_mfu_gpu.py --out "$res" ;;
-    *) echo "unknown step: $s (steps: tests decode profile engine-paths http http-own batcher mfu)"; status=1 ;;
+    *) echo "unknown step: $s (steps: tests decode profile engine-paths sampling http http-own batcher mfu)"; status=1 ;;
   esac
 done
 exit $status

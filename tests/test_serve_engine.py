@@ -448,6 +448,25 @@ def test_checked_drafts_replay_the_decode_graphs(base, monkeypatch, k):
     assert max(key[0] for key in eng.graphs.graphs) > 4          # a bucket wider than the batch: the rows of the drafts
 
 
+def test_top_k_batches_take_the_top_k_max_in_graphs_and_out(base, monkeypatch):
+    """A batch whose every sampled row has a top-k draws from the top `k_max` logits (`top_k_bound`), not a sort of the
+    vocabulary: the same tokens as one step at a time, eagerly and in multi-step bursts replayed from decode graphs (the
+    CPU stand-in), whose key holds k_max rounded up to a power of two."""
+    model, tok = base
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 2048) for _ in range(rng.randint(1, 20))] for _ in range(4)]
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=1.2, top_k=50, top_p=0.9, seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=20, ignore_eos=True), SamplingParams(max_tokens=20, temperature=0.7, top_k=3, seed=3, ignore_eos=True)]
+    want = [o["token_ids"] for o in Engine(model, tok, max_batch_size=4).generate(prompts, params)]
+    eager = Engine(model, tok, max_batch_size=4, decode_steps=4)
+    assert [o["token_ids"] for o in eager.generate(prompts, params)] == want
+    graphed = Engine(model, tok, max_batch_size=4, decode_steps=4)
+    graphed.graphs, replays = _cpu_decode_graphs(monkeypatch, model, graphed.cache, 4)
+    assert [o["token_ids"] for o in graphed.generate(prompts, params)] == want
+    assert replays and {key[3:] for key in graphed.graphs.graphs if key[2] > 1} == {(2, 64)}    # bursts: filtered, k_max 64
+
+
 def _small_encoder(device):
     from guide.serve.batcher import TextEncoder
     torch.manual_seed(0)

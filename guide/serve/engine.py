@@ -23,7 +23,7 @@ __all__ = ['INTERPRETED', 'GEMV_TILES', 'JSON_START', 'JSON_MAX_DEPTH', 'STRING_
            'SamplingParams', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache', 'step_forward', 'prefill_batch_forward',
            'prefill_forward', 'decode_forward', 'block_hash', 'PrefixCachingAllocator', 'decode_static', 'gemv',
            'decode_one', 'DecodeGraphs', 'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows',
-           'has_filters', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
+           'has_filters', 'top_k_bound', 'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer',
            'json_string_step', 'json_step', 'json_feed', 'json_done', 'Grammar', 'JsonObjectGrammar', 'CharRegex',
            'SchemaGrammar', 'schema_grammar', 'grammar_of', 'JsonConstraint', 'RequestOutput', 'Request', 'Engine',
            'prompt_lookup', 'AsyncEngine', 'make_trace']
@@ -587,10 +587,10 @@ class DecodeGraphs:
             if self.one is self.step or torch.cuda.get_device_capability(model.device) < (9, 0):
                 raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
             self.one = partial(self.one, pdl=True)
-        self.graphs: dict[tuple[int, int, int, int], tuple] = {}
+        self.graphs: dict[tuple, tuple] = {}            # (batch, blocks, steps, sampled, k_max) -> graph, inputs, outputs
         self.pool, self._weights = None, None
 
-    def _capture(self, B: int, NB: int, n: int, sampled: int):
+    def _capture(self, B: int, NB: int, n: int, sampled: int, k_max: int | None):
         dev = self.model.device
         inp = torch.full((B, 4 + NB), self.cache.null_block, dtype=torch.long, device=dev)
         inp[:, :4] = 0                          # token, position, seed, top_k; then the table: token 0 at position 0 of the null block
@@ -599,7 +599,7 @@ class DecodeGraphs:
         args = (self.model, self.cache, inp[:, 0], inp[:, 1], inp[:, 4:])
         top_k_top_p = (inp[:, 3], floats[:, 1]) if sampled == 2 else (None, None)     # 1: sampled, no row filters: no sort
         sampling = (floats[:, 0], *top_k_top_p, inp[:, 2]) if sampled else None
-        run = (lambda: multi_step(step, *args, n, self._weights, sampling)) if n else (lambda: step(*args, self._weights))
+        run = (lambda: multi_step(step, *args, n, self._weights, sampling, k_max)) if n else (lambda: step(*args, self._weights))
         graph, out = capture_cuda_graph(run, self.pool, dev)
         self.pool = graph.pool()                                         # all graphs share one memory pool
         return graph, inp, floats, out
@@ -621,7 +621,9 @@ class DecodeGraphs:
         weights = _fused_weights(self.model)
         if weights is not self._weights: self.graphs.clear(); self.pool, self._weights = None, weights   # weights changed: recapture
         sampled = 0 if sampling is None else 2 if has_filters(sampling) else 1                          # greedy, sampled, filtered
-        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampled)   # (batch, blocks, steps, sampled)
+        bound = top_k_bound(sampling) if sampled == 2 else None
+        k_max = None if bound is None else 1 << (bound - 1).bit_length()     # a power of two from the largest top-k: few graphs
+        key = (_bucket(B, self.batch_sizes), _bucket(nb, self.block_sizes), n, sampled, k_max)   # (batch, blocks, steps, sampled, k_max)
         if key not in self.graphs: self.graphs[key] = self._capture(*key)
         graph, inp, floats, out = self.graphs[key]
         null, pad = self.cache.null_block, key[0] - B
@@ -782,29 +784,33 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15); x = (x * 0x1B873593) & _M32
     return x ^ (x >> 16)
 
-def sampling_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    "Standard Gumbel noise (B, V) that depends only on each row's seed (< 2**63) and position: a pure function, no state."
+def sampling_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard Gumbel noise (B, V) that depends only on each row's seed (< 2**63) and position: a pure function, no
+    state. With `tokens` (B, k), only the noise of those token ids (B, k): the same values, without the rest."""
     h = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
-    bits = _mix32((h[:, None] + torch.arange(vocab_size, device=seeds.device) * 0x9E3779B9) & _M32)
+    ids = torch.arange(vocab_size, device=seeds.device) if tokens is None else tokens
+    bits = _mix32((h[:, None] + ids * 0x9E3779B9) & _M32)
     u = ((bits >> 9).float() + 0.5) / 2**23                # uniform in (0, 1): 23 bits, exact in float32
     return -torch.log(-torch.log(u))
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                seeds: torch.Tensor, positions: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     """One token per row of `logits` (B, V), each row with its own settings, all (B,) tensors: `temperature`
     (< 1e-4: greedy), `top_k` (0: all), `top_p` (1: all), `seeds`, and `positions` (of the tokens being drawn).
     Gumbel-max over the top-k / top-p filtered `logits / temperature` (the filters of `guide.model.sample_next`).
-    `top_k` and `top_p` both None: no row filters, and the sort over the vocabulary is skipped."""
+    `top_k` and `top_p` both None: no row filters, and the sort over the vocabulary is skipped. `k_max`: no sampled
+    row keeps more than `k_max` tokens (`top_k_bound`), so the top `k_max` are taken instead of sorting the
+    vocabulary, and noise is made for those alone: the same tokens."""
     V = logits.shape[-1]
     kept = logits.float() / temperature.clamp_min(1e-4)[:, None]
-    if top_k is not None:
-        s, order = kept.sort(-1, descending=True)
-        rank = torch.arange(V, device=logits.device)
+    if top_k is None: drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
+    else:
+        s, order = kept.topk(min(k_max, V), -1) if k_max else kept.sort(-1, descending=True)
+        rank = torch.arange(s.shape[-1], device=logits.device)
         s = s.masked_fill((rank >= top_k[:, None]) & (top_k[:, None] > 0), float("-inf"))
         p = s.softmax(-1)
         s = s.masked_fill((p.cumsum(-1) - p > top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))   # the smallest set reaching top_p
-        kept = torch.empty_like(s).scatter_(-1, order, s)
-    drawn = (kept + sampling_noise(seeds, positions, V)).argmax(-1)
+        drawn = order.gather(-1, (s + sampling_noise(seeds, positions, V, order)).argmax(-1, keepdim=True))[:, 0]
     return torch.where(temperature < 1e-4, logits.argmax(-1), drawn)
 
 def _token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -818,6 +824,12 @@ def has_filters(rows: list[tuple]) -> bool:
     "Whether any of the `(temperature, top_k, top_p, seed)` rows has a top-k or top-p filter (then `sample_rows` sorts)."
     return any(k > 0 or p < 1 for _, k, p, _ in rows)
 
+def top_k_bound(rows: list[tuple]) -> int | None:
+    """The largest top-k among the `(temperature, top_k, top_p, seed)` rows if every sampled row has one (then
+    `sample_rows(..., k_max=)` need not sort the vocabulary); None if a sampled row may keep any token."""
+    sampled = [k for t, k, _, _ in rows if t >= 1e-4]
+    return max(sampled) if sampled and min(sampled) > 0 else None
+
 def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ...]:
     """Per-row `(temperature, top_k, top_p, seed)` tuples as the four tensors `sample_rows` takes before `positions`;
     top_k and top_p are None when no row filters (the OpenAI API's default: a temperature and nothing else)."""
@@ -829,15 +841,15 @@ def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ..
 # %% ../../nbs/20_engine.ipynb #c035
 @torch.no_grad()
 def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-               n: int, weights: list[tuple] | None = None, sampling: tuple | None = None) -> torch.Tensor:
+               n: int, weights: list[tuple] | None = None, sampling: tuple | None = None, k_max: int | None = None) -> torch.Tensor:
     """`n` decode steps with no host round trip: each step's token is the next step's input, on the device, so all
     `n` can be captured as one CUDA graph. The token is the argmax, or with `sampling` (`sampling_tensors`'
-    four tensors) `sample_rows`' draw. `step` is `decode_static` or `decode_one` (or a partial of them);
+    four tensors) `sample_rows`' draw (with its `k_max`). `step` is `decode_static` or `decode_one` (or a partial of them);
     `tables` (B, NB) must already hold the blocks of positions up to `positions + n - 1`. Returns the tokens (B, n)."""
     out = []
     for j in range(n):
         logits = step(model, cache, tokens, positions + j, tables, weights)
-        tokens = logits.argmax(-1) if sampling is None else sample_rows(logits, *sampling, positions + j + 1)
+        tokens = logits.argmax(-1) if sampling is None else sample_rows(logits, *sampling, positions + j + 1, k_max)
         out.append(tokens)
     return torch.stack(out, 1)
 
@@ -2165,7 +2177,7 @@ class Engine:
             dev, nb = self.model.device, max(map(len, tables))
             padded = torch.tensor(_padded(tables, nb, self.cache.null_block), device=dev)
             ahead = multi_step(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                               padded, n, sampling=sampling and sampling_tensors(sampling, dev))
+                               padded, n, sampling=sampling and sampling_tensors(sampling, dev), k_max=sampling and top_k_bound(sampling))
         done = []
         for req in decode: req.computed = req.num_tokens - 1 + n      # (positions past a stop hold dropped tokens: `_offer` stops at num_tokens)
         for req, row in zip(decode, ahead.tolist()):
@@ -2193,7 +2205,8 @@ class Engine:
         draw = [i for i in range(len(rows)) if i not in forced]         # a row the grammar leaves one token needs no draw
         if not draw: return [forced[i] for i in range(len(rows))]
         if forced: logits, sampling, positions = logits[draw], [sampling[i] for i in draw], [positions[i] for i in draw]
-        drawn = dict(zip(draw, sample_rows(logits, *sampling_tensors(sampling, logits.device), torch.tensor(positions, device=logits.device)).tolist()))
+        drawn = sample_rows(logits, *sampling_tensors(sampling, logits.device), torch.tensor(positions, device=logits.device), top_k_bound(sampling))
+        drawn = dict(zip(draw, drawn.tolist()))
         return [forced[i] if i in forced else drawn[i] for i in range(len(rows))]
 
     def _adjusted(self, rows: list[Request], logits: torch.Tensor, states: list | None = None) -> torch.Tensor:
