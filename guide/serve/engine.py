@@ -1492,7 +1492,8 @@ class SchemaGrammar(Grammar):
         """The sequence `nid` stands for (through $refs) if it opens with a literal, then a const or enum value, then a
         literal that no value's text can go on with (',', '}' or ']': a value's text is complete JSON): an object whose
         first property is a tag. None for anything else, a $ref still being compiled too."""
-        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1: nid = node[1][0]
+        seen = set()                                    # (a $ref to itself is an "any" of itself)
+        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1 and nid not in seen: seen.add(nid); nid = node[1][0]
         if node is None or node[0] != "seq" or len(node[1]) < 3: return None
         lead, value, then = (self.nodes[i] for i in node[1][:3])
         if None in (lead, value, then) or (lead[0], value[0], then[0]) != ("lit", "alt", "lit") or then[1][:1] not in (",", "}", "]"): return None
