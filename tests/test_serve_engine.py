@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from guide.core import setup_torch
 from guide.model import Llama, ModelConfig, generate
@@ -1040,6 +1040,7 @@ _SCHEMA_WORDS = ["type", "properties", "required", "additionalProperties", "item
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_SCHEMA_WORDS), inner, max_size=4),
                     max_leaves=24),
        st.dictionaries(st.sampled_from(_SCHEMA_WORDS), st.sampled_from(_SCHEMA_WORDS + [0, 1.5, -3, 10**400, float("nan"), [], {}]), max_size=3))
+@example({"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}, {"$ref": "#/$defs/a"})       # a $ref to itself among options
 def test_schema_grammar_refuses_what_it_cannot_read_with_a_value_error(value_schema, defs):
     """Any JSON (NaN, infinities and huge integers too) given as a schema: SchemaGrammar compiles it or raises
     ValueError, nothing else (the server answers that with a 400); what compiles reads text without raising."""
