@@ -1140,32 +1140,42 @@ def test_patterns_with_lengths_read_the_matches_of_those_lengths(pattern, lo, ex
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["uuid", "ipv4", "date", "email"]), st.data())
+@given(st.sampled_from(["uuid", "ipv4", "ipv6", "date", "time", "date-time", "duration", "email", "hostname", "uri"]), st.data())
 def test_formats_write_only_valid_values(fmt, data):
-    """A string format is a pattern all of whose matches are valid: each passes jsonschema's FormatChecker (and parses
-    as a uuid, an IPv4 address, a date); real values of the format are read too (uuid4, any IPv4 address, dates but
-    29 February)."""
+    """A string format is a pattern all of whose matches are valid: each passes jsonschema's FormatChecker (draft
+    2020-12) and Pydantic's parsing of the type whose schema has that format; real values of the format are read too
+    (what Python's and Pydantic's own writers give: uuid4, any IP address, times and dates with an offset but 29
+    February, timedeltas of whole microseconds under 100 years...)."""
     import datetime
     import ipaddress
     import json
     import uuid
     import jsonschema
+    import pydantic
     from guide.serve.engine import _FORMATS, SchemaGrammar
+    types = {"uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address, "date": datetime.date, "time": datetime.time,
+             "date-time": datetime.datetime, "duration": datetime.timedelta, "uri": pydantic.AnyUrl}
     text = data.draw(st.from_regex(_FORMATS[fmt], fullmatch=True))
-    assert jsonschema.FormatChecker().conforms(text, fmt), text
-    {"uuid": uuid.UUID, "ipv4": ipaddress.IPv4Address, "date": datetime.date.fromisoformat, "email": lambda t: t.index("@")}[fmt](text)
+    assert jsonschema.Draft202012Validator.FORMAT_CHECKER.conforms(text, fmt), text
+    if fmt in types: pydantic.TypeAdapter(types[fmt]).validate_python(text)
+    zone = datetime.timezone(datetime.timedelta(minutes=data.draw(st.integers(-23 * 60 - 59, 23 * 60 + 59))))
+    moment = data.draw(st.datetimes(datetime.datetime(1000, 1, 1), timezones=st.just(zone)).filter(lambda d: (d.month, d.day) != (2, 29)))
     real = {"uuid": lambda: str(uuid.UUID(int=data.draw(st.integers(0, 2**128 - 1)), version=4)),
             "ipv4": lambda: str(ipaddress.IPv4Address(data.draw(st.integers(0, 2**32 - 1)))),
-            "date": lambda: data.draw(st.dates(datetime.date(1000, 1, 1)).filter(lambda d: (d.month, d.day) != (2, 29))).isoformat(),
-            "email": lambda: "ada.lovelace@example.org"}[fmt]()
+            "ipv6": lambda: str(ipaddress.IPv6Address(data.draw(st.integers(0, 2**128 - 1)))),
+            "date": lambda: moment.date().isoformat(), "time": lambda: moment.timetz().isoformat(), "date-time": lambda: moment.isoformat(),
+            "duration": lambda: json.loads(pydantic.TypeAdapter(datetime.timedelta).dump_json(
+                data.draw(st.timedeltas(datetime.timedelta(0), datetime.timedelta(days=36499))))),
+            "email": lambda: "ada.lovelace@example.org", "hostname": lambda: data.draw(st.sampled_from(["localhost", "example.com", "api.eu-west-1.example.org"])),
+            "uri": lambda: data.draw(st.sampled_from(["https://example.com", "http://docs.example.org:8080/guide/serve.html", "https://a.io/x/y_z~1/"]))}[fmt]()
     g = SchemaGrammar({"type": "object", "properties": {"v": {"type": "string", "format": fmt}}})
     state = g.feed(g.start, json.dumps({"v": real}, separators=(",", ":")))
     assert state is not None and g.done(state), real
 
 
 def test_schema_grammar_takes_a_pydantic_model(base):
-    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern
-    and a tagged union: the grammar
+    """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern,
+    formats (date, date-time, duration) and a tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
@@ -1189,6 +1199,8 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         friends: list["Person"] = Field(max_length=2)
         scores: dict[str, int]
         born: datetime.date
+        seen: datetime.datetime
+        since: datetime.timedelta
         pair: tuple[int, bool]
         height: float = Field(gt=0, le=2.5)
         pet: Cat | Dog | None = Field(discriminator="kind")
@@ -1197,11 +1209,13 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", pair=(0, True), height=0.9, pet=None)],
-                 scores={"go": 3, "": -1}, born="1815-12-10", pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9)).model_dump(mode="json")
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None)],
+                 scores={"go": 3, "": -1}, born="1815-12-10", seen="1843-10-01T09:15:30.25+01:00",
+                 since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9)).model_dump(mode="json")
     assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False}))
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
                 dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, home={"city": "Oslo", "zip": "0150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1]),
+                dict(ada, seen="1843-10-01T09:15:30"), dict(ada, seen="1843-10-01 09:15:30Z"), dict(ada, since="P1M"), dict(ada, since="PT"),
                 dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
                 dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10})):
         assert not reads(bad), bad

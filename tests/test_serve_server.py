@@ -303,7 +303,7 @@ def test_json_mode_answers_parse(client):
     assert valid >= 2
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=8, response_format={
-            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "format": "hostname"}}}}})
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"x": {"type": "string", "format": "uri-template"}}}}})
     for schema, why in (({"type": "object", "properties": {"x": {"type": "integer", "minimum": 10**400}}}, "within"),    # (no float holds it)
                         ({"type": "object", "properties": {"x": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}, "cannot overlap")):
         with pytest.raises(openai.BadRequestError, match=why):
@@ -413,7 +413,7 @@ def test_tool_call_errors(client):
                 dict(tools=[WEATHER, WEATHER]), dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]),
                 dict(tools=[WEATHER], logprobs=True), dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})):
         with pytest.raises(openai.UnprocessableEntityError): client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=4, **bad)
-    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "format": "hostname"}}}}}
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "format": "uri-template"}}}}}
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=4, tools=[odd], tool_choice="required")
     for bad_messages in ([{"role": "tool", "content": "x"}], [{"role": "user", "content": "x", "tool_calls": []}], [{"role": "assistant"}]):

@@ -1018,11 +1018,30 @@ _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
                                              "enum", "const", "anyOf", "oneOf", "discriminator", "allOf", "$ref",
                                              "minItems", "maxItems", "minLength", "maxLength", "pattern", "format"}
+_DATE = r"[1-9][0-9]{3}-(02-(0[1-9]|1[0-9]|2[0-8])|(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30))"   # no 29 February
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"   # an offset; no leap second
+_SECONDS = r"[0-9]{1,2}(\.[0-9]{1,6})?S"
+_DURATION = (r"^P([0-9]{1,2}Y([0-9]{1,3}D)?|[0-9]{1,3}D|([0-9]{1,2}Y)?([0-9]{1,3}D)?"        # years and days (as Pydantic writes a
+             rf"T([0-9]{{1,2}}H([0-9]{{1,2}}M)?({_SECONDS})?|[0-9]{{1,2}}M({_SECONDS})?|{_SECONDS}))$")   # timedelta), then a time
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,59}[a-z0-9])?"                 # a hostname's label: no '-' at either end
+
+def _ipv6_pattern() -> str:
+    "Eight groups of 1-4 hex digits, or fewer on either side of one '::' (which stands for one group of zeros or more)."
+    group = "[0-9a-f]{1,4}"
+    right = lambda most: f"({group}(:{group}){{0,{most - 1}}})?" if most else ""
+    return "(" + "|".join([":".join([group] * 8)] + [":".join([group] * left) + "::" + right(7 - left) for left in range(8)]) + ")"
+
 _FORMATS = {   # a string format as a pattern whose every match passes jsonschema's FormatChecker and Pydantic's parsing
     "uuid": r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
     "ipv4": r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
-    "date": r"^[1-9][0-9]{3}-(02-(0[1-9]|1[0-9]|2[0-8])|(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30))$",   # no 29 February
+    "ipv6": f"^{_ipv6_pattern()}$",
+    "date": f"^{_DATE}$",
+    "time": f"^{_TIME}$",
+    "date-time": f"^{_DATE}T{_TIME}$",
+    "duration": _DURATION,
     "email": r"^[a-z0-9]+([._+-][a-z0-9]+){0,3}@[a-z0-9]+(-[a-z0-9]+){0,2}(\.[a-z0-9]+(-[a-z0-9]+){0,2}){0,2}\.[a-z]{2,8}$",
+    "hostname": rf"^{_LABEL}(\.{_LABEL}){{0,3}}$",
+    "uri": rf"^https?://{_LABEL}(\.{_LABEL}){{0,2}}\.[a-z]{{2,8}}(:[1-9][0-9]{{0,3}})?(/[a-zA-Z0-9._~-]*){{0,8}}$",   # web addresses
 }
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
@@ -1274,8 +1293,9 @@ class SchemaGrammar(Grammar):
       has keys the model chooses and values that schema describes. The root is an object.
     - An array is its `items`, `minItems` to `maxItems` of them; a tuple, its `prefixItems`.
     - A `string` has `minLength` to `maxLength` characters (an escape counts one, so an escaped surrogate pair counts
-      two); it may also match a `pattern` (`CharRegex`) or have a `format` among uuid, ipv4, date and email (a
-      pattern all of whose matches are valid), and then takes a character only where the match can still end in time.
+      two); it may also match a `pattern` (`CharRegex`) or have a `format` among uuid, ipv4, ipv6, date, time,
+      date-time, duration, email, hostname and uri (`_FORMATS`: a pattern all of whose matches are valid), and then
+      takes a character only where the match can still end in time.
     - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
       a range is written without an exponent), `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
       one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
