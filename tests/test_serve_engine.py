@@ -934,6 +934,7 @@ def _schemas_and_values():
                          lambda b: st.tuples(st.just({"type": "integer", **({} if b[0] is None else {"minimum": b[0]}),
                                                       **({} if b[1] is None else {"exclusiveMaximum": (b[0] or 0) + b[1] + 1})}),
                                              st.integers(b[0], None if b[1] is None else (b[0] or 0) + b[1]))),
+                     st.tuples(st.integers(2, 9), st.integers(-10**6, 10**6)).map(lambda t: ({"type": "integer", "multipleOf": t[0]}, t[0] * t[1])),
                      st.tuples(st.just({"type": "number"}), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)),
                      _bounded_numbers(),
                      st.tuples(st.just({"type": "boolean"}), st.booleans()), st.tuples(st.just({"type": "null"}), st.none()),
@@ -1031,7 +1032,7 @@ def test_tag_nodes_allow_what_a_reading_per_option_allows(schema_value, leave_at
 
 _SCHEMA_WORDS = ["type", "properties", "required", "additionalProperties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf",
                  "discriminator", "propertyName", "allOf", "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength", "pattern",
-                 "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "object", "string", "integer", "number",
+                 "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "object", "string", "integer", "number",
                  "array", "boolean", "null", "#/$defs/a", "#", "a", "k", "uuid", "^a+$"]
 
 
@@ -1072,6 +1073,38 @@ def test_number_ranges_read_exactly_the_numbers_in_range(schema_value, texts):
         state = g.feed(g.start, '{"x":')
         for ch in text + "}":
             assert any(g.step(state, c) is not None for c in "0123456789.-}"), (schema, text)
+            state = g.step(state, ch)
+            if state is None or g.done(state): break
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(1, 40), st.sampled_from([100, 250, 10**6, 10**30])), st.one_of(st.none(), st.integers(-10**4, 10**4)),
+       st.one_of(st.none(), st.integers(0, 10**4)), st.booleans(),
+       st.lists(st.text("0123456789-", min_size=1, max_size=8), min_size=1, max_size=6), st.integers(-10**5, 10**5))
+def test_integer_multiples_read_exactly_the_multiples_in_range(step, lo, width, exclusive, texts, near):
+    """An integer with multipleOf (and maybe a range): a text is read to the end exactly when it is a JSON integer that
+    jsonschema finds valid, from every prefix of such a text some character leads on, and a schema whose range holds
+    no multiple is refused. The multiple of `step` nearest to `near` is among the texts."""
+    import json
+    import jsonschema
+    from guide.serve.engine import SchemaGrammar
+    hi = None if width is None else (lo or 0) + width
+    schema = {"type": "integer", "multipleOf": step, **({} if lo is None else {"exclusiveMinimum" if exclusive else "minimum": lo}),
+              **({} if hi is None else {"maximum": hi})}
+    first, last = (None if lo is None else lo + exclusive), hi
+    if first is not None and last is not None and not any(n % step == 0 for n in range(first, min(last, first + step) + 1)):
+        with pytest.raises(ValueError, match="no integer lies within"): SchemaGrammar({"type": "object", "properties": {"x": schema}})
+        return
+    g = SchemaGrammar({"type": "object", "properties": {"x": schema}})
+    for text in texts + [str(near // step * step), str(-(near // step) * step)]:
+        try: valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
+        except json.JSONDecodeError: valid = False
+        valid = valid and text == str(int(text))                   # (JSON has no leading zeros or -0)
+        state = g.feed(g.start, '{"x":' + text + "}")
+        assert (state is not None and g.done(state)) == valid, (schema, text)
+        state = g.feed(g.start, '{"x":')
+        for ch in text + "}":
+            assert any(g.step(state, c) is not None for c in "0123456789-}"), (schema, text)
             state = g.step(state, ch)
             if state is None or g.done(state): break
 
@@ -1175,7 +1208,7 @@ def test_formats_write_only_valid_values(fmt, data):
 
 def test_schema_grammar_takes_a_pydantic_model(base):
     """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern,
-    formats (date, date-time, duration) and a tagged union: the grammar
+    formats (date, date-time, duration), a multipleOf and a tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
@@ -1204,19 +1237,20 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         pair: tuple[int, bool]
         height: float = Field(gt=0, le=2.5)
         pet: Cat | Dog | None = Field(discriminator="kind")
+        dozen: int = Field(multiple_of=12, ge=0, le=144)
     g = SchemaGrammar(Person.model_json_schema())
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None)],
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None, dozen=0)],
                  scores={"go": 3, "": -1}, born="1815-12-10", seen="1843-10-01T09:15:30.25+01:00",
-                 since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9)).model_dump(mode="json")
+                 since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9), dozen=144).model_dump(mode="json")
     assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False}))
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
                 dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, home={"city": "Oslo", "zip": "0150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1]),
                 dict(ada, seen="1843-10-01T09:15:30"), dict(ada, seen="1843-10-01 09:15:30Z"), dict(ada, since="P1M"), dict(ada, since="PT"),
-                dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
+                dict(ada, dozen=13), dict(ada, dozen=-12), dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
                 dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10})):
         assert not reads(bad), bad
     model, tok = base
@@ -1253,11 +1287,13 @@ def test_masks_shared_by_mask_key_are_the_masks(base):
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 150},
               "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60},
               "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40},
+              "m": {"type": "array", "items": {"type": "integer", "multipleOf": 7, "minimum": -10**9, "maximum": 10**40}},
               "p": {"type": "string", "pattern": "^([a-z]+ )*$", "minLength": 2, "maxLength": 120}}}
     g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
     states = set()
     for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
         text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}"),
+                           "m": [7 * (10**12 + i) for i in range(n_items)] + [-7 * n_chars, 0, 7 * 10**39 - 7],
                            "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)]},
                           separators=(",", ":"))
         state = g.start

@@ -1017,7 +1017,7 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$sch
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
                                              "enum", "const", "anyOf", "oneOf", "discriminator", "allOf", "$ref",
-                                             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format"}
+                                             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "multipleOf"}
 _DATE = r"[1-9][0-9]{3}-(02-(0[1-9]|1[0-9]|2[0-8])|(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30))"   # no 29 February
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"   # an offset; no leap second
 _SECONDS = r"[0-9]{1,2}(\.[0-9]{1,6})?S"
@@ -1263,16 +1263,33 @@ def _real_far(text: str, lo: Fraction | None, hi: Fraction | None, horizon: int)
     v = int(body)
     return _inside(text.startswith("-"), v, (v + 1) * 10**horizon, lo, hi)
 
-def _int_prefix(text: str, lo: int | None, hi: int | None) -> bool:
-    """Some integer in [lo, hi] (None: unbounded) is written in JSON starting with `text`: a number's test, for with
-    whole bounds a number in range that starts so can be made an integer in range; only '.', -0 and a '-' with no
-    negative integer in range are the integer's own refusals."""
+def _int_prefix(text: str, lo: int | None, hi: int | None, step: int = 1) -> bool:
+    """Some integer in [lo, hi] (None: unbounded), a multiple of `step`, is written in JSON starting with `text`. With
+    step 1, a number's test: with whole bounds a number in range that starts so can be made an integer in range; only
+    '.', -0 and a '-' with no negative integer in range are the integer's own refusals. Otherwise, as for a number,
+    k more digits at a time: the integers they can write, [v, v + 1) * 10**k, hold a multiple of step in range."""
     if "." in text or text.startswith("-0") or (text == "-" and lo is not None and lo >= 0): return False
-    return _real_prefix(text, lo, hi)
+    if not _real_prefix(text, lo, hi): return False
+    if step == 1 or text in ("", "0"): return True          # (the range holds a multiple: _int_range checks; 0 is one)
+    neg, body = text.startswith("-"), text.lstrip("-")
+    if not body: return _multiple_between(-math.inf if lo is None else lo, min(-1, math.inf if hi is None else hi), step)
+    v, k = int(body), 0
+    while True:
+        a, b = v * 10**k, (v + 1) * 10**k - 1                        # the magnitudes of k more digits
+        a, b = (-b, -a) if neg else (a, b)
+        if _multiple_between(max(a, -math.inf if lo is None else lo), min(b, math.inf if hi is None else hi), step): return True
+        if (lo is not None and a < lo) if neg else (hi is not None and a > hi): return False
+        k += 1
 
-def _int_within(text: str, lo: int | None, hi: int | None) -> bool:
-    "`text` is a whole integer in [lo, hi]."
-    return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi)
+def _multiple_between(a, b, step: int) -> bool:
+    "Some multiple of `step` lies in [a, b] (a, b: integers or infinities)."
+    if a > b: return False
+    if math.isinf(b): return True
+    return (b // step) * step >= a
+
+def _int_within(text: str, lo: int | None, hi: int | None, step: int = 1) -> bool:
+    "`text` is a whole integer in [lo, hi], a multiple of `step`."
+    return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi) and int(text) % step == 0
 
 def _starts(options: tuple[str, ...], prefix: str, after: int = 0) -> bool:
     """Some one of the sorted `options` starts with `prefix` (past the first `after` that do): a binary search, for an
@@ -1297,14 +1314,14 @@ class SchemaGrammar(Grammar):
       date-time, duration, email, hostname and uri (`_FORMATS`: a pattern all of whose matches are valid), and then
       takes a character only where the match can still end in time.
     - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
-      a range is written without an exponent), `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
+      a range is written without an exponent), an integer also with a whole `multipleOf`; `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
       one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
       options of different types); `allOf` of one schema; `$ref` to a part of the schema (`#/$defs/Name`, `#`),
       recursion included.
-    Anything else (other formats, `multipleOf`, `not`...) raises ValueError, as does a schema that no finite value
+    Anything else (other formats, `multipleOf` on a number, `not`...) raises ValueError, as does a schema that no finite value
     satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
-    ("num", integer?), ("int", min, max) an integer in a range, ("real", min, max) a number in one, ("seq", node ids)
+    ("num", integer?), ("int", min, max, step) an integer in a range, a multiple of step, ("real", min, max) a number in one, ("seq", node ids)
     one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
     of, ("tag", text, sorted value texts, node ids) the text, one of the values, then that value's node. A frame is
     (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
@@ -1330,7 +1347,7 @@ class SchemaGrammar(Grammar):
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
             raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, additionalProperties, items, "
                              "prefixItems, enum, const, anyOf, oneOf, allOf, $ref, minItems, maxItems, minLength, maxLength, "
-                             "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum)")
+                             "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf)")
         if "allOf" in s:                                    # one schema in a list (older Pydantic wraps a $ref so)
             if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1 or set(s) - _ANNOTATIONS - {"allOf"}:
                 raise ValueError(f"{where}: allOf is supported only as a list of one schema, alone")
@@ -1385,7 +1402,9 @@ class SchemaGrammar(Grammar):
             if (lo, hi) != (0, None) and not regex.fits(regex.start, 0, lo, hi): raise ValueError(f"{where}: no string of {lo} to {hi} characters matches {regex.pattern!r}")
             return self._add(("pat", regex, lo, hi))
         if t in ("integer", "number"):
-            if not _RANGE_KEYS & set(s): return self._add(("num", t == "integer"))
+            if "multipleOf" in s and t == "number":
+                raise ValueError(f"{where}: multipleOf is supported on integers (a float's multiples are the validator's rounding)")
+            if not (_RANGE_KEYS | {"multipleOf"}) & set(s): return self._add(("num", t == "integer"))
             return self._add(("int", *self._int_range(s, where)) if t == "integer" else ("real", *self._real_range(s, where)))
         if t == "boolean": return self._add(("alt", ("false", "true")))
         if t == "null": return self._add(("lit", "null"))
@@ -1404,17 +1423,22 @@ class SchemaGrammar(Grammar):
         return lo, hi
 
     @staticmethod
-    def _int_range(s, where: str) -> tuple[int | None, int | None]:
-        "The integers that minimum, maximum, exclusiveMinimum and exclusiveMaximum leave: (lowest, highest), None if unbounded."
-        lo = hi = None
+    def _int_range(s, where: str) -> tuple[int | None, int | None, int]:
+        """The integers that minimum, maximum, exclusiveMinimum, exclusiveMaximum and multipleOf leave: (lowest,
+        highest, step), None if unbounded, step 1 without multipleOf."""
+        step = s.get("multipleOf", 1)
+        if type(step) not in (int, float) or not 0 < step <= 1e300 or step != int(step):
+            raise ValueError(f"{where}: multipleOf must be a whole number, > 0 and <= 1e300")
+        step, lo, hi = int(step), None, None
         for key in sorted(_RANGE_KEYS & set(s)):
             v = _range_bound(s, key, where)
             if key == "minimum": lo = max(lo, math.ceil(v)) if lo is not None else math.ceil(v)
             elif key == "exclusiveMinimum": lo = max(lo, math.floor(v) + 1) if lo is not None else math.floor(v) + 1
             elif key == "maximum": hi = min(hi, math.floor(v)) if hi is not None else math.floor(v)
             else: hi = min(hi, math.ceil(v) - 1) if hi is not None else math.ceil(v) - 1
-        if lo is not None and hi is not None and lo > hi: raise ValueError(f"{where}: no integer lies within its bounds")
-        return lo, hi
+        if lo is not None and hi is not None and (lo > hi or not _multiple_between(lo, hi, step)):
+            raise ValueError(f"{where}: no integer lies within its bounds" + (f" that is a multiple of {step}" if step > 1 else ""))
+        return lo, hi, step
 
     @staticmethod
     def _real_range(s, where: str) -> tuple[Fraction | None, Fraction | None]:
@@ -1621,7 +1645,11 @@ class SchemaGrammar(Grammar):
         chars, digits = horizon
         def far(nid, p):
             kind = self.nodes[nid][0]
-            if kind in ("int", "real"): return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p   # (for an integer, tighter by one)
+            if kind == "real": return "far" if _real_far(p, *self.nodes[nid][1:], digits) else p
+            if kind == "int":                              # far: any digits a token writes leave a multiple within reach,
+                lo, hi, step = self.nodes[nid][1:]         # and the number's sign and remainder decide which end it
+                if step == 1: return "far" if _real_far(p, lo, hi, digits) else p      # (for an integer, tighter by one)
+                return ("far", p[0] == "-", int(p) % step) if _real_far(p, lo, hi, digits + len(str(step))) else p
             if kind == "pat": return p[:-1] + (-1,) if type(p) is tuple and self._pattern_far(self.nodes[nid], p[-1], chars) else p
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
