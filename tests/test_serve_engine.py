@@ -378,6 +378,10 @@ def test_cuda_graph_decode_equals_eager_engine():
     want = eager.generate(prompts, sampled)                    # sampled on the device, inside the graphs: the same tokens
     assert [r["token_ids"] for r in ahead.generate(prompts, sampled)] == [r["token_ids"] for r in want]
     assert any(key[2] == 4 and key[3] for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
+    top_k = [SamplingParams(max_tokens=n, temperature=0.8, top_k=40, seed=i, ignore_eos=True) for i, n in enumerate(lens)]
+    want = eager.generate(prompts, top_k)                      # every row with a top-k: the top k_max (64 in the graphs), no sort
+    assert [r["token_ids"] for r in ahead.generate(prompts, top_k)] == [r["token_ids"] for r in want]
+    assert any(key[2] == 4 and key[4] == 64 for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
     if importlib.util.find_spec("triton") is not None:         # the Triton decode the server's --paged-attention / --pdl pick
         hopper = torch.cuda.get_device_capability() >= (9, 0)
         fast = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4, paged_attention=True, pdl=hopper)
