@@ -1212,12 +1212,12 @@ def test_formats_write_only_valid_values(fmt, data):
 
 def test_schema_grammar_takes_a_pydantic_model(base):
     """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern,
-    formats (date, date-time, duration), a multipleOf and a tagged union: the grammar
+    formats (date, date-time, duration, password, binary), a multipleOf and a tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
     from typing import Literal
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, SecretStr
     from guide.serve.engine import SchemaGrammar
     class Cat(BaseModel):
         kind: Literal["cat"]
@@ -1242,14 +1242,17 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         height: float = Field(gt=0, le=2.5)
         pet: Cat | Dog | None = Field(discriminator="kind")
         dozen: int = Field(multiple_of=12, ge=0, le=144)
+        key: SecretStr                                       # format password, writeOnly: any string
+        raw: bytes                                           # format binary: any string (its UTF-8 bytes)
     g = SchemaGrammar(Person.model_json_schema())
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
     ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None, dozen=0)],
+                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None, dozen=0, key="", raw=b"")],
                  scores={"go": 3, "": -1}, born="1815-12-10", seen="1843-10-01T09:15:30.25+01:00",
-                 since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9), dozen=144).model_dump(mode="json")
+                 since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9), dozen=144, key="pw",
+                 raw="é\n".encode()).model_dump(mode="json")
     assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False}))
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
                 dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, home={"city": "Oslo", "zip": "0150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1]),

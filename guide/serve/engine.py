@@ -1013,7 +1013,8 @@ class JsonObjectGrammar(Grammar):
     def done(self, state) -> bool: return json_done(state)
 
 JSON_OBJECT = JsonObjectGrammar()
-_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions"}
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions", "readOnly",
+                "writeOnly", "deprecated"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
                                              "enum", "const", "anyOf", "oneOf", "discriminator", "allOf", "$ref",
@@ -1043,6 +1044,7 @@ _FORMATS = {   # a string format as a pattern whose every match passes jsonschem
     "hostname": rf"^{_LABEL}(\.{_LABEL}){{0,3}}$",
     "uri": rf"^https?://{_LABEL}(\.{_LABEL}){{0,2}}\.[a-z]{{2,8}}(:[1-9][0-9]{{0,3}})?(/[a-zA-Z0-9._~-]*){{0,8}}$",   # web addresses
 }
+_ANY_TEXT_FORMATS = ("binary", "password")      # Pydantic's bytes and SecretStr: any string is one
 _SCHEMA_MAX_FRAMES = 2 * JSON_MAX_DEPTH + 2      # frames one reading may hold at once: about JSON_MAX_DEPTH nested containers
 _PASS = object()                                  # a frame that ended before this character: it is its parent's
 
@@ -1312,7 +1314,7 @@ class SchemaGrammar(Grammar):
     - A `string` has `minLength` to `maxLength` characters (an escape counts one, so an escaped surrogate pair counts
       two); it may also match a `pattern` (`CharRegex`) or have a `format` among uuid, ipv4, ipv6, date, time,
       date-time, duration, email, hostname and uri (`_FORMATS`: a pattern all of whose matches are valid), and then
-      takes a character only where the match can still end in time.
+      takes a character only where the match can still end in time; binary and password are any string.
     - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
       a range is written without an exponent), an integer also with a whole `multipleOf`; `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
       one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
@@ -1394,10 +1396,12 @@ class SchemaGrammar(Grammar):
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
             return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
         if t == "string":
-            if "pattern" not in s and "format" not in s: return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
+            if s.get("format") == "binary" and {"minLength", "maxLength"} & set(s):
+                raise ValueError(f"{where}: format binary with minLength or maxLength not supported (Pydantic counts its bytes, a schema characters)")
+            if "pattern" not in s and s.get("format") in (None, *_ANY_TEXT_FORMATS): return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
             if "pattern" in s and "format" in s: raise ValueError(f"{where}: pattern and format together not supported (say it in the pattern)")
             if "format" in s and s["format"] not in _FORMATS:
-                raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted(_FORMATS))})")
+                raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted([*_FORMATS, *_ANY_TEXT_FORMATS]))})")
             regex, (lo, hi) = CharRegex(s["pattern"] if "pattern" in s else _FORMATS[s["format"]]), self._bounds(s, "minLength", "maxLength", where)
             if (lo, hi) != (0, None) and not regex.fits(regex.start, 0, lo, hi): raise ValueError(f"{where}: no string of {lo} to {hi} characters matches {regex.pattern!r}")
             return self._add(("pat", regex, lo, hi))
