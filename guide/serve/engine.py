@@ -1316,19 +1316,20 @@ class SchemaGrammar(Grammar):
       date-time, duration, email, hostname and uri (`_FORMATS`: a pattern all of whose matches are valid), and then
       takes a character only where the match can still end in time; binary and password are any string.
     - `integer` and `number`, each with `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (a number with
-      a range is written without an exponent), an integer also with a whole `multipleOf`; `boolean`, `null`; `enum`, `const`; `anyOf` and a list of types (any
-      one of them); `oneOf` where its options cannot overlap (a `discriminator`, as in Pydantic's tagged unions, or
-      options of different types); `allOf` of one schema; `$ref` to a part of the schema (`#/$defs/Name`, `#`),
-      recursion included.
-    Anything else (other formats, `multipleOf` on a number, `not`...) raises ValueError, as does a schema that no finite value
-    satisfies.
-    The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex, min, max),
-    ("num", integer?), ("int", min, max, step) an integer in a range, a multiple of step, ("real", min, max) a number in one, ("seq", node ids)
-    one after the other, ("arr", item node id, min, max), ("map", key node id, value node id), ("any", node ids) one
-    of, ("tag", text, sorted value texts, node ids) the text, one of the values, then that value's node. A frame is
-    (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root has
-    closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose
-    options have not yet parted). With `tags` off, no "tag" nodes: a reading per option until they part."""
+      a range is written without an exponent), an integer also with a whole `multipleOf`; `boolean`, `null`; `enum`,
+      `const`; `anyOf` and a list of types (any one of them); `oneOf` where its options cannot overlap (a
+      `discriminator`, as in Pydantic's tagged unions, or options of different types); `allOf` of one schema; `$ref`
+      to a part of the schema (`#/$defs/Name`, `#`), recursion included.
+    Anything else (other formats, `multipleOf` on a number, `uniqueItems`, `not`...) raises ValueError, as does a
+    schema that no finite value satisfies.
+    The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex,
+    min, max), ("num", integer?), ("int", min, max, step) an integer in a range and a multiple of step, ("real", min,
+    max) a number in a range, ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node
+    id, value node id), ("any", node ids) one of, ("tag", text, sorted value texts, node ids) the text, one of the
+    values, then that value's node. A frame is (node id, progress); a stack of frames, innermost last, is one reading
+    of the text so far, () once the root has closed; a state is the frozenset of the readings still possible (more
+    than one only inside an `anyOf` whose options have not yet parted). With `tags` off, no "tag" nodes: a reading
+    per option until they part."""
     def __init__(self, schema: dict, tags: bool = True):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
@@ -1398,7 +1399,8 @@ class SchemaGrammar(Grammar):
         if t == "string":
             if s.get("format") == "binary" and {"minLength", "maxLength"} & set(s):
                 raise ValueError(f"{where}: format binary with minLength or maxLength not supported (Pydantic counts its bytes, a schema characters)")
-            if "pattern" not in s and s.get("format") in (None, *_ANY_TEXT_FORMATS): return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
+            if "pattern" not in s and s.get("format") in (None, *_ANY_TEXT_FORMATS):
+                return self._add(("str", *self._bounds(s, "minLength", "maxLength", where)))
             if "pattern" in s and "format" in s: raise ValueError(f"{where}: pattern and format together not supported (say it in the pattern)")
             if "format" in s and s["format"] not in _FORMATS:
                 raise ValueError(f"{where}: format {s['format']!r} not supported ({', '.join(sorted([*_FORMATS, *_ANY_TEXT_FORMATS]))})")
@@ -1541,7 +1543,8 @@ class SchemaGrammar(Grammar):
         literal that no value's text can go on with (',', '}' or ']': a value's text is complete JSON): an object whose
         first property is a tag. None for anything else, a $ref still being compiled too."""
         seen = set()                                    # (a $ref to itself is an "any" of itself)
-        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1 and nid not in seen: seen.add(nid); nid = node[1][0]
+        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1 and nid not in seen:
+            seen.add(nid); nid = node[1][0]
         if node is None or node[0] != "seq" or len(node[1]) < 3: return None
         lead, value, then = (self.nodes[i] for i in node[1][:3])
         if None in (lead, value, then) or (lead[0], value[0], then[0]) != ("lit", "alt", "lit") or then[1][:1] not in (",", "}", "]"): return None
@@ -1575,7 +1578,8 @@ class SchemaGrammar(Grammar):
         return need
 
     def _begin(self, nid):
-        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{", "any": None, "tag": ""}[self.nodes[nid][0]]
+        return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{",
+                "any": None, "tag": ""}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
