@@ -1065,18 +1065,25 @@ def test_number_ranges_read_exactly_the_numbers_in_range(schema_value, texts):
     jsonschema finds in range (short texts: where exact decimals and floats agree), and from every prefix of such a
     text some character leads on."""
     import json
+    schema, value = schema_value
+    _reads_exactly_the_valid(schema, texts + [json.dumps(value)], "0123456789.-}")
+
+
+def _reads_exactly_the_valid(schema: dict, texts: list[str], chars: str, written=lambda text: True):
+    """The grammar of {"x": schema} reads '{"x":' + text + '}' to the end exactly when the text is JSON that jsonschema
+    finds valid (and `written` as the grammar writes it), and from every prefix of it some one of `chars` leads on."""
+    import json
     import jsonschema
     from guide.serve.engine import SchemaGrammar
-    schema, value = schema_value
     g = SchemaGrammar({"type": "object", "properties": {"x": schema}})
-    for text in texts + [json.dumps(value)]:
-        try: valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
+    for text in texts:
+        try: valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text)) and written(text)
         except json.JSONDecodeError: valid = False
         state = g.feed(g.start, '{"x":' + text + "}")
         assert (state is not None and g.done(state)) == valid, (schema, text)
         state = g.feed(g.start, '{"x":')
         for ch in text + "}":
-            assert any(g.step(state, c) is not None for c in "0123456789.-}"), (schema, text)
+            assert any(g.step(state, c) is not None for c in chars), (schema, text)
             state = g.step(state, ch)
             if state is None or g.done(state): break
 
@@ -1089,8 +1096,6 @@ def test_integer_multiples_read_exactly_the_multiples_in_range(step, lo, width, 
     """An integer with multipleOf (and maybe a range): a text is read to the end exactly when it is a JSON integer that
     jsonschema finds valid, from every prefix of such a text some character leads on, and a schema whose range holds
     no multiple is refused. The multiple of `step` nearest to `near` is among the texts."""
-    import json
-    import jsonschema
     from guide.serve.engine import SchemaGrammar
     hi = None if width is None else (lo or 0) + width
     schema = {"type": "integer", "multipleOf": step, **({} if lo is None else {"exclusiveMinimum" if exclusive else "minimum": lo}),
@@ -1099,18 +1104,8 @@ def test_integer_multiples_read_exactly_the_multiples_in_range(step, lo, width, 
     if first is not None and last is not None and not any(n % step == 0 for n in range(first, min(last, first + step) + 1)):
         with pytest.raises(ValueError, match="no integer lies within"): SchemaGrammar({"type": "object", "properties": {"x": schema}})
         return
-    g = SchemaGrammar({"type": "object", "properties": {"x": schema}})
-    for text in texts + [str(near // step * step), str(-(near // step) * step)]:
-        try: valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
-        except json.JSONDecodeError: valid = False
-        valid = valid and text == str(int(text))                   # (JSON has no leading zeros or -0)
-        state = g.feed(g.start, '{"x":' + text + "}")
-        assert (state is not None and g.done(state)) == valid, (schema, text)
-        state = g.feed(g.start, '{"x":')
-        for ch in text + "}":
-            assert any(g.step(state, c) is not None for c in "0123456789-}"), (schema, text)
-            state = g.step(state, ch)
-            if state is None or g.done(state): break
+    _reads_exactly_the_valid(schema, texts + [str(near // step * step), str(-(near // step) * step)], "0123456789-}",
+                             written=lambda text: text == str(int(text)))      # (an integer: no -0)
 
 
 @settings(max_examples=300, deadline=None)
