@@ -778,19 +778,25 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
 # %% ../../nbs/20_engine.ipynb #c029
 _M32 = 0xFFFFFFFF
 
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    "int64 values < 2**32 as int32 with the same 32 bits."
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    "A 32-bit integer hash (lowbias32's shifts) on int64 tensors of values < 2**32; multipliers < 2**31 keep products exact."
-    x = x ^ (x >> 16); x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15); x = (x * 0x1B873593) & _M32
-    return x ^ (x >> 16)
+    """A 32-bit integer hash (lowbias32's shifts and multipliers) on int32 tensors, as if unsigned: products wrap
+    modulo 2**32, and each right shift masks off the copies of the sign bit that it shifts in."""
+    x = x ^ ((x >> 16) & 0xFFFF); x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF); x = x * 0x1B873593
+    return x ^ ((x >> 16) & 0xFFFF)
 
 def sampling_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Gumbel noise (B, V) that depends only on each row's seed (< 2**63) and position: a pure function, no
-    state. With `tokens` (B, k), only the noise of those token ids (B, k): the same values, without the rest."""
-    h = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
-    ids = torch.arange(vocab_size, device=seeds.device) if tokens is None else tokens
-    bits = _mix32((h[:, None] + ids * 0x9E3779B9) & _M32)
-    u = ((bits >> 9).float() + 0.5) / 2**23                # uniform in (0, 1): 23 bits, exact in float32
+    state. With `tokens` (B, k), only the noise of those token ids (B, k): the same values, without the rest. The
+    hash runs on int32, half the bytes of int64 (the vocabulary-wide part is this function's whole cost)."""
+    h = _mix32(_mix32(_mix32(_int32(seeds >> 32)) ^ _int32(seeds & _M32)) ^ _int32(positions & _M32))
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int32) if tokens is None else tokens.to(torch.int32)
+    bits = _mix32(h[:, None] + ids * (0x9E3779B9 - 2**32))           # (the golden-ratio multiplier's bits, as an int32)
+    u = (((bits >> 9) & 0x7FFFFF).float() + 0.5) / 2**23   # uniform in (0, 1): 23 bits, exact in float32
     return -torch.log(-torch.log(u))
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
