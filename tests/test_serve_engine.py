@@ -931,7 +931,10 @@ def _schemas_and_values():
     def bounded_strings(lo, extra):
         hi = lo + extra
         return st.tuples(st.just({"type": "string", "minLength": lo, "maxLength": hi}), st.text(min_size=lo, max_size=hi))
-    leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)),
+    sets = st.lists(st.one_of(st.text(max_size=3), st.integers(-9, 99)), min_size=1, max_size=4, unique=True).flatmap(
+        lambda opts: st.permutations(opts).flatmap(lambda order: st.integers(0, len(opts)).map(
+            lambda n: ({"type": "array", "items": {"enum": opts}, "uniqueItems": True}, order[:n]))))
+    leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)), sets,
                      st.integers(0, 3).flatmap(lambda lo: st.integers(0, 3).flatmap(lambda extra: bounded_strings(lo, extra))),
                      st.tuples(st.just({"type": "integer"}), st.integers(-10**12, 10**12)),
                      st.tuples(st.one_of(st.none(), st.integers(-300, 300)), st.one_of(st.none(), st.integers(0, 400))).flatmap(
@@ -1036,7 +1039,7 @@ def test_tag_nodes_allow_what_a_reading_per_option_allows(schema_value, leave_at
 
 _SCHEMA_WORDS = ["type", "properties", "required", "additionalProperties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf",
                  "discriminator", "propertyName", "allOf", "$ref", "$defs", "minItems", "maxItems", "minLength", "maxLength", "pattern",
-                 "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "object", "string", "integer", "number",
+                 "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "object", "string", "integer", "number",
                  "array", "boolean", "null", "#/$defs/a", "#", "a", "k", "uuid", "^a+$"]
 
 
@@ -1106,6 +1109,28 @@ def test_integer_multiples_read_exactly_the_multiples_in_range(step, lo, width, 
         return
     _reads_exactly_the_valid(schema, texts + [str(near // step * step), str(-(near // step) * step)], "0123456789-}",
                              written=lambda text: text == str(int(text)))      # (an integer: no -0)
+
+
+_JSON_KEY = lambda v: (type(v) is bool, v)          # JSON's equality on scalars: 1 == 1.0, true != 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "ab", 1, 12, 1.0, 1.5, True, False, None]), min_size=1, max_size=6, unique_by=lambda v: (type(v), v)),
+       st.integers(0, 4), st.one_of(st.none(), st.integers(0, 3)), st.data())
+def test_sets_read_exactly_the_arrays_of_distinct_values(values, lo, extra, data):
+    """uniqueItems over an enum (Pydantic's set[Enum]): an array is read to the end exactly when jsonschema finds it
+    valid (distinct as JSON compares, 1 and 1.0 alike; within minItems and maxItems), from every prefix some character
+    leads on, and a set asked for more items than there are distinct values is refused."""
+    import json
+    from guide.serve.engine import SchemaGrammar
+    schema = {"type": "array", "items": {"enum": values}, "uniqueItems": True, "minItems": lo, **({} if extra is None else {"maxItems": lo + extra})}
+    if lo > len({_JSON_KEY(v) for v in values}):
+        with pytest.raises(ValueError, match="distinct values"): SchemaGrammar({"type": "object", "properties": {"x": schema}})
+        return
+    arrays = data.draw(st.lists(st.lists(st.sampled_from(values), max_size=6), min_size=1, max_size=6))
+    arrays.append(list({_JSON_KEY(v): v for v in data.draw(st.permutations(values))}.values())[:lo + (extra or 0)])   # a valid one
+    chars = "[],-}" + "".join(sorted({c for v in values for c in json.dumps(v)}))
+    _reads_exactly_the_valid(schema, [json.dumps(a, separators=(",", ":")) for a in arrays], chars)
 
 
 @settings(max_examples=300, deadline=None)
@@ -1207,7 +1232,7 @@ def test_formats_write_only_valid_values(fmt, data):
 
 def test_schema_grammar_takes_a_pydantic_model(base):
     """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern,
-    formats (date, date-time, duration, password, binary), a multipleOf and a tagged union: the grammar
+    formats (date, date-time, duration, password, binary), a multipleOf, a set and a tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
@@ -1220,6 +1245,7 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     class Dog(BaseModel):
         kind: Literal["dog", "puppy"]
         good: bool
+        tricks: set[Literal["sit", "roll", "beg"]] = Field(max_length=2)
     class Address(BaseModel):
         city: str = Field(max_length=8)
         zip: str = Field(pattern=r"^[0-9]{4} ?[A-Z]{2}$", max_length=6)
@@ -1248,12 +1274,13 @@ def test_schema_grammar_takes_a_pydantic_model(base):
                  scores={"go": 3, "": -1}, born="1815-12-10", seen="1843-10-01T09:15:30.25+01:00",
                  since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9), dozen=144, key="pw",
                  raw="é\n".encode()).model_dump(mode="json")
-    assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False}))
+    assert reads(ada) and reads(dict(ada, pet={"kind": "puppy", "good": False, "tricks": ["roll", "sit"]}))
     for bad in (dict(ada, name=""), dict(ada, name="Adalbert"), dict(ada, tags=["a", "b", "c"]), dict(ada, age=1.5), dict(ada, age=121), dict(ada, age=-1),
                 dict(ada, home={"city": "Amsterdam", "zip": "1011 AB"}), dict(ada, home={"city": "Oslo", "zip": "150 AB"}), dict(ada, home={"city": "Oslo", "zip": "0150 AB"}), dict(ada, friends=[dict(ada, friends=[ada, ada, ada])]), dict(ada, scores={"go": 1.5}), dict(ada, born="1815-02-30"), dict(ada, pair=[1]),
                 dict(ada, seen="1843-10-01T09:15:30"), dict(ada, seen="1843-10-01 09:15:30Z"), dict(ada, since="P1M"), dict(ada, since="PT"),
                 dict(ada, dozen=13), dict(ada, dozen=-12), dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
-                dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10})):
+                dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10}),
+                dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "sit"]}), dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "roll", "beg"]})):
         assert not reads(bad), bad
     model, tok = base
     outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=256, temperature=0.9, seed=i,

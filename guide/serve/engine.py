@@ -1024,7 +1024,7 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$sch
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _SCHEMA_KEYS = _ANNOTATIONS | _RANGE_KEYS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
                                              "enum", "const", "anyOf", "oneOf", "discriminator", "allOf", "$ref",
-                                             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "multipleOf"}
+                                             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "multipleOf", "uniqueItems"}
 _DATE = r"[1-9][0-9]{3}-(02-(0[1-9]|1[0-9]|2[0-8])|(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30))"   # no 29 February
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"   # an offset; no leap second
 _SECONDS = r"[0-9]{1,2}(\.[0-9]{1,6})?S"
@@ -1299,6 +1299,11 @@ def _int_within(text: str, lo: int | None, hi: int | None, step: int = 1) -> boo
     "`text` is a whole integer in [lo, hi], a multiple of `step`."
     return text not in ("", "-") and (lo is None or int(text) >= lo) and (hi is None or int(text) <= hi) and int(text) % step == 0
 
+def _json_key(value):
+    "What JSON equality compares of `value`: 1 and 1.0 are one value, true and 1 two."
+    if isinstance(value, (dict, list)): return _compact(value)
+    return type(value) is bool, Fraction(value) if type(value) in (int, float) else value
+
 def _starts(options: tuple[str, ...], prefix: str, after: int = 0) -> bool:
     """Some one of the sorted `options` starts with `prefix` (past the first `after` that do): a binary search, for an
     enum may hold thousands of values and a mask asks once per token."""
@@ -1326,12 +1331,13 @@ class SchemaGrammar(Grammar):
       `const`; `anyOf` and a list of types (any one of them); `oneOf` where its options cannot overlap (a
       `discriminator`, as in Pydantic's tagged unions, or options of different types); `allOf` of one schema; `$ref`
       to a part of the schema (`#/$defs/Name`, `#`), recursion included.
-    Anything else (other formats, `multipleOf` on a number, `uniqueItems`, `not`...) raises ValueError, as does a
-    schema that no finite value satisfies.
+    - An array of `uniqueItems` whose items are an enum, a const or a boolean (Pydantic's `set[Enum]`).
+    Anything else (other formats, `multipleOf` on a number, `uniqueItems` of strings or numbers, `not`...) raises
+    ValueError, as does a schema that no finite value satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex,
     min, max), ("num", integer?), ("int", min, max, step) an integer in a range and a multiple of step, ("real", min,
     max) a number in a range, ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node
-    id, value node id), ("any", node ids) one of, ("tag", text, sorted value texts, node ids) the text, one of the
+    id, value node id), ("set", sorted value texts, min, max) distinct values, ("any", node ids) one of, ("tag", text, sorted value texts, node ids) the text, one of the
     values, then that value's node. A frame is (node id, progress); a stack of frames, innermost last, is one reading
     of the text so far, () once the root has closed; a state is the frozenset of the readings still possible (more
     than one only inside an `anyOf` whose options have not yet parted). With `tags` off, no "tag" nodes: a reading
@@ -1339,7 +1345,7 @@ class SchemaGrammar(Grammar):
     def __init__(self, schema: dict, tags: bool = True):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
-        self.schema, self.nodes, self._refs, self.tags, self._fits = schema, [], {}, tags, {}
+        self.schema, self.nodes, self._refs, self.tags, self._fits, self._free = schema, [], {}, tags, {}, {}
         root = self._compile(schema, "schema", 0)
         self.key = ("schema", _compact(schema)) + (() if tags else ("no tags",))
         self.need = self._frames_needed()
@@ -1401,7 +1407,9 @@ class SchemaGrammar(Grammar):
             return self._add(("seq", tuple(parts + [self._add(("lit", "]"))])))
         if t == "array":
             if "items" not in s: raise ValueError(f"{where}: an array needs items")
-            return self._add(("arr", self._compile(s["items"], f"{where}[]", depth + 1), *self._bounds(s, "minItems", "maxItems", where)))
+            item, (lo, hi) = self._compile(s["items"], f"{where}[]", depth + 1), self._bounds(s, "minItems", "maxItems", where)
+            if s.get("uniqueItems", False) not in (True, False): raise ValueError(f"{where}: uniqueItems must be true or false")
+            return self._unique(item, lo, hi, where) if s.get("uniqueItems") else self._add(("arr", item, lo, hi))
         if t == "string":
             if s.get("format") == "binary" and {"minLength", "maxLength"} & set(s):
                 raise ValueError(f"{where}: format binary with minLength or maxLength not supported (Pydantic counts its bytes, a schema characters)")
@@ -1514,7 +1522,7 @@ class SchemaGrammar(Grammar):
                 if not isinstance(values, list) or not all(v is None or type(v) in (str, bool, int, float) for v in values):
                     raise ValueError(f"{where}: every oneOf option must be an object that gives {name!r} a const or enum value "
                                      "(strings, numbers, booleans, null)")
-                tags.append({(type(v) is bool, Fraction(v) if type(v) in (int, float) else v) for v in values})   # 1 == 1.0, not True
+                tags.append({_json_key(v) for v in values})
             if sum(map(len, tags)) == len(set().union(*tags)): return
         else:
             types = [o.get("type") if isinstance(o, dict) else None for o in options]
@@ -1544,17 +1552,59 @@ class SchemaGrammar(Grammar):
             folded.append(self._add(("tag", lead, texts, rests)))
         return folded[0] if len(folded) == 1 and not untagged else self._add(("any", tuple(untagged + folded)))
 
+    def _through_refs(self, nid: int) -> int:
+        "The node that `nid` stands for through $refs (an \"any\" of one option), or `nid` itself."
+        seen = set()                                    # (a $ref to itself is an "any" of itself)
+        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1 and nid not in seen:
+            seen.add(nid); nid = node[1][0]
+        return nid
+
     def _tagged(self, nid: int) -> int | None:
         """The sequence `nid` stands for (through $refs) if it opens with a literal, then a const or enum value, then a
         literal that no value's text can go on with (',', '}' or ']': a value's text is complete JSON): an object whose
         first property is a tag. None for anything else, a $ref still being compiled too."""
-        seen = set()                                    # (a $ref to itself is an "any" of itself)
-        while (node := self.nodes[nid]) is not None and node[0] == "any" and len(node[1]) == 1 and nid not in seen:
-            seen.add(nid); nid = node[1][0]
+        nid = self._through_refs(nid)
+        node = self.nodes[nid]
         if node is None or node[0] != "seq" or len(node[1]) < 3: return None
         lead, value, then = (self.nodes[i] for i in node[1][:3])
         if None in (lead, value, then) or (lead[0], value[0], then[0]) != ("lit", "alt", "lit") or then[1][:1] not in (",", "}", "]"): return None
         return nid
+
+    def _unique(self, item: int, lo: int, hi: int | None, where: str) -> int:
+        """An array of distinct items, `lo` to `hi` of them: ("set", value texts, lo, hi), for items that are one of a
+        few values (an enum, a const, a boolean: Pydantic's `set[Enum]`, `frozenset[Literal[...]]`)."""
+        node = self.nodes[self._through_refs(item)]
+        if node is None or node[0] != "alt":
+            raise ValueError(f"{where}: uniqueItems is supported on items that are an enum, a const or a boolean (set[Enum]); "
+                             "not on strings or numbers (set[str], set[int])")
+        if lo > len({_json_key(json.loads(t)) for t in node[1]}): raise ValueError(f"{where}: minItems {lo} is more than the item's distinct values")
+        return self._add(("set", node[1], lo, hi))
+
+    def _unused(self, nid: int, seen: frozenset) -> tuple[str, ...]:
+        "The value texts of the set node `nid` that no item in `seen` (their `_json_key`s) equals."
+        if (nid, seen) not in self._free:
+            if len(self._free) > 1 << 16: self._free.clear()
+            self._free[nid, seen] = tuple(t for t in self.nodes[nid][1] if _json_key(json.loads(t)) not in seen)
+        return self._free[nid, seen]
+
+    def _set_step(self, nid: int, p, ch):
+        """Progress in an array of distinct values: '[' before it, ("first",) after it, then ("value", the values so
+        far, the text of this one), "end" after ']'. A value ends when the next character cannot go on with it; a ','
+        is taken only while an unused value remains (so a set short of minItems can always go on)."""
+        _, _, lo, hi = self.nodes[nid]
+        if p == "[": return ("first",) if ch == "[" else None
+        if p[0] == "first":
+            if ch == "]": return "end" if lo == 0 else None
+            if hi == 0: return None
+            p = ("value", frozenset(), "")
+        _, seen, text = p
+        free = self._unused(nid, seen)
+        if _starts(free, text + ch): return ("value", seen, text + ch)
+        if not _one_of(free, text): return None
+        seen = seen | {_json_key(json.loads(text))}          # the value ended before ch
+        if ch == "]": return "end" if len(seen) >= lo else None
+        if ch == "," and (hi is None or len(seen) < hi) and self._unused(nid, seen): return ("value", seen, "")
+        return None
 
     def _fitting(self, nid: int, depth: int) -> tuple[str, ...]:
         "The values of the tag node `nid`, as its frame's place `depth` in the stack allows: those whose rest fits in the frame limit."
@@ -1585,7 +1635,7 @@ class SchemaGrammar(Grammar):
 
     def _begin(self, nid):
         return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{",
-                "any": None, "tag": ""}[self.nodes[nid][0]]
+                "any": None, "tag": "", "set": "["}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -1597,7 +1647,7 @@ class SchemaGrammar(Grammar):
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind in ("real", "tag"): return False           # another digit is always possible; a tag becomes its rest
         if kind == "seq": return p == len(node[1])
-        return p == "end"                                   # str, pat, arr, map
+        return p == "end"                                   # str, pat, arr, map, set
 
     def _item_ended(self, stack: list):
         "A frame was popped: if its parent is an array, one more of its items is done; a map, a key or a value."
@@ -1696,6 +1746,7 @@ class SchemaGrammar(Grammar):
                 rest = self._tag_rest(nid, p[len(lead):])
                 stack[-1] = (rest, self._begin(rest))
                 return "retry"
+        elif kind == "set": new = self._set_step(nid, p, ch)
         elif kind == "str": new = self._string(p, ch, *node[1:])
         elif kind == "pat": new = self._patterned(p, ch, *node[1:])
         elif kind == "num":
