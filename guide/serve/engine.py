@@ -1280,12 +1280,13 @@ def _int_prefix(text: str, lo: int | None, hi: int | None, step: int = 1) -> boo
     if not _real_prefix(text, lo, hi): return False
     if step == 1 or text in ("", "0"): return True          # (the range holds a multiple: _int_range checks; 0 is one)
     neg, body = text.startswith("-"), text.lstrip("-")
-    if not body: return _multiple_between(-math.inf if lo is None else lo, min(-1, math.inf if hi is None else hi), step)
+    low, high = -math.inf if lo is None else lo, math.inf if hi is None else hi
+    if not body: return _multiple_between(low, min(-1, high), step)
     v, k = int(body), 0
     while True:
         a, b = v * 10**k, (v + 1) * 10**k - 1                        # the magnitudes of k more digits
         a, b = (-b, -a) if neg else (a, b)
-        if _multiple_between(max(a, -math.inf if lo is None else lo), min(b, math.inf if hi is None else hi), step): return True
+        if _multiple_between(max(a, low), min(b, high), step): return True
         if (lo is not None and a < lo) if neg else (hi is not None and a > hi): return False
         k += 1
 
@@ -1337,11 +1338,11 @@ class SchemaGrammar(Grammar):
     The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex,
     min, max), ("num", integer?), ("int", min, max, step) an integer in a range and a multiple of step, ("real", min,
     max) a number in a range, ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node
-    id, value node id), ("set", sorted value texts, min, max) distinct values, ("any", node ids) one of, ("tag", text, sorted value texts, node ids) the text, one of the
-    values, then that value's node. A frame is (node id, progress); a stack of frames, innermost last, is one reading
-    of the text so far, () once the root has closed; a state is the frozenset of the readings still possible (more
-    than one only inside an `anyOf` whose options have not yet parted). With `tags` off, no "tag" nodes: a reading
-    per option until they part."""
+    id, value node id), ("set", sorted value texts, their `_json_key`s, min, max) distinct values, ("any", node ids)
+    one of, ("tag", text, sorted value texts, node ids) the text, one of the values, then that value's node. A frame
+    is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root
+    has closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose
+    options have not yet parted). With `tags` off, no "tag" nodes: a reading per option until they part."""
     def __init__(self, schema: dict, tags: bool = True):
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise ValueError("the schema's root must be {\"type\": \"object\", ...}")
@@ -1362,7 +1363,7 @@ class SchemaGrammar(Grammar):
         if unknown := sorted(set(s) - _SCHEMA_KEYS):
             raise ValueError(f"{where}: {unknown} not supported (the subset: type, properties, additionalProperties, items, "
                              "prefixItems, enum, const, anyOf, oneOf, allOf, $ref, minItems, maxItems, minLength, maxLength, "
-                             "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf)")
+                             "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, uniqueItems)")
         if "allOf" in s:                                    # one schema in a list (older Pydantic wraps a $ref so)
             if not isinstance(s["allOf"], list) or len(s["allOf"]) != 1 or set(s) - _ANNOTATIONS - {"allOf"}:
                 raise ValueError(f"{where}: allOf is supported only as a list of one schema, alone")
@@ -1577,21 +1578,23 @@ class SchemaGrammar(Grammar):
         if node is None or node[0] != "alt":
             raise ValueError(f"{where}: uniqueItems is supported on items that are an enum, a const or a boolean (set[Enum]); "
                              "not on strings or numbers (set[str], set[int])")
-        if lo > len({_json_key(json.loads(t)) for t in node[1]}): raise ValueError(f"{where}: minItems {lo} is more than the item's distinct values")
-        return self._add(("set", node[1], lo, hi))
+        keys = tuple(_json_key(json.loads(t)) for t in node[1])
+        if lo > len(set(keys)): raise ValueError(f"{where}: minItems {lo} is more than the item's distinct values")
+        return self._add(("set", node[1], keys, lo, hi))
 
     def _unused(self, nid: int, seen: frozenset) -> tuple[str, ...]:
         "The value texts of the set node `nid` that no item in `seen` (their `_json_key`s) equals."
         if (nid, seen) not in self._free:
             if len(self._free) > 1 << 16: self._free.clear()
-            self._free[nid, seen] = tuple(t for t in self.nodes[nid][1] if _json_key(json.loads(t)) not in seen)
+            _, texts, keys, _, _ = self.nodes[nid]
+            self._free[nid, seen] = tuple(t for t, k in zip(texts, keys) if k not in seen)
         return self._free[nid, seen]
 
     def _set_step(self, nid: int, p, ch):
         """Progress in an array of distinct values: '[' before it, ("first",) after it, then ("value", the values so
         far, the text of this one), "end" after ']'. A value ends when the next character cannot go on with it; a ','
         is taken only while an unused value remains (so a set short of minItems can always go on)."""
-        _, _, lo, hi = self.nodes[nid]
+        _, texts, keys, lo, hi = self.nodes[nid]
         if p == "[": return ("first",) if ch == "[" else None
         if p[0] == "first":
             if ch == "]": return "end" if lo == 0 else None
@@ -1601,7 +1604,7 @@ class SchemaGrammar(Grammar):
         free = self._unused(nid, seen)
         if _starts(free, text + ch): return ("value", seen, text + ch)
         if not _one_of(free, text): return None
-        seen = seen | {_json_key(json.loads(text))}          # the value ended before ch
+        seen = seen | {keys[bisect.bisect_left(texts, text)]}     # the value ended before ch
         if ch == "]": return "end" if len(seen) >= lo else None
         if ch == "," and (hi is None or len(seen) < hi) and self._unused(nid, seen): return ("value", seen, "")
         return None
@@ -1727,7 +1730,7 @@ class SchemaGrammar(Grammar):
         maxLength further off than `chars` and a whole period of the match's end lengths (`CharRegex.end_sets`)."""
         _, regex, lo, hi = node
         if hi is None or n < lo: return False
-        ends, loop_from = regex.end_sets()
+        ends, _ = regex.end_sets()
         return hi - n - chars >= len(ends)                  # (len(ends): loop_from and one period)
 
     def _consume(self, nid, p, ch, stack):
@@ -1739,11 +1742,11 @@ class SchemaGrammar(Grammar):
             if _starts(node[1], p + ch): new = p + ch
             elif _one_of(node[1], p): return _PASS
         elif kind == "tag":
-            lead, texts = node[1], self._fitting(nid, len(stack) - 1)
+            lead, texts, value = node[1], self._fitting(nid, len(stack) - 1), p[len(node[1]):]
             if len(p) < len(lead): new = p + ch if lead[len(p)] == ch else None
-            elif _starts(texts, p[len(lead):] + ch): new = p + ch
-            elif _one_of(texts, p[len(lead):]):              # a number's text ended before ch: ch is the rest's
-                rest = self._tag_rest(nid, p[len(lead):])
+            elif _starts(texts, value + ch): new = p + ch
+            elif _one_of(texts, value):                      # a number's text ended before ch: ch is the rest's
+                rest = self._tag_rest(nid, value)
                 stack[-1] = (rest, self._begin(rest))
                 return "retry"
         elif kind == "set": new = self._set_step(nid, p, ch)
