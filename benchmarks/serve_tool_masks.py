@@ -48,7 +48,7 @@ def main(argv=None):
     import torch
     from guide.core import atomic_write, environment_info, setup_torch
     from guide.pretrained import tiny_base
-    from guide.serve.engine import JsonConstraint, SchemaGrammar
+    from guide.serve.structured import JsonConstraint, SchemaGrammar
     from guide.serve.server import tool_call_schema
     setup_torch()
     if a.smoke: a.tools, a.repeats = [1, 8], 1

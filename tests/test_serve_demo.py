@@ -54,7 +54,7 @@ def test_gradio_client_streams_a_reply(demo_url):
     job.result(timeout=60)
     outs = job.outputs()
     assert len(outs) >= 2 and all(outs[i + 1].startswith(outs[i]) for i in range(len(outs) - 1))   # streamed, growing
-    from guide.serve.engine import JSON_START, json_feed
+    from guide.serve.structured import JSON_START, json_feed
     as_json = Client(demo_url, verbose=False).predict("A user record, please", 64, 0.0, True, api_name="/chat")   # the JSON-mode box
     assert as_json.startswith("{") and json_feed(JSON_START, as_json) is not None, as_json
 

@@ -280,7 +280,7 @@ def test_json_mode_answers_parse(client):
     """response_format json_object: every answer that ended is one JSON object, streamed or not (the engine's JSON mode);
     one cut by max_tokens is a prefix of one. json_schema: every answer that ended is valid under the schema (jsonschema);
     a schema outside the grammar's subset is a 400 that says so."""
-    from guide.serve.engine import JSON_START, json_feed
+    from guide.serve.structured import JSON_START, json_feed
     messages = [{"role": "user", "content": "A user record as JSON, please."}]
     ended = 0
     for seed in range(4):
