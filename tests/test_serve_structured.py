@@ -115,6 +115,32 @@ def test_schema_grammar_reads_what_the_schema_describes(schema_value):
 
 
 @settings(max_examples=300, deadline=None)
+@given(_schemas_and_values(), st.lists(st.text('{}[]",:0-1.25e+trufalsnxyzé \\\n\t', min_size=1, max_size=6), max_size=60), st.data())
+def test_token_trie_allows_what_feeding_every_token_allows(schema_value, extra, data):
+    """TokenTrie's two ways (the trie walk, and past the characters a state loops on) and `allowed`, which picks one,
+    give at every state along a valid value's text, under the schema's grammar and under JSON mode, exactly the tokens
+    whose whole text the grammar reads from there: a random vocabulary of the value's characters, some of their pairs
+    and random texts, with duplicates and an empty token."""
+    import json
+    from guide.serve.structured import JSON_OBJECT, SchemaGrammar, TokenTrie
+    schema, value = schema_value
+    text = json.dumps({"v": value} if data.draw(st.booleans()) else value, separators=(",", ":"), ensure_ascii=False)
+    pieces = sorted(set(text)) + [text[i:i + 2] for i in range(0, len(text) - 1, 3)] + extra + [""]
+    data.draw(st.randoms()).shuffle(pieces)
+    trie = TokenTrie(pieces)
+    for grammar in (SchemaGrammar(schema), JSON_OBJECT):
+        state = grammar.start
+        for i in range(len(text) + 1):
+            if state is None: break                      # (JSON mode reads an object only; the schema's value may be another)
+            want = [t for t, p in enumerate(pieces) if p and grammar.feed(state, p) is not None]
+            assert trie.allowed(grammar, state).nonzero().flatten().tolist() == want, (text[:i], grammar)
+            assert trie.walk(grammar, state).nonzero().flatten().tolist() == want, (text[:i], grammar)
+            breaks = [ch for ch in trie.alphabet if grammar.feed(state, ch) != state]
+            assert trie.past_loops(grammar, state, breaks).nonzero().flatten().tolist() == want, (text[:i], grammar)
+            state = grammar.feed(state, text[i:i + 1]) if i < len(text) else None
+
+
+@settings(max_examples=300, deadline=None)
 @given(_schemas_and_values(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from('{}[]",:0-1.etrufalsnxé\\')), min_size=1, max_size=3))
 def test_schema_grammar_reads_only_what_the_schema_describes(schema_value, edits):
     """The other way round: a valid value's text with a few characters inserted, deleted or replaced. Whatever the

@@ -11,8 +11,8 @@ import torch
 
 # %% auto #0
 __all__ = ['JSON_START', 'JSON_MAX_DEPTH', 'STRING_END', 'UNICODE_ESCAPE', 'JSON_OBJECT', 'json_string_step', 'json_step',
-           'json_feed', 'json_done', 'Grammar', 'JsonObjectGrammar', 'JsonConstraint', 'CharRegex', 'SchemaGrammar',
-           'schema_grammar']
+           'json_feed', 'json_done', 'Grammar', 'JsonObjectGrammar', 'token_texts', 'TokenTrie', 'JsonConstraint',
+           'CharRegex', 'SchemaGrammar', 'schema_grammar']
 
 # %% ../../nbs/20_structured.ipynb #c006
 _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
@@ -111,9 +111,14 @@ class Grammar:
     and most of those characters take the same few steps."""
     max_steps = 1 << 14
 
+    @property
+    def steps(self) -> dict:
+        "The steps taken so far, `(state, ch) -> state or None`: `feed`'s memory, which `TokenTrie.allowed` shares."
+        return self.__dict__.setdefault("_steps", {})
+
     def feed(self, state, text: str):
         "The state after every character of `text`, or None."
-        steps = self.__dict__.setdefault("_steps", {})
+        steps = self.steps
         for ch in text:
             after = steps.get((state, ch), steps)           # (the dict itself: not yet taken)
             if after is steps:
@@ -137,19 +142,95 @@ class JsonObjectGrammar(Grammar):
 
 JSON_OBJECT = JsonObjectGrammar()
 
+
+def token_texts(tokenizer, vocab_size: int) -> list[str]:
+    """The text each of the model's `vocab_size` tokens adds: what it adds after an anchor token, so a tokenizer that
+    drops a token's leading space when it stands alone (SentencePiece) is read right; '' for special tokens and for
+    ids past the tokenizer's end (a model's vocabulary is often padded)."""
+    anchor = tokenizer.encode("a")
+    base, special = tokenizer.decode(anchor), set(getattr(tokenizer, "all_special_ids", []))
+    def text(i):
+        if i >= len(tokenizer) or i in special: return ""
+        both = tokenizer.decode(anchor + [i])
+        return both[len(base):] if both.startswith(base) else tokenizer.decode([i])
+    return [text(i) for i in range(vocab_size)]
+
+# %% ../../nbs/20_structured.ipynb #c012
+class TokenTrie:
+    """The tokens' texts as a prefix tree, stored flat in depth-first order: node `i` adds the character `chars[i]` at
+    `depth[i]`, its subtree ends before node `skip[i]`, and `ends[i]` holds the tokens whose text ends there. Beside
+    it, for each character, the tokens whose text has it and where it first comes (`first`)."""
+    def __init__(self, pieces: list[str]):
+        self.chars, self.depth, self.skip, self.ends = [], [], [], []
+        path = []                                        # the nodes from the root down to the last text's end
+        for text, token in sorted((p, i) for i, p in enumerate(pieces) if p):
+            shared = 0
+            while shared < len(path) and shared < len(text) and self.chars[path[shared]] == text[shared]: shared += 1
+            for node in path[shared:]: self.skip[node] = len(self.chars)
+            del path[shared:]
+            for d in range(shared, len(text)):
+                path.append(len(self.chars))
+                self.chars.append(text[d]); self.depth.append(d); self.skip.append(None); self.ends.append(())
+            self.ends[path[-1]] += (token,)
+        for node in path: self.skip[node] = len(self.chars)
+        self.height = max(self.depth, default=-1) + 1
+        self.pieces, self.tokens = pieces, torch.tensor([bool(p) for p in pieces])
+        self.first = {}                                  # character -> {token: where its text first has it}
+        for token, text in enumerate(pieces):
+            for at, ch in enumerate(text): self.first.setdefault(ch, {}).setdefault(token, at)
+        self.alphabet = sorted(self.first, key=lambda ch: -len(self.first[ch]))     # the commonest first
+
+    def allowed(self, grammar: Grammar, state) -> torch.Tensor:
+        """The tokens whose whole text `grammar` reads from `state` (a bool mask over the pieces). Where `state` is
+        left as it was by the commonest character (inside a string) it is `past_loops`, else `walk`."""
+        if grammar.feed(state, self.alphabet[0]) == state:
+            breaks = [ch for ch in self.alphabet if grammar.feed(state, ch) != state]
+            if sum(len(self.first[ch]) for ch in breaks) <= len(self.pieces) // 4: return self.past_loops(grammar, state, breaks)
+        return self.walk(grammar, state)
+
+    def walk(self, grammar: Grammar, state) -> torch.Tensor:
+        """The walk over the trie: one step of the grammar per node rather than per character of every token, and at
+        the first character the grammar refuses, the whole subtree skipped: every token that starts that way."""
+        chars, depth, skip, ends = self.chars, self.depth, self.skip, self.ends
+        steps, step, limit = grammar.steps, grammar.step, grammar.max_steps
+        states, out, i, n = [state] + [None] * self.height, [], 0, len(chars)
+        while i < n:
+            here, ch = states[depth[i]], chars[i]
+            after = steps.get((here, ch), steps)          # (the dict itself: not yet taken)
+            if after is steps:
+                after = step(here, ch)
+                if len(steps) >= limit: steps.clear()
+                steps[here, ch] = after
+            if after is None: i = skip[i]; continue
+            states[depth[i] + 1] = after
+            out += ends[i]
+            i += 1
+        mask = torch.zeros(len(self.pieces), dtype=torch.bool)
+        mask[torch.tensor(out, dtype=torch.long)] = True
+        return mask
+
+    def past_loops(self, grammar: Grammar, state, breaks: list[str]) -> torch.Tensor:
+        """For a `state` that every character but `breaks` leaves as it was: a token with none of them is allowed as it
+        is, and one with some is read from `state` at the first of them (all before it kept the state)."""
+        cut = {}
+        for ch in breaks:
+            for token, at in self.first[ch].items():
+                if at < cut.get(token, at + 1): cut[token] = at
+        mask = self.tokens.clone()
+        if cut:
+            mask[torch.tensor(list(cut), dtype=torch.long)] = torch.tensor([grammar.feed(state, self.pieces[token][at:]) is not None
+                                                                            for token, at in cut.items()])
+        return mask
+
+# %% ../../nbs/20_structured.ipynb #c015
 class JsonConstraint:
     """For a tokenizer: each token's text, and per grammar state the tokens that keep the text on the grammar's path
     (a bool mask over the model's vocabulary of `vocab_size`, cached for the `max_masks` states used last, per
-    device). A token's text is what it adds after an anchor token, so a tokenizer that drops a token's leading space
-    when it stands alone (SentencePiece) is read right; special tokens, and tokens with no text, are never allowed."""
+    device; `token_texts` says what a token's text is, and a `TokenTrie` of them finds the allowed ones). Special
+    tokens, and tokens with no text, are never allowed."""
     def __init__(self, tokenizer, vocab_size: int, max_masks: int = 1024):
-        anchor = tokenizer.encode("a")
-        base, special = tokenizer.decode(anchor), set(getattr(tokenizer, "all_special_ids", []))
-        def text(i):
-            if i >= len(tokenizer) or i in special: return ""
-            both = tokenizer.decode(anchor + [i])
-            return both[len(base):] if both.startswith(base) else tokenizer.decode([i])
-        self.pieces = [text(i) for i in range(vocab_size)]
+        self.pieces = token_texts(tokenizer, vocab_size)
+        self.trie = TokenTrie(self.pieces)
         missing = [c for c in '{}[]",:0-1.etrufalsn' if c not in self.pieces]
         if missing: raise ValueError(f"JSON mode needs a token for each of the characters {missing}")
         leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
@@ -171,7 +252,7 @@ class JsonConstraint:
         key = (grammar.key, same, str(device))
         if key not in self._masks:
             cpu = self._masks.get((grammar.key, same, "cpu"))
-            if cpu is None: cpu = torch.tensor([bool(p) and grammar.feed(state, p) is not None for p in self.pieces])
+            if cpu is None: cpu = self.trie.allowed(grammar, state)
             self._masks[(grammar.key, same, "cpu")] = cpu
             self._masks[key] = cpu.to(device)
             while len(self._masks) > self.max_masks: self._masks.popitem(last=False)
@@ -199,7 +280,7 @@ class JsonConstraint:
             self._only[key] = int(ids[0, 0]) if len(ids) == 1 else None
         return self._only[key]
 
-# %% ../../nbs/20_structured.ipynb #c012
+# %% ../../nbs/20_structured.ipynb #c018
 _PY_DIGIT, _PY_WORD = re.compile(r"\d").fullmatch, re.compile(r"\w").fullmatch
 
 def _ascii_word(c: str) -> bool: return c.isascii() and (c.isalnum() or c == "_")
@@ -353,7 +434,7 @@ class CharRegex:
             self._ends = (ends[:-1], seen[ends[-1]])
         return self._ends
 
-# %% ../../nbs/20_structured.ipynb #c015
+# %% ../../nbs/20_structured.ipynb #c021
 def _range_bound(s: dict, key: str, where: str) -> int | float:
     "`s[key]`, a bound of a range: a number within ±1e300 (ValueError otherwise)."
     v = s[key]
@@ -459,7 +540,7 @@ def _one_of(options: tuple[str, ...], text: str) -> bool:
     i = bisect.bisect_left(options, text)
     return i < len(options) and options[i] == text
 
-# %% ../../nbs/20_structured.ipynb #c018
+# %% ../../nbs/20_structured.ipynb #c024
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions", "readOnly",
                 "writeOnly", "deprecated"}
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
