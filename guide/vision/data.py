@@ -83,6 +83,8 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 3), 
 
 def render(scene: dict, size: int = 32) -> np.ndarray:
     "Draw a scene description as an RGB uint8 array (size, size, 3)."
+    if not (isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 16):
+        raise ValueError(f"size must be an integer >= 16 (the room a 4-letter text needs), got {size!r}")
     img = Image.new("RGB", (size, size), (scene.get("background", 0),) * 3)
     d = ImageDraw.Draw(img)
     for shape, color, _, _, x0, y0, x1, y1 in scene["objects"]:
