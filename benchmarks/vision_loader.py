@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--out", default=str(OUT), help="folder for the JSON and the plot")
     args = p.parse_args(argv)
-    if args.image_size < 16: p.error("--image-size must be >= 16 (the room a scene's text needs)")
+    if args.image_size < 16: p.error("--image-size must be >= 16 (the room a scene's text may need)")
     out, name = Path(args.out), "vision_loader_smoke" if args.smoke else "vision_loader"
     setup_torch()
     n = 1000 if args.smoke else 8000

@@ -83,8 +83,8 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 3), 
 
 def render(scene: dict, size: int = 32) -> np.ndarray:
     "Draw a scene description as an RGB uint8 array (size, size, 3)."
-    if not (isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 16):
-        raise ValueError(f"size must be an integer >= 16 (the room a 4-letter text needs), got {size!r}")
+    if not (isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 1):
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
     img = Image.new("RGB", (size, size), (scene.get("background", 0),) * 3)
     d = ImageDraw.Draw(img)
     for shape, color, _, _, x0, y0, x1, y1 in scene["objects"]:
@@ -99,6 +99,7 @@ def render(scene: dict, size: int = 32) -> np.ndarray:
         arr = np.asarray(img).copy(); k = max(1, size // 16)             # glyph scale: 9×15 pixels at 48×48
         w = (4 * len(scene["text"]) - 1) * k
         x = int((size - w) * scene.get("text_x", 0.5)); y = int(size * 5 / 6 - 2.5 * k)
+        if w > size or y < 0 or y + 5 * k > size: raise ValueError(f"size {size} is too small for the text {scene['text']!r} (16 holds any text)")
         for i, ch in enumerate(scene["text"]):
             g = np.array([[b == "1" for b in row] for row in FONT[ch].split()])
             g = g.repeat(k, 0).repeat(k, 1)
