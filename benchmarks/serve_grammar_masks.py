@@ -7,7 +7,7 @@ with a new schema (or the first request after start-up) adds to the engine step 
 2,048 tokens hide it; a production vocabulary has 32,000 to 128,000. This script trains a byte-level BPE tokenizer
 on the offline corpus (`tokenizers`, about 62,000 tokens: as many merges as the corpus gives, up to `--vocab`), and
 on it and on the tiny tokenizer walks two grammars with uniformly drawn allowed tokens (a Pydantic model with ranges,
-a pattern, a set, a date and a nested list; a call to one of 64 tools) and reads a nested document in JSON mode.
+a pattern, a set of literals and one of strings, a date and a nested list; a call to one of 64 tools) and reads a nested document in JSON mode.
 Each state on the way with a mask key not met before (the masks `JsonConstraint` would compute) is masked both
 ways, in order, each way with its own grammar (so both see the same memory of steps taken); the masks must be equal. Reported per vocabulary and grammar: the milliseconds of all the walk's masks, the median and
 the costliest mask, both ways.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse, datetime, gc, json, random, statistics, sys, time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +52,7 @@ def grammars():
         gift: bool
         note: str | None = Field(max_length=8)
         tags: set[Literal["fragile", "express", "bulk"]]
+        labels: set[Annotated[str, Field(max_length=4)]] = Field(max_length=3)
         day: datetime.date
         lines: list[Line] = Field(min_length=1, max_length=3)
 

@@ -900,11 +900,12 @@ def test_jump_forward_gives_the_same_tokens(base, monkeypatch):
 
 def test_schema_grammar_takes_a_pydantic_model(base):
     """`Model.model_json_schema()` of a Pydantic model, recursive, with Optional fields, length bounds, ranges, a pattern,
-    formats (date, date-time, duration, password, binary), a multipleOf, a set and a tagged union: the grammar
+    formats (date, date-time, duration, password, binary), a multipleOf, a set of literals and one of strings and a
+    tagged union: the grammar
     reads the model's own dumps, refuses values out of bounds, and every sampled answer that closed is a valid model."""
     import datetime
     import json
-    from typing import Literal
+    from typing import Annotated, Literal
     from pydantic import BaseModel, Field, SecretStr
     from guide.serve.structured import SchemaGrammar
     class Cat(BaseModel):
@@ -921,6 +922,7 @@ def test_schema_grammar_takes_a_pydantic_model(base):
         name: str = Field(min_length=1, max_length=6)
         age: int | None = Field(ge=0, le=120)
         tags: list[str] = Field(max_length=2)
+        nicks: frozenset[Annotated[str, Field(max_length=8)]] = Field(max_length=3)     # uniqueItems over strings
         home: Address | None
         friends: list["Person"] = Field(max_length=2)
         scores: dict[str, int]
@@ -937,8 +939,8 @@ def test_schema_grammar_takes_a_pydantic_model(base):
     def reads(person: dict) -> bool:
         state = g.feed(g.start, json.dumps(person, separators=(",", ":"), ensure_ascii=False))
         return state is not None and g.done(state)
-    ada = Person(name="Ada", age=None, tags=["x"], home=Address(city="Oslo", zip="0150AB"),
-                 friends=[Person(name="Bo", age=3, tags=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None, dozen=0, key="", raw=b"")],
+    ada = Person(name="Ada", age=None, tags=["x"], nicks=["A", "Countess", "a"], home=Address(city="Oslo", zip="0150AB"),
+                 friends=[Person(name="Bo", age=3, tags=[], nicks=[], home=None, friends=[], scores={}, born="2020-01-31", seen="2024-05-01T12:30:00Z", since=0, pair=(0, True), height=0.9, pet=None, dozen=0, key="", raw=b"")],
                  scores={"go": 3, "": -1}, born="1815-12-10", seen="1843-10-01T09:15:30.25+01:00",
                  since=datetime.timedelta(days=400, seconds=3.5), pair=(1, False), height=1.65, pet=Cat(kind="cat", lives=9), dozen=144, key="pw",
                  raw="é\n".encode()).model_dump(mode="json")
@@ -948,10 +950,11 @@ def test_schema_grammar_takes_a_pydantic_model(base):
                 dict(ada, seen="1843-10-01T09:15:30"), dict(ada, seen="1843-10-01 09:15:30Z"), dict(ada, since="P1M"), dict(ada, since="PT"),
                 dict(ada, dozen=13), dict(ada, dozen=-12), dict(ada, height=0), dict(ada, height=-0.5), dict(ada, height=2.51), dict(ada, height=1e-05),
                 dict(ada, pet={"kind": "cat", "good": True}), dict(ada, pet={"kind": "cat", "lives": 10}),
-                dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "sit"]}), dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "roll", "beg"]})):
+                dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "sit"]}), dict(ada, pet={"kind": "dog", "good": True, "tricks": ["sit", "roll", "beg"]}),
+                dict(ada, nicks=["A", "B", "A"]), dict(ada, nicks=["A", "B", "C", "D"]), dict(ada, nicks=["Countess!"])):
         assert not reads(bad), bad
     model, tok = base
-    outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=256, temperature=0.9, seed=i,
+    outs = Engine(model, tok).generate(["A person as JSON: "] * 8, [SamplingParams(max_tokens=384, temperature=0.9, seed=i,
                                                                           json_schema=Person.model_json_schema()) for i in range(8)])
     closed = [o for o in outs if o["finish_reason"] == "stop"]
     assert closed, [o["text"] for o in outs]

@@ -28,6 +28,12 @@ def _patterns():
     return st.tuples(st.sampled_from(["", "^"]), st.recursive(atom, combine, max_leaves=6), st.sampled_from(["", "$"])).map("".join)
 
 
+def _short_matches(pattern: str):
+    """Strings the pattern matches whole, of at most 12 characters: Python's re, the reference, backtracks; a pattern
+    such as (?:a{1,3})+$ on 45 a's and a quote takes it longer than the test's timeout."""
+    return st.from_regex(pattern, fullmatch=True, alphabet=_PATTERN_ALPHABET).filter(lambda s: len(s) <= 12)
+
+
 def _bounded_numbers():
     """A `number` schema with a range (hundredths, each end inclusive, exclusive or open) and a value in it: a float of
     ten-thousandths, which json.dumps writes without an exponent."""
@@ -50,7 +56,11 @@ def _schemas_and_values():
     sets = st.lists(st.one_of(st.text(max_size=3), st.integers(-9, 99)), min_size=1, max_size=4, unique=True).flatmap(
         lambda opts: st.permutations(opts).flatmap(lambda order: st.integers(0, len(opts)).map(
             lambda n: ({"type": "array", "items": {"enum": opts}, "uniqueItems": True}, order[:n]))))
-    leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)), sets,
+    string_sets = st.tuples(st.one_of(st.none(), st.integers(1, 4)), st.lists(st.text(st.characters(blacklist_categories=("Cc", "Cs")) | st.sampled_from('\n"\\'),
+                                                                               max_size=4), max_size=4, unique=True)).map(
+        lambda t: ({"type": "array", "items": {"type": "string", **({} if t[0] is None else {"maxLength": t[0]})}, "uniqueItems": True},
+                   [s for s in t[1] if t[0] is None or len(s) <= t[0]]))                  # set[str], unicode escapes aside
+    leaf = st.one_of(st.tuples(st.just({"type": "string"}), st.text(max_size=6)), sets, string_sets,
                      st.integers(0, 3).flatmap(lambda lo: st.integers(0, 3).flatmap(lambda extra: bounded_strings(lo, extra))),
                      st.tuples(st.just({"type": "integer"}), st.integers(-10**12, 10**12)),
                      st.tuples(st.one_of(st.none(), st.integers(-300, 300)), st.one_of(st.none(), st.integers(0, 400))).flatmap(
@@ -120,19 +130,21 @@ def test_token_trie_allows_what_feeding_every_token_allows(schema_value, extra, 
     """TokenTrie's two ways (the trie walk, and past the characters a state loops on) and `allowed`, which picks one,
     give at every state along a valid value's text, under the schema's grammar and under JSON mode, exactly the tokens
     whose whole text the grammar reads from there: a random vocabulary of the value's characters, some of their pairs
-    and random texts, with duplicates and an empty token."""
+    and random texts, with duplicates and an empty token. The plain answer comes from a grammar of its own, and the
+    trie's grammar may forget its steps every few characters."""
     import json
-    from guide.serve.structured import JSON_OBJECT, SchemaGrammar, TokenTrie
+    from guide.serve.structured import JSON_OBJECT, JsonObjectGrammar, SchemaGrammar, TokenTrie
     schema, value = schema_value
     text = json.dumps({"v": value} if data.draw(st.booleans()) else value, separators=(",", ":"), ensure_ascii=False)
     pieces = sorted(set(text)) + [text[i:i + 2] for i in range(0, len(text) - 1, 3)] + extra + [""]
     data.draw(st.randoms()).shuffle(pieces)
-    trie = TokenTrie(pieces)
-    for grammar in (SchemaGrammar(schema), JSON_OBJECT):
+    trie, forgetful = TokenTrie(pieces), data.draw(st.booleans())
+    for grammar, plain in ((SchemaGrammar(schema), SchemaGrammar(schema)), (JsonObjectGrammar(), JSON_OBJECT)):
+        if forgetful: grammar.max_steps = 3              # the memory of steps cleared again and again in mid-walk
         state = grammar.start
         for i in range(len(text) + 1):
             if state is None: break                      # (JSON mode reads an object only; the schema's value may be another)
-            want = [t for t, p in enumerate(pieces) if p and grammar.feed(state, p) is not None]
+            want = [t for t, p in enumerate(pieces) if p and plain.feed(state, p) is not None]
             assert trie.allowed(grammar, state).nonzero().flatten().tolist() == want, (text[:i], grammar)
             assert trie.walk(grammar, state).nonzero().flatten().tolist() == want, (text[:i], grammar)
             breaks = [ch for ch in trie.alphabet if grammar.feed(state, ch) != state]
@@ -276,6 +288,29 @@ def test_sets_read_exactly_the_arrays_of_distinct_values(values, lo, extra, data
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.integers(0, 3), st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 2), st.one_of(st.none(), st.integers(0, 2)), st.data())
+def test_string_sets_read_exactly_the_arrays_of_distinct_strings(lo, extra, short, extra_length, data):
+    """uniqueItems over strings (Pydantic's set[str]): an array of strings is read to the end exactly when jsonschema
+    finds it valid (distinct strings, each within minLength and maxLength; within minItems and maxItems) and has no
+    \\u escape (which the grammar does not take), and from every prefix some character leads on: a string equal to
+    one so far can always grow or change instead of closing."""
+    import json
+    from guide.serve.structured import SchemaGrammar
+    long = None if extra_length is None else short + extra_length
+    schema = {"type": "array", "items": {"type": "string", "minLength": short, **({} if long is None else {"maxLength": long})},
+              "uniqueItems": True, "minItems": lo, **({} if extra is None else {"maxItems": lo + extra})}
+    if long == 0 and lo > 1:
+        with pytest.raises(ValueError, match="maxLength 0"): SchemaGrammar({"type": "object", "properties": {"x": schema}})
+        return
+    arrays = data.draw(st.lists(st.lists(st.text('ab\n"\x01', max_size=3), max_size=5), min_size=1, max_size=6))
+    size = short or (0 if long == 0 else 1)
+    distinct = [("c" * (size - 1)) + "abcdefghij"[i] for i in range(10)] if size else [""]
+    arrays.append(distinct[:lo + (extra or 0)])                                                # a valid one
+    _reads_exactly_the_valid(schema, [json.dumps(a, separators=(",", ":"), ensure_ascii=False) for a in arrays],
+                             '[]",-}abcdefghij\\n', written=lambda text: "\\u" not in text)
+
+
+@settings(max_examples=300, deadline=None)
 @given(_patterns(), st.data())
 def test_char_regex_matches_what_python_re_matches(pattern, data):
     """On characters where Python's re and ECMA-262 agree (printable ASCII, newline, tab), a string is a JSON string
@@ -286,7 +321,7 @@ def test_char_regex_matches_what_python_re_matches(pattern, data):
     from guide.serve.structured import SchemaGrammar
     g = SchemaGrammar({"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}})
     python = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
-    matching = data.draw(st.from_regex(pattern, fullmatch=True, alphabet=_PATTERN_ALPHABET))
+    matching = data.draw(_short_matches(pattern))
     i, ch = data.draw(st.integers(0, len(matching))), data.draw(st.sampled_from("abx0-._ \n\t\"\\"))
     for text in (matching, matching[:i] + ch + matching[i + 1:], matching[:i] + ch + matching[i:], data.draw(st.text("abx0-._ \n\t\"\\", max_size=8))):
         state = g.feed(g.start, json.dumps({"s": text}, separators=(",", ":")))
@@ -320,7 +355,7 @@ def test_patterns_with_lengths_read_the_matches_of_those_lengths(pattern, lo, ex
     from guide.serve.structured import SchemaGrammar
     hi = None if extra is None else lo + extra
     python = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
-    texts = [data.draw(st.from_regex(pattern, fullmatch=True, alphabet=_PATTERN_ALPHABET)) for _ in range(3)] + [data.draw(st.text("abx0-._ \n\t\"\\", max_size=8))]
+    texts = [data.draw(_short_matches(pattern)) for _ in range(3)] + [data.draw(st.text("abx0-._ \n\t\"\\", max_size=8))]
     fits = [t for t in texts if python.search(t) and lo <= len(t) and (hi is None or len(t) <= hi)]
     schema = {"type": "string", "pattern": pattern, "minLength": lo, **({} if hi is None else {"maxLength": hi})}
     try: g = SchemaGrammar({"type": "object", "properties": {"s": schema}})
@@ -375,20 +410,22 @@ def test_formats_write_only_valid_values(fmt, data):
 def test_masks_shared_by_mask_key_are_the_masks(tok):
     """States whose counts no token can reach (a string's length, with or without a pattern, an array's items, an
     integer's or a number's digits) share one cached mask: for every state on the way through texts near and far from
-    the bounds, the cached mask is the one computed from that state alone, and fewer masks than states were computed."""
+    the bounds (below a far minLength or minItems and past it too), the cached mask is the one computed from that state
+    alone, and fewer masks than states were computed."""
     import json
     from guide.serve.structured import JsonConstraint, SchemaGrammar
     schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 150},
               "a": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 10**30}, "minItems": 1, "maxItems": 60},
               "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40},
               "m": {"type": "array", "items": {"type": "integer", "multipleOf": 7, "minimum": -10**9, "maximum": 10**40}},
-              "p": {"type": "string", "pattern": "^([a-z]+ )*$", "minLength": 2, "maxLength": 120}}}
+              "p": {"type": "string", "pattern": "^([a-z]+ )*$", "minLength": 2, "maxLength": 120},
+              "L": {"type": "string", "minLength": 100}, "A": {"type": "array", "items": {"type": "integer"}, "minItems": 40}}}
     g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
     states = set()
     for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
         text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}"),
                            "m": [7 * (10**12 + i) for i in range(n_items)] + [-7 * n_chars, 0, 7 * 10**39 - 7],
-                           "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)]},
+                           "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)], "L": "xy z" * (25 + n_chars // 4), "A": [3] * (40 + n_items)},
                           separators=(",", ":"))
         state = g.start
         for ch in text: states.add(state); state = g.step(state, ch)

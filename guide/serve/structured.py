@@ -107,7 +107,8 @@ def _compact(value) -> str:
 # %% ../../nbs/20_structured.ipynb #c009
 class Grammar:
     """A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in
-    caches. `feed` remembers the steps it took (the last `max_steps`): a mask feeds every token's text from one state,
+    caches. A state is a hashable value, and `step` a pure function of `(state, ch)`: states that compare equal must go
+    on alike, since steps, masks and `TokenTrie.past_loops` are shared between them. `feed` remembers the steps it took (the last `max_steps`): a mask feeds every token's text from one state,
     and most of those characters take the same few steps."""
     max_steps = 1 << 14
 
@@ -174,16 +175,17 @@ class TokenTrie:
             self.ends[path[-1]] += (token,)
         for node in path: self.skip[node] = len(self.chars)
         self.height = max(self.depth, default=-1) + 1
-        self.pieces, self.tokens = pieces, torch.tensor([bool(p) for p in pieces])
+        self.pieces, self.tokens = pieces, torch.tensor([bool(p) for p in pieces], dtype=torch.bool)
         self.first = {}                                  # character -> {token: where its text first has it}
         for token, text in enumerate(pieces):
             for at, ch in enumerate(text): self.first.setdefault(ch, {}).setdefault(token, at)
         self.alphabet = sorted(self.first, key=lambda ch: -len(self.first[ch]))     # the commonest first
 
     def allowed(self, grammar: Grammar, state) -> torch.Tensor:
-        """The tokens whose whole text `grammar` reads from `state` (a bool mask over the pieces). Where `state` is
-        left as it was by the commonest character (inside a string) it is `past_loops`, else `walk`."""
-        if grammar.feed(state, self.alphabet[0]) == state:
+        """The tokens whose whole text `grammar` reads from `state` (a bool mask over the pieces): `past_loops` where the
+        commonest character leaves `state` as it was (inside a string) and at most a quarter of the tokens have a
+        character that does not; else `walk`."""
+        if self.alphabet and grammar.feed(state, self.alphabet[0]) == state:
             breaks = [ch for ch in self.alphabet if grammar.feed(state, ch) != state]
             if sum(len(self.first[ch]) for ch in breaks) <= len(self.pieces) // 4: return self.past_loops(grammar, state, breaks)
         return self.walk(grammar, state)
@@ -592,13 +594,15 @@ class SchemaGrammar(Grammar):
       `const`; `anyOf` and a list of types (any one of them); `oneOf` where its options cannot overlap (a
       `discriminator`, as in Pydantic's tagged unions, or options of different types); `allOf` of one schema; `$ref`
       to a part of the schema (`#/$defs/Name`, `#`), recursion included.
-    - An array of `uniqueItems` whose items are an enum, a const or a boolean (Pydantic's `set[Enum]`).
-    Anything else (other formats, `multipleOf` on a number, `uniqueItems` of strings or numbers, `not`...) raises
+    - An array of `uniqueItems` whose items are an enum, a const or a boolean (Pydantic's `set[Enum]`), or a string
+      with no pattern or format (`set[str]`).
+    Anything else (other formats, `multipleOf` on a number, `uniqueItems` of numbers or patterned strings, `not`...) raises
     ValueError, as does a schema that no finite value satisfies.
     The schema compiles to nodes: ("lit", text), ("alt", sorted texts) one of, ("str", min, max), ("pat", CharRegex,
     min, max), ("num", integer?), ("int", min, max, step) an integer in a range and a multiple of step, ("real", min,
     max) a number in a range, ("seq", node ids) one after the other, ("arr", item node id, min, max), ("map", key node
-    id, value node id), ("set", sorted value texts, their `_json_key`s, min, max) distinct values, ("any", node ids)
+    id, value node id), ("set", sorted value texts, their `_json_key`s, min, max) distinct values, ("strset", min,
+    max length, min, max) distinct strings, ("any", node ids)
     one of, ("tag", text, sorted value texts, node ids) the text, one of the values, then that value's node. A frame
     is (node id, progress); a stack of frames, innermost last, is one reading of the text so far, () once the root
     has closed; a state is the frozenset of the readings still possible (more than one only inside an `anyOf` whose
@@ -835,9 +839,12 @@ class SchemaGrammar(Grammar):
         """An array of distinct items, `lo` to `hi` of them: ("set", value texts, lo, hi), for items that are one of a
         few values (an enum, a const, a boolean: Pydantic's `set[Enum]`, `frozenset[Literal[...]]`)."""
         node = self.nodes[self._through_refs(item)]
+        if node is not None and node[0] == "str":
+            if node[2] == 0 and lo > 1: raise ValueError(f"{where}: minItems {lo} distinct strings of maxLength 0")
+            return self._add(("strset", node[1], node[2], lo, hi))
         if node is None or node[0] != "alt":
-            raise ValueError(f"{where}: uniqueItems is supported on items that are an enum, a const or a boolean (set[Enum]); "
-                             "not on strings or numbers (set[str], set[int])")
+            raise ValueError(f"{where}: uniqueItems is supported on items that are an enum, a const, a boolean (set[Enum]) or a "
+                             "string without pattern or format (set[str]); not on numbers (set[int])")
         keys = tuple(_json_key(json.loads(t)) for t in node[1])
         if lo > len(set(keys)): raise ValueError(f"{where}: minItems {lo} is more than the item's distinct values")
         return self._add(("set", node[1], keys, lo, hi))
@@ -869,6 +876,32 @@ class SchemaGrammar(Grammar):
         if ch == "," and (hi is None or len(seen) < hi) and self._unused(nid, seen): return ("value", seen, "")
         return None
 
+    @staticmethod
+    def _strset_step(p, ch, short: int, long: int | None, lo: int, hi: int | None):
+        """Progress in an array of `lo` to `hi` distinct strings of `short` to `long` characters: '[' before it,
+        ("first",) after it, then per item ("item", the strings so far, escape in progress, this one's text so far),
+        ("after", the strings so far) and ("open", the strings so far) after a ',', "end" after ']'. A string equal to
+        one so far does not close, and a character that fills it to `long` only where that makes a new string; a
+        \\u escape is not taken (its character is needed to compare)."""
+        if p == "[": return ("first",) if ch == "[" else None
+        if p[0] == "first":
+            if ch == "]": return "end" if lo == 0 else None
+            return ("item", frozenset(), "", "") if ch == '"' and hi != 0 else None
+        if p[0] == "after":
+            if ch == "]": return "end" if len(p[1]) >= lo else None
+            return ("open", p[1]) if ch == "," and (hi is None or len(p[1]) < hi) and long != 0 else None
+        if p[0] == "open": return ("item", p[1], "", "") if ch == '"' else None
+        _, seen, escape, text = p
+        after = json_string_step(escape, ch)
+        if after is STRING_END: return ("after", seen | {text}) if len(text) >= short and text not in seen else None
+        if after is None or after[0][:1] == "u" or after[1] == UNICODE_ESCAPE: return None
+        if after[0]:                                                 # an escape begins: some character it writes must fit
+            room = long is None or len(text) < long - 1 or (len(text) == long - 1 and any(text + c not in seen for c in _JSON_ESCAPES.values()))
+            return ("item", seen, after[0], text) if room else None
+        if not escape and long is not None and len(text) >= long: return None
+        text += after[1]
+        return None if len(text) == long and text in seen else ("item", seen, "", text)
+
     def _fitting(self, nid: int, depth: int) -> tuple[str, ...]:
         "The values of the tag node `nid`, as its frame's place `depth` in the stack allows: those whose rest fits in the frame limit."
         if (nid, depth) not in self._fits:
@@ -898,7 +931,7 @@ class SchemaGrammar(Grammar):
 
     def _begin(self, nid):
         return {"lit": 0, "alt": "", "str": '"', "pat": '"', "num": "", "int": "", "real": "", "seq": 0, "arr": "[", "map": "{",
-                "any": None, "tag": "", "set": "["}[self.nodes[nid][0]]
+                "any": None, "tag": "", "set": "[", "strset": "["}[self.nodes[nid][0]]
 
     def _final(self, nid, p) -> bool:
         "The frame is complete and no character can extend it."
@@ -910,7 +943,7 @@ class SchemaGrammar(Grammar):
         if kind == "int": return _int_within(p, *node[1:]) and not any(_int_prefix(p + d, *node[1:]) for d in "0123456789")
         if kind in ("real", "tag"): return False           # another digit is always possible; a tag becomes its rest
         if kind == "seq": return p == len(node[1])
-        return p == "end"                                   # str, pat, arr, map, set
+        return p == "end"                                   # str, pat, arr, map, set, strset
 
     def _item_ended(self, stack: list):
         "A frame was popped: if its parent is an array, one more of its items is done; a map, a key or a value."
@@ -978,11 +1011,29 @@ class SchemaGrammar(Grammar):
                 if step == 1: return "far" if _real_far(p, lo, hi, digits) else p      # (for an integer, tighter by one)
                 return ("far", p[0] == "-", int(p) % step) if _real_far(p, lo, hi, digits + len(str(step))) else p
             if kind == "pat": return p[:-1] + (-1,) if type(p) is tuple and self._pattern_far(self.nodes[nid], p[-1], chars) else p
+            if kind == "strset": return self._strset_key(nid, p, chars)
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
             reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
-            return p[:-1] + (-1,) if (hi is None or hi - n > reach) and (n >= lo or lo - n > reach) else p
+            far = (hi is None or hi - n > reach) and (n >= lo or lo - n > reach)
+            return p[:-1] + (-1 if n >= lo else -2,) if far else p     # (at least minLength or minItems, or short of it)
         return frozenset(tuple((nid, far(nid, p)) for nid, p in stack) for stack in state)
+
+    def _strset_key(self, nid: int, p, chars: int):
+        """A strset frame's progress as far as a token of at most `chars` characters can tell: the strings so far it
+        could write whole again, how far the counts are from their bounds, and in a string, its escape and the rests
+        of the strings so far that it could still become."""
+        if type(p) is not tuple or p[0] == "first": return p
+        short, long, lo, hi = self.nodes[nid][1:]
+        seen, n = p[1], len(p[1])
+        count = n if (hi is not None and hi - n <= chars) or (n < lo and lo - n <= chars) else ("far", n >= lo)
+        again = frozenset(s for s in seen if len(s) <= chars)
+        if p[0] != "item": return (p[0], again, count)
+        escape, text = p[2], p[3]
+        m = len(text)
+        length = m if (long is not None and long - m <= chars) or (m < short and short - m <= chars) else ("far", m >= short)
+        rests = frozenset(s[m:] for s in seen if s.startswith(text) and len(s) - m <= chars)
+        return ("item", again, count, escape, length, rests)
 
     @staticmethod
     def _pattern_far(node, n: int, chars: int) -> bool:
@@ -1010,6 +1061,7 @@ class SchemaGrammar(Grammar):
                 stack[-1] = (rest, self._begin(rest))
                 return "retry"
         elif kind == "set": new = self._set_step(nid, p, ch)
+        elif kind == "strset": new = self._strset_step(p, ch, *node[1:])
         elif kind == "str": new = self._string(p, ch, *node[1:])
         elif kind == "pat": new = self._patterned(p, ch, *node[1:])
         elif kind == "num":
