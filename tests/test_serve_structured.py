@@ -419,13 +419,17 @@ def test_masks_shared_by_mask_key_are_the_masks(tok):
               "x": {"type": "number", "exclusiveMinimum": -2.5, "maximum": 1e40},
               "m": {"type": "array", "items": {"type": "integer", "multipleOf": 7, "minimum": -10**9, "maximum": 10**40}},
               "p": {"type": "string", "pattern": "^([a-z]+ )*$", "minLength": 2, "maxLength": 120},
-              "L": {"type": "string", "minLength": 100}, "A": {"type": "array", "items": {"type": "integer"}, "minItems": 40}}}
+              "L": {"type": "string", "minLength": 100}, "A": {"type": "array", "items": {"type": "integer"}, "minItems": 40},
+              "u": {"type": "array", "items": {"type": "string", "maxLength": 30}, "uniqueItems": True},
+              "w": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True, "maxItems": 12}}}
     g, jc = SchemaGrammar(schema), JsonConstraint(tok, len(tok))
     states = set()
     for n_chars, n_items in [(3, 1), (70, 20), (150, 60), (125, 59)]:
         text = json.dumps({"s": ("ab c\\é\n" * 40)[:n_chars], "a": [10**12 + i for i in range(n_items)], "x": float(f"{n_items}{n_chars}.{n_chars}"),
                            "m": [7 * (10**12 + i) for i in range(n_items)] + [-7 * n_chars, 0, 7 * 10**39 - 7],
-                           "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)], "L": "xy z" * (25 + n_chars // 4), "A": [3] * (40 + n_items)},
+                           "p": ("ab c " * 40)[:max(5, min(n_chars, 120) // 5 * 5)], "L": "xy z" * (25 + n_chars // 4), "A": [3] * (40 + n_items),
+                           "u": [("ab c" * 10)[:k] for k in sorted({1, 2, 5, n_chars % 27 + 3})],          # each a prefix of the next
+                           "w": ["x" * (n_chars // 3 + 4), "x" * 3, "y", "x" * (n_chars // 3 + 5), "z" * 40][:n_items % 6 + 1]},
                           separators=(",", ":"))
         state = g.start
         for ch in text: states.add(state); state = g.step(state, ch)
