@@ -131,9 +131,9 @@ def environment_info() -> dict:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                             timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError): info["git_commit"] = "unknown"
-    try:                                                   # tracked files changed since that commit: the numbers are not its
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                                text=True, timeout=10).stdout.strip())
+    try:                                   # tracked files changed since that commit (results aside): the numbers are not its
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                                                capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError): info["git_dirty"] = None
     return info
 
