@@ -858,6 +858,18 @@ def test_speculative_decoding_gives_the_same_tokens(base, k):
     assert alone.stats["draft_tokens"] == 0
 
 
+def test_json_constraint_is_built_once(base):
+    "Engine.json_constraint builds the JSON masks' tokenizer side once (a server calls it at start-up); a request reuses it."
+    model, tok = base
+    eng = Engine(model, tok, num_blocks=16)
+    assert eng.json is None
+    jc = eng.json_constraint()
+    assert eng.json_constraint() is jc
+    eng.add_request("x = ", SamplingParams(max_tokens=2, json_mode=True))
+    assert eng.json is jc
+    with pytest.raises(ValueError, match="tokenizer"): Engine(model, None, num_blocks=16).json_constraint()
+
+
 def test_json_mode_beside_everything_else(base):
     """JSON mode rows in a batch with speculation, chunked prefill, a small cache (preemption) and plain rows: every
     token keeps the text a prefix of one JSON object, an answer that ends is one, and the plain rows' tokens are the

@@ -1036,9 +1036,7 @@ class Engine:
         V = self.model.config.vocab_size
         if not all(_is_int(t) and 0 <= t < V for t in ids): raise ValueError(f"token ids must be integers in [0, {V})")
         if params.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
-        if (params.json_mode or params.json_schema is not None) and self.json is None:
-            if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
-            self.json = JsonConstraint(self.tokenizer, V)                  # the tokens' texts, read once
+        if params.json_mode or params.json_schema is not None: self.json_constraint()
         if params.json_schema is not None: self.json.check(grammar_of(params))
         if any(t >= V for t in params.logit_bias): raise ValueError(f"logit_bias token ids must be in [0, {V})")
         total = len(ids) + params.max_tokens
@@ -1161,6 +1159,15 @@ class Engine:
                 if victim is req: break
         if self.speculate or (self.jump_forward and self.json is not None): self._draft()
         return [(r, k) for r, k in chunks if r in self.running]
+
+    def json_constraint(self) -> JsonConstraint:
+        """The tokens' texts and the masks of JSON mode and schemas (`JsonConstraint`), built once, by the first request
+        that needs them unless this is called before (`guide serve` does, at start-up: at a vocabulary of 62,000 tokens
+        the build takes half a second, which a request would otherwise wait for)."""
+        if self.json is None:
+            if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
+            self.json = JsonConstraint(self.tokenizer, self.model.config.vocab_size)       # the tokens' texts, read once
+        return self.json
 
     def _draft(self):
         """Draft tokens for the decode rows: the tokens a grammar forces (`jump_forward`; sure to be kept), else up to

@@ -794,6 +794,8 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                                     paged_attention=paged_attention, pdl=pdl, prefix_caching=prefix_caching,
                                     max_prefill_tokens=max_prefill_tokens, speculate=speculate,
                                     speculate_max_batch=speculate_max_batch), step_delay=step_delay)
+        try: engine.engine.json_constraint()         # built now, not by the first JSON request (a tokenizer that cannot
+        except ValueError: pass                      # write JSON: each JSON request gets the reason in a 400)
     batcher = enc_tok = None
     if isinstance(encoder, RemoteBatcher): batcher, enc_tok = encoder, get_tokenizer(tier)
     elif encoder:
