@@ -108,8 +108,9 @@ def _compact(value) -> str:
 class Grammar:
     """A character automaton: `start`, `step(state, ch)` (None: `ch` cannot come next), `done(state)`; `key` names it in
     caches. A state is a hashable value, and `step` a pure function of `(state, ch)`: states that compare equal must go
-    on alike, since steps, masks and `TokenTrie.past_loops` are shared between them. `feed` remembers the steps it took (the last `max_steps`): a mask feeds every token's text from one state,
-    and most of those characters take the same few steps."""
+    on alike, since steps, masks and `TokenTrie.past_loops` are shared between them. `feed` remembers the steps it took
+    (the last `max_steps`): a mask feeds every token's text from one state, and most of those characters take the same
+    few steps."""
     max_steps = 1 << 14
 
     @property
@@ -238,7 +239,7 @@ class JsonConstraint:
         leading_digits = (len(p) - len(p.lstrip("0123456789")) for p in self.pieces)
         self.horizon = (max(map(len, self.pieces)), max(leading_digits))     # how far one token reaches (SchemaGrammar.mask_key)
         self.vocab_size, self.max_masks, self._masks = vocab_size, max_masks, OrderedDict()
-        self.chars, self._checked, self._only, self._keys = set("".join(self.pieces)), set(), {}, {}
+        self._checked, self._only, self._keys = set(), {}, {}
 
     def _mask_key(self, grammar: Grammar, state):
         "`grammar.mask_key(state)`, remembered: a sampled row asks for it twice in a step (`only_token`, `allowed`)."
@@ -269,7 +270,7 @@ class JsonConstraint:
         "Refuse a grammar whose own text (keys, enum and const values) has a character that no token's text holds."
         if grammar.key not in self._checked:
             texts = [n[1] for n in getattr(grammar, "nodes", []) if n[0] == "lit"] + [o for n in getattr(grammar, "nodes", []) if n[0] == "alt" for o in n[1]]
-            if missing := sorted({c for t in texts for c in t} - self.chars):
+            if missing := sorted({c for t in texts for c in t} - self.trie.first.keys()):       # (the tokens' characters)
                 raise ValueError(f"the schema's text has characters that no token of this model writes: {missing}")
             self._checked.add(grammar.key)
 
@@ -536,6 +537,12 @@ def _starts(options: tuple[str, ...], prefix: str, after: int = 0) -> bool:
     enum may hold thousands of values and a mask asks once per token."""
     i = bisect.bisect_left(options, prefix) + after
     return i < len(options) and options[i].startswith(prefix)
+
+def _count_key(n: int, lo: int, hi: int | None, reach: int):
+    """A count `n` between bounds `lo` and `hi`, as far as `reach` more can tell: itself where a bound is within reach,
+    else -1 past `lo` and -2 short of it (mask keys: the states that allow the same tokens share one)."""
+    near = (hi is not None and hi - n <= reach) or (n < lo and lo - n <= reach)
+    return n if near else -1 if n >= lo else -2
 
 def _one_of(options: tuple[str, ...], text: str) -> bool:
     "`text` is one of the sorted `options`."
@@ -1015,8 +1022,7 @@ class SchemaGrammar(Grammar):
             if kind not in ("str", "arr") or type(p) is not tuple: return p
             lo, hi, n = *self.nodes[nid][-2:], p[-1]
             reach = chars if kind == "str" else (chars + 1) // 2        # an item takes a character and a comma
-            far = (hi is None or hi - n > reach) and (n >= lo or lo - n > reach)
-            return p[:-1] + (-1 if n >= lo else -2,) if far else p     # (at least minLength or minItems, or short of it)
+            return p[:-1] + (_count_key(n, lo, hi, reach),)
         return frozenset(tuple((nid, far(nid, p)) for nid, p in stack) for stack in state)
 
     def _strset_key(self, nid: int, p, chars: int):
@@ -1026,12 +1032,12 @@ class SchemaGrammar(Grammar):
         if type(p) is not tuple or p[0] == "first": return p
         short, long, lo, hi = self.nodes[nid][1:]
         seen, n = p[1], len(p[1])
-        count = n if (hi is not None and hi - n <= chars) or (n < lo and lo - n <= chars) else ("far", n >= lo)
+        count = _count_key(n, lo, hi, chars)
         again = frozenset(s for s in seen if len(s) <= chars)
         if p[0] != "item": return (p[0], again, count)
         escape, text = p[2], p[3]
         m = len(text)
-        length = m if (long is not None and long - m <= chars) or (m < short and short - m <= chars) else ("far", m >= short)
+        length = _count_key(m, short, long, chars)
         rests = frozenset(s[m:] for s in seen if s.startswith(text) and len(s) - m <= chars)
         return ("item", again, count, escape, length, rests)
 
