@@ -208,7 +208,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False, decode_steps=decode_steps)
         eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], **graph_kw)
         eng.generate([[1] * 16], SamplingParams(max_tokens=8 + 2 * decode_steps, ignore_eos=True))     # captures the graph
-        return decode_steps * replay_tps(eng.graphs.graphs[(1, 16, decode_steps if decode_steps > 1 else 0, False)][0])
+        return decode_steps * replay_tps(eng.graphs.graphs[(1, 16, decode_steps if decode_steps > 1 else 0, 0, None)][0])
     tokens = {}          # what each variant decoded: a launch mode or a step loop must not change the tokens of the same kernels
     res = dict(benchmark="serve_gpu_decode", env=environment_info(), shape=dict(vars(cfg)), params=params, weight_bytes=weight_bytes,
                bytes_read_per_token=read_bytes, copy_bandwidth_GBps=copy_bw / 1e9, read_bandwidth_GBps=read_bw / 1e9,
@@ -239,7 +239,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         torch.cuda.synchronize(); t = time.perf_counter()
         eng.generate([[1] * 16], SamplingParams(max_tokens=steps, ignore_eos=True)); torch.cuda.synchronize()
         res["batch1_compiled_graphs_tokens_per_s"] = steps / (time.perf_counter() - t)
-        res["batch1_compiled_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16, 0, False)][0])
+        res["batch1_compiled_replay_only_tokens_per_s"] = replay_tps(eng.graphs.graphs[(1, 16, 0, 0, None)][0])
         del eng; torch.cuda.empty_cache()
         res["fraction_of_ceiling_compiled"] = res["batch1_compiled_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_replay_only"] = res["batch1_graphs_replay_only_tokens_per_s"] / ceiling
