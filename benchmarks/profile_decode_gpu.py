@@ -1,8 +1,9 @@
 """gpu tier: where the time of one batch-1 decode step of a ~1.1B Llama shape goes (NOT runnable without CUDA).
 
-Times the step as the engine runs it on a GPU (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs),
-the same with the paged KV path (`qkv_to_cache` + `paged_attention`), that path launched with programmatic
-dependent launch (Hopper and later) and run 8 greedy steps per graph, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
+Times the step replayed from a graph (`DecodeGraphs`: the captured graph of `decode_one`, Triton GEMVs) with the
+keys and values gathered for SDPA, the same with the paged KV path (`qkv_to_cache` + `paged_attention`), that path
+launched with programmatic dependent launch (Hopper and later: what the engine runs by default at batch 1) and run 8
+greedy steps per graph, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
 (torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 
@@ -21,14 +22,14 @@ c = PagedKVCache(22, 4, 64, num_blocks=64, block_size=16, device="cuda", dtype=t
 table = c.allocator.allocate(16); prefill_batch_forward(m, c, [[1] * 16], [table])
 w = _fused_weights(m)
 args = (torch.tensor([5], device="cuda"), torch.tensor([16], device="cuda"), torch.tensor([table], device="cuda"))
-graphs = DecodeGraphs(m, c, 1, block_buckets=[16])
-paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True)
-steps = {"graphed decode_one (what the engine runs)": (lambda: graphs([5], [16], [table]), 1),   # name: (one call, tokens it decodes)
+graphs = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=False, pdl=False)
+paged = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=False)
+steps = {"graphed decode_one, gather + SDPA": (lambda: graphs([5], [16], [table]), 1),   # name: (one call, tokens it decodes)
          "graphed decode_one, paged KV path (qkv_to_cache + paged_attention)": (lambda: paged([5], [16], [table]), 1),
          "eager decode_static": (lambda: decode_static(m, c, *args, w), 1)}
 hopper = torch.cuda.get_device_capability() >= (9, 0)                # + programmatic dependent launch: kernels overlap their neighbours' edges
 chained = DecodeGraphs(m, c, 1, block_buckets=[16], paged_attention=True, pdl=hopper)
-if hopper: steps["graphed decode_one, paged KV path + PDL"] = (lambda: chained([5], [16], [table]), 1)
+if hopper: steps["graphed decode_one, paged KV path + PDL (the engine's default)"] = (lambda: chained([5], [16], [table]), 1)
 steps["8 greedy steps in one graph, paged KV path" + (" + PDL" if hopper else "")] = (lambda: chained.multi_step([5], [16], [table], 8), 8)
 for name, (step, n) in steps.items():
     step(); torch.cuda.synchronize(); t = time.perf_counter()

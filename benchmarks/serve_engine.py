@@ -192,9 +192,9 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     bw = max(copy_bw, read_bw)
     ceiling = bw / read_bytes
     def engine_tps(graphs, batch, n_steps, gemv=None, paged=False, pdl=False, decode_steps=1):
-        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1), cuda_graphs=False,
-                     decode_steps=decode_steps)
-        if graphs: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv, paged_attention=paged, pdl=pdl)
+        eng = Engine(model, None, max_batch_size=max(batches), num_blocks=max(batches) * ((16 + steps) // 16 + 1),
+                     cuda_graphs=graphs == "default", decode_steps=decode_steps)       # "default": the engine's own choice of kernels
+        if graphs is True: eng.graphs = DecodeGraphs(model, eng.cache, max(batches), gemv=gemv, paged_attention=paged, pdl=pdl)
         prompts = [[1 + b] * 16 for b in range(batch)]
         eng.generate(prompts, SamplingParams(max_tokens=n_steps, ignore_eos=True))            # warm up, capture graphs
         torch.cuda.synchronize(); t = time.perf_counter()
@@ -202,11 +202,11 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
         return batch * n_steps / (time.perf_counter() - t), [r["token_ids"] for r in out]
     def batch1(name, **kw):
         "res[batch1_NAME_tokens_per_s]: the engine at batch 1; what it decoded goes to tokens[NAME]."
-        res[f"batch1_{name}_tokens_per_s"], tokens[name] = engine_tps(True, 1, steps, **kw)
+        res[f"batch1_{name}_tokens_per_s"], tokens[name] = engine_tps(kw.pop("graphs", True), 1, steps, **kw)
     def replay_only(decode_steps=1, **graph_kw):
         "Tokens/s of a batch-1 decode graph replayed back to back: the GPU alone, no engine around it."
         eng = Engine(model, None, max_batch_size=1, num_blocks=64, cuda_graphs=False, decode_steps=decode_steps)
-        eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], **graph_kw)
+        eng.graphs = DecodeGraphs(model, eng.cache, 1, block_buckets=[16], **{"paged_attention": False, "pdl": False, **graph_kw})
         eng.generate([[1] * 16], SamplingParams(max_tokens=8 + 2 * decode_steps, ignore_eos=True))     # captures the graph
         return decode_steps * replay_tps(eng.graphs.graphs[(1, 16, decode_steps if decode_steps > 1 else 0, 0, None)][0])
     tokens = {}          # what each variant decoded: a launch mode or a step loop must not change the tokens of the same kernels
@@ -215,6 +215,7 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
     res["gemv_in_graph"] = gemv_bandwidth(model)               # each matrix of a layer, in a graph: every tile, with and without PDL, vs cuBLAS
     print(json.dumps(res["gemv_in_graph"], indent=1), flush=True)
+    batch1("default", graphs="default")               # what Engine(model) and `guide serve` run
     batch1("graphs_cublas", gemv=False)
     batch1("graphs")                                  # batch-1 steps: decode_one (Triton GEMVs)
     batch1("graphs_paged", paged=True)                # + KV straight into and out of the blocks (qkv_to_cache, paged_attention)
@@ -248,8 +249,10 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     res["fraction_of_ceiling"] = res["batch1_graphs_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_paged"] = res["batch1_graphs_paged_tokens_per_s"] / ceiling
     res["fraction_of_ceiling_multistep"] = res["batch1_multistep_tokens_per_s"] / ceiling
+    res["fraction_of_ceiling_default"] = res["batch1_default_tokens_per_s"] / ceiling
     res["same_tokens"] = {a: tokens[a] == tokens[b] for a, b in (("graphs_pdl", "graphs"), ("graphs_paged_pdl", "graphs_paged"),
-                                                                 ("multistep", "graphs_paged_pdl" if hopper else "graphs_paged")) if a in tokens}
+                                                                 ("multistep", "graphs_paged_pdl" if hopper else "graphs_paged"),
+                                                                 ("default", "graphs_paged_pdl" if hopper else "graphs_paged")) if a in tokens}
     if not all(res["same_tokens"].values()): print("WARNING: a launch mode or the multi-step loop changed the tokens:", res["same_tokens"], flush=True)
     for variant in ("pdl", "paged_pdl"):
         if f"batch1_graphs_{variant}_tokens_per_s" in res: res[f"fraction_of_ceiling_{variant}"] = res[f"batch1_graphs_{variant}_tokens_per_s"] / ceiling

@@ -363,11 +363,13 @@ def test_cuda_graph_decode_equals_eager_engine():
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 60))] for _ in range(12)]
     lens = [rng.randint(1, 120) for _ in prompts]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
-    graphed = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5)
+    graphed = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5)   # the default kernels (paged + PDL at batch 1)
     assert graphed.graphs is not None
     eager = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, cuda_graphs=False)
     got, want = graphed.generate(prompts, params), eager.generate(prompts, params)
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    gathered = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, paged_attention=False, pdl=False)
+    assert [r["token_ids"] for r in gathered.generate(prompts, params)] == [r["token_ids"] for r in want]
     assert len(graphed.graphs.graphs) >= 3                     # several (batch, blocks) buckets were captured and replayed
     assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
     ahead = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4)   # 4 greedy steps per graph
@@ -381,7 +383,7 @@ def test_cuda_graph_decode_equals_eager_engine():
     want = eager.generate(prompts, top_k)                      # every row with a top-k: the top k_max (64 in the graphs), no sort
     assert [r["token_ids"] for r in ahead.generate(prompts, top_k)] == [r["token_ids"] for r in want]
     assert any(key[2] == 4 and key[4] == 64 for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
-    if importlib.util.find_spec("triton") is not None:         # the Triton decode the server's --paged-attention / --pdl pick
+    if importlib.util.find_spec("triton") is not None:         # the paged kernel in every bucket (the server's --paged-attention)
         hopper = torch.cuda.get_device_capability() >= (9, 0)
         fast = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4, paged_attention=True, pdl=hopper)
         assert [r["token_ids"] for r in fast.generate(prompts, params)] == [r["token_ids"] for r in eager.generate(prompts, params)]
@@ -408,6 +410,32 @@ class _ReplayedGraph:
     def __init__(self, run): self.run, self.out = run, run()
     def replay(self): self.out.copy_(self.run())
     def pool(self): return None
+
+
+def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monkeypatch):
+    """What measured fastest on an H200 is the default: the batch-1 buckets (`decode_one`) attend with `paged_attention`
+    and launch with PDL where the GPU has it (compute capability 9.0+); the batched buckets keep gather + SDPA. Explicit
+    settings override it, and impossible ones are refused (CPU, with the model looking like a CUDA one)."""
+    import guide.serve.engine as E
+    if E.triton is None: pytest.skip("needs Triton (decode_one)")
+    model, _ = base
+    cache = E.PagedKVCache(model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=8)
+    def choice(capability, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
+            m.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+            g = E.DecodeGraphs(model, cache, 4, **kw)
+        return g.paged_one, g.paged_batched, g.pdl, getattr(g.one, "keywords", {}), getattr(g.step, "keywords", {})
+    assert choice((9, 0)) == (True, False, True, dict(paged=True, pdl=True), {})
+    assert choice((8, 0)) == (True, False, False, dict(paged=True), {})
+    assert choice((9, 0), paged_attention=True, pdl=False) == (True, True, False, dict(paged=True), dict(paged=True))
+    assert choice((9, 0), paged_attention=False) == (False, False, True, dict(pdl=True), {})
+    assert choice((9, 0), gemv=False) == (False, False, False, {}, {})           # no decode_one: nothing of it to change
+    assert choice((9, 0), gemv=False, paged_attention=True)[:3] == (True, True, False)
+    for kw, capability in ((dict(pdl=True), (8, 0)), (dict(pdl=True, gemv=False), (9, 0)), (dict(pdl=True, compile=True), (9, 0))):
+        with pytest.raises(ValueError, match="pdl needs decode_one"): choice(capability, **kw)
+    with pytest.raises(ValueError, match="paged_attention needs Triton"): choice((9, 0), compile=True, paged_attention=True)
+    assert choice((9, 0), compile=True)[:3] == (False, False, False)
 
 
 def _cpu_decode_graphs(monkeypatch, model, cache, rows):
@@ -681,7 +709,7 @@ def test_triton_pdl_decode_equals_plain_decode():
         eng = Engine(model, None, block_size=8, num_blocks=100, max_batch_size=1, cuda_graphs=False)
         eng.graphs = DecodeGraphs(model, eng.cache, 1, paged_attention=paged, pdl=True)
         assert [r["token_ids"] for r in eng.generate(prompts, params)] == want
-        plain = DecodeGraphs(model, eng.cache, 1, paged_attention=paged)
+        plain = DecodeGraphs(model, eng.cache, 1, paged_attention=paged, pdl=False)
         table = eng.cache.allocator.allocate(3)
         for pos in (0, 9, 23):
             torch.testing.assert_close(eng.graphs([7], [pos], [table]).clone(), plain([7], [pos], [table]).clone(), atol=1e-3, rtol=1e-3)

@@ -569,11 +569,16 @@ class DecodeGraphs:
     `torch.compile` (Inductor fuses the norms, rotary, masking and activations into a few kernels), once per
     bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
     `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
-    `paged_attention=True`: every bucket attends with the Triton `paged_attention` kernel (not with compile).
-    `pdl=True`: `decode_one` launches its kernels with programmatic dependent launch (needs a Hopper or later GPU).
+    `paged_attention`: attend with the Triton `paged_attention` kernel, reading the KV blocks in place (not with
+    compile): True in every bucket, False in none, None (default) in the batch-1 buckets that run `decode_one`.
+    `pdl`: `decode_one` launches its kernels with programmatic dependent launch: True needs a Hopper or later GPU,
+    None (default) uses it where there is one. The defaults are what measured faster on an H200
+    (`benchmarks/results/serve_gpu_decode_h200.json`): at batch 1 the paged path with PDL decodes 1.7x the tokens
+    per second of gather + SDPA; at batch 32 and 64 the paged kernel is slower than SDPA (0.93x, 0.85x).
     `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
-                 block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool = False, pdl: bool = False):
+                 block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool | None = None,
+                 pdl: bool | None = None):
         if model.device.type != "cuda": raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
         self.model, self.cache = model, cache
         self.batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch_size] + [max_batch_size]
@@ -582,13 +587,16 @@ class DecodeGraphs:
         self.step = torch.compile(decode_static, dynamic=False) if compile else decode_static
         if gemv and triton is None: raise RuntimeError("gemv=True needs Triton")
         self.one = decode_one if (triton is not None and not compile if gemv is None else gemv) else self.step
-        if paged_attention:
-            if triton is None or compile: raise ValueError("paged_attention needs Triton and does not combine with compile")
-            self.step, self.one = partial(self.step, paged=True), partial(self.one, paged=True)
-        if pdl:
-            if self.one is self.step or torch.cuda.get_device_capability(model.device) < (9, 0):
-                raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
-            self.one = partial(self.one, pdl=True)
+        triton_one = self.one is not self.step
+        if paged_attention and (triton is None or compile): raise ValueError("paged_attention needs Triton and does not combine with compile")
+        hopper = triton_one and torch.cuda.get_device_capability(model.device) >= (9, 0)
+        if pdl and not hopper: raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
+        self.paged_batched = bool(paged_attention)
+        self.paged_one = self.paged_batched or (paged_attention is None and triton_one)
+        self.pdl = hopper if pdl is None else pdl
+        if self.paged_batched: self.step = partial(self.step, paged=True)
+        if self.paged_one: self.one = partial(self.one, paged=True)
+        if self.pdl: self.one = partial(self.one, pdl=True)
         self.graphs: dict[tuple, tuple] = {}            # (batch, blocks, steps, sampled, k_max) -> graph, inputs, outputs
         self.pool, self._weights = None, None
 
@@ -969,7 +977,8 @@ class Engine:
     `cuda_graphs` (default: when the model is on a CUDA device) replays the steps without prefill (decode rows, and
     the rows of checked drafts) from `DecodeGraphs`, compiled first with `compile_decode=True`. `decode_steps=n` > 1: a
     decode-only iteration runs `n` steps in one go (`multi_step`; one graph on CUDA; n/2, n/4, ... near the end of a request), its tokens
-    then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only).
+    then streamed in bursts. `paged_attention` and `pdl` are `DecodeGraphs`' options (CUDA graphs and Triton only;
+    by default the batch-1 decode uses both where they run, which measured fastest on an H200).
     `prefix_caching`: blocks are kept after their request (`PrefixCachingAllocator`), and a prompt that starts with
     tokens served before starts its prefill after them. `max_prefill_tokens`: the most prompt tokens a step computes;
     a longer prompt is computed in chunks, over several steps, while the running requests go on decoding.
@@ -982,7 +991,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
-                 paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, speculate: int = 0,
+                 paged_attention: bool | None = None, pdl: bool | None = None, prefix_caching: bool = True, speculate: int = 0,
                  speculate_max_batch: int | None = None, jump_forward: bool = True):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:

@@ -780,7 +780,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                 max_batch_size: int = 32, num_blocks: int | None = None, block_size: int = 16, max_pending: int = 64,
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
-                paged_attention: bool = False, pdl: bool = False, prefix_caching: bool = True, max_prefill_tokens: int = 2048,
+                paged_attention: bool | None = None, pdl: bool | None = None, prefix_caching: bool = True, max_prefill_tokens: int = 2048,
                 speculate: int = 0, speculate_max_batch: int | None = None) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
@@ -827,10 +827,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     ap.add_argument("--decode-steps", type=int, default=1, help="decode steps per engine iteration, sampled on the device "
                     "(fewer host round trips; tokens stream in bursts of this many)")
-    ap.add_argument("--paged-attention", action="store_true", help="CUDA only: decode attends with the Triton paged-attention "
-                    "kernel, reading the KV blocks in place")
-    ap.add_argument("--pdl", action="store_true", help="CUDA, compute capability 9.0+ (Hopper): batch-1 decode kernels start with "
-                    "programmatic dependent launch")
+    ap.add_argument("--paged-attention", action=argparse.BooleanOptionalAction, default=None, help="CUDA only: decode attends "
+                    "with the Triton paged-attention kernel, reading the KV blocks in place, at every batch size (default: at batch 1)")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None, help="CUDA, compute capability 9.0+ (Hopper): "
+                    "batch-1 decode kernels start with programmatic dependent launch (default: where the GPU has it)")
     ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="most prompt tokens an engine step computes; a longer "
                     "prompt is computed in chunks while the others decode (smaller: steadier inter-token latency, slower first tokens)")
     ap.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding by prompt lookup: draft up to K tokens "
