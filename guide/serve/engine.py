@@ -573,8 +573,8 @@ class DecodeGraphs:
     compile): True in every bucket, False in none, None (default) in the batch-1 buckets that run `decode_one`.
     `pdl`: `decode_one` launches its kernels with programmatic dependent launch: True needs a Hopper or later GPU,
     None (default) uses it where there is one. The defaults are what measured faster on an H200
-    (`benchmarks/results/serve_gpu_decode_h200.json`): at batch 1 the paged path with PDL decodes 1.7x the tokens
-    per second of gather + SDPA; at batch 32 and 64 the paged kernel is slower than SDPA (0.93x, 0.85x).
+    (`benchmarks/results/serve_gpu_decode*_h200.json`): at batch 1 the paged path with PDL decodes 1.5-1.7x the
+    tokens per second of gather + SDPA; batched, the paged kernel is no faster (0.85-0.88x SDPA's at 64 rows).
     `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool | None = None,
