@@ -898,6 +898,22 @@ def test_json_constraint_is_built_once(base):
     with pytest.raises(ValueError, match="tokenizer"): Engine(model, None, num_blocks=16).json_constraint()
 
 
+def test_a_tokenizer_that_cannot_write_json_is_refused_once_found(base, monkeypatch):
+    "Every JSON request to such an engine gets the reason as a ValueError (a 400 from the server); the vocabulary is read once."
+    import guide.serve.engine as E
+    model, tok = base
+    builds = []
+    def refuse(tokenizer, vocab_size):
+        builds.append(vocab_size)
+        raise ValueError("JSON mode needs a token for each of the characters ['{']")
+    monkeypatch.setattr(E, "JsonConstraint", refuse)
+    eng = Engine(model, tok, num_blocks=16)
+    for _ in range(3):
+        with pytest.raises(ValueError, match=r"characters \['\{'\]"): eng.add_request("x = ", SamplingParams(max_tokens=2, json_mode=True))
+    assert builds == [model.config.vocab_size] and not eng.has_unfinished()
+    assert eng.generate(["x = "], SamplingParams(max_tokens=2))[0]["token_ids"]        # plain requests are served
+
+
 def test_json_mode_beside_everything_else(base):
     """JSON mode rows in a batch with speculation, chunked prefill, a small cache (preemption) and plain rows: every
     token keeps the text a prefix of one JSON object, an answer that ends is one, and the plain rows' tokens are the

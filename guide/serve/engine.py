@@ -1027,6 +1027,7 @@ class Engine:
                           cached_tokens=0, draft_tokens=0, draft_accepted=0, grammar_dead_ends=0)
         self._ids = itertools.count()
         self.json: JsonConstraint | None = None                              # built for the first request in JSON mode or with a schema
+        self._json_refused: str | None = None                               # why this tokenizer cannot write JSON, once found
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -1172,10 +1173,15 @@ class Engine:
     def json_constraint(self) -> JsonConstraint:
         """The tokens' texts and the masks of JSON mode and schemas (`JsonConstraint`), built once, by the first request
         that needs them unless this is called before (`guide serve` does, at start-up: at a vocabulary of 62,000 tokens
-        the build takes half a second, which a request would otherwise wait for)."""
+        the build takes half a second, which a request would otherwise wait for). A tokenizer that cannot write JSON
+        is refused with the same ValueError each time, found once."""
         if self.json is None:
             if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
-            self.json = JsonConstraint(self.tokenizer, self.model.config.vocab_size)       # the tokens' texts, read once
+            if self._json_refused: raise ValueError(self._json_refused)
+            try: self.json = JsonConstraint(self.tokenizer, self.model.config.vocab_size)   # the tokens' texts, read once
+            except ValueError as e:
+                self._json_refused = str(e)
+                raise
         return self.json
 
     def _draft(self):
