@@ -4,7 +4,9 @@ Times the step replayed from a graph (`DecodeGraphs`: the captured graph of `dec
 keys and values gathered for SDPA, the same with the paged KV path (`qkv_to_cache` + `paged_attention`), that path
 launched with programmatic dependent launch (Hopper and later: what the engine runs by default at batch 1) and run 8
 greedy steps per graph, and eagerly (`decode_static`, cuBLAS), then lists the CUDA kernels of a few steps of each by total time
-(torch.profiler; the graphed step's kernels are traced inside the graph). Its output on one H200 is
+(torch.profiler; the graphed step's kernels are traced inside the graph). Then the engine around the graph
+(`Engine(model)`, its default kernels): the wall time of a batch-1 decode step against the graph replayed alone, and
+the host's CUDA runtime calls and ops over 50 steps (torch.profiler, CPU side). Its output on one H200 is
 benchmarks/results/decode_profile_h200.txt.
 
     python benchmarks/profile_decode_gpu.py
@@ -42,3 +44,29 @@ for name, (step, n) in steps.items():
         torch.cuda.synchronize()
     print(f"\n{name}: CUDA kernels of {max(1, 3 // n) * n} steps")
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+
+
+def engine_steps(model, n=50):
+    """Wall time per batch-1 decode step of `Engine(model)` (each step waits for its token), and the host side of
+    `n` such steps profiled (CPU activity: Python ops and CUDA runtime calls)."""
+    from guide.serve.engine import Engine, SamplingParams
+    eng = Engine(model, None, max_batch_size=1, num_blocks=64, prefix_caching=False)
+    params = SamplingParams(max_tokens=4 * n, ignore_eos=True)
+    eng.generate([[1] * 16], params)                                   # captures the graphs this length needs
+    eng.add_request([1] * 16, params); eng.step()                      # prefill
+    for _ in range(10): eng.step()
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync(); t = time.perf_counter()
+    for _ in range(n): eng.step()
+    sync(); per_step = (time.perf_counter() - t) / n
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with profile(activities=activities) as p:
+        for _ in range(n): eng.step()
+        sync()
+    while eng.has_unfinished(): eng.step()
+    return per_step, p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+
+
+per_step, table = engine_steps(m)
+print(f"\nEngine(model) at batch 1, its default kernels: {per_step * 1e6:.0f} us per decode step (step() to step(), each waiting for its token)")
+print(f"host ops and CUDA runtime calls of 50 engine decode steps, by self CPU time:\n{table}")
