@@ -370,6 +370,8 @@ def test_cuda_graph_decode_equals_eager_engine():
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
     gathered = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, paged_attention=False, pdl=False)
     assert [r["token_ids"] for r in gathered.generate(prompts, params)] == [r["token_ids"] for r in want]
+    piped = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, overlap=True)   # a step launched before the last is read
+    assert [r["token_ids"] for r in piped.generate(prompts, params)] == [r["token_ids"] for r in want] and piped.num_free_blocks == 300
     assert len(graphed.graphs.graphs) >= 3                     # several (batch, blocks) buckets were captured and replayed
     assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
     ahead = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4)   # 4 greedy steps per graph
@@ -378,6 +380,8 @@ def test_cuda_graph_decode_equals_eager_engine():
     sampled = [SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True) for i, n in enumerate(lens)]
     want = eager.generate(prompts, sampled)                    # sampled on the device, inside the graphs: the same tokens
     assert [r["token_ids"] for r in ahead.generate(prompts, sampled)] == [r["token_ids"] for r in want]
+    piped = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4, overlap=True)
+    assert [r["token_ids"] for r in piped.generate(prompts, sampled)] == [r["token_ids"] for r in want] and piped.num_free_blocks == 300
     assert any(key[2] == 4 and key[3] for key in ahead.graphs.graphs) and ahead.num_free_blocks == 300
     top_k = [SamplingParams(max_tokens=n, temperature=0.8, top_k=40, seed=i, ignore_eos=True) for i, n in enumerate(lens)]
     want = eager.generate(prompts, top_k)                      # every row with a top-k: the top k_max (64 in the graphs), no sort
@@ -478,6 +482,52 @@ def test_checked_drafts_replay_the_decode_graphs(base, monkeypatch, k):
     assert eng.stats["draft_accepted"] > 0 and eng.num_free_blocks == eng.cache.num_blocks
     assert max(key[0] for key in eng.graphs.graphs) > 4          # a bucket wider than the batch: the rows of the drafts
 
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_overlap_launches_the_next_burst_before_reading_and_keeps_the_tokens(base, monkeypatch, graphed):
+    """`Engine(overlap=True)`: a decode-only burst is launched from the last tokens of the one before, on the device,
+    before those are read (two bursts outstanding). The tokens and texts are those of the plain engine, greedy, seeded
+    and top-k, with stop strings, a row that needs its logits, a request that arrives and one aborted while its burst
+    runs; every block comes back (eagerly, and through the real DecodeGraphs with the CPU stand-in capture)."""
+    model, tok = base
+    rng = random.Random(3)
+    prompts = [tok.encode("def f(x):\n    return x\n\n"), [rng.randrange(3, 2048) for _ in range(9)], tok.encode("The "), [5, 6, 7]]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=33, temperature=0.9, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=50, temperature=1.0, top_k=20, seed=5, stop=["\n\n"]), SamplingParams(max_tokens=12, logprobs=2)]
+    late, late_params = tok.encode("x = 1\n"), SamplingParams(max_tokens=20, temperature=0.7, seed=9, ignore_eos=True)
+    want = {tuple(p): (r["token_ids"], r["text"]) for p, r in zip(prompts + [late], Engine(model, tok, max_batch_size=5).generate(
+        prompts + [late], params + [late_params]))}
+    for steps in (1, 4):
+        eng = Engine(model, tok, block_size=8, num_blocks=120, max_batch_size=5, decode_steps=steps, overlap=True)
+        if graphed: eng.graphs, _ = _cpu_decode_graphs(monkeypatch, model, eng.cache, 5)
+        outstanding, peak, real_burst, real_land = [0], [0], eng._burst, eng._land
+        def burst(*a):
+            outstanding[0] += 1; peak[0] = max(peak[0], outstanding[0])
+            return real_burst(*a)
+        def land():
+            done = real_land(); outstanding[0] -= 1
+            return done
+        monkeypatch.setattr(eng, "_burst", burst); monkeypatch.setattr(eng, "_land", land)
+        got = {}
+        ids = [eng.add_request(p, sp, callback=lambda o, k=tuple(p): got.setdefault(k, []).append(o)).id
+               for p, sp in zip(prompts[:3], params[:3])]
+        aborted = eng.add_request(prompts[1], SamplingParams(max_tokens=60, ignore_eos=True), callback=lambda o: got.setdefault("aborted", []).append(o))
+        for i in range(200):
+            if not eng.has_unfinished(): break
+            if i == 6: eng.add_request(late, late_params, callback=lambda o, k=tuple(late): got.setdefault(k, []).append(o))
+            if i == 9: eng.add_request(prompts[3], params[3], callback=lambda o, k=tuple(prompts[3]): got.setdefault(k, []).append(o))
+            if i >= 3 and eng._ahead is not None and not aborted.finished:
+                assert aborted in eng._ahead[0] and eng.abort(aborted.id)        # while its burst is in flight
+            eng.step()
+        assert not eng.has_unfinished() and peak[0] == 2 and ids and aborted.finished
+        for key, (tokens, text) in want.items():
+            assert [t for o in got[key] for t in o.token_ids] == tokens and "".join(o.text for o in got[key]) == text
+        assert got["aborted"][-1].finish_reason == "abort" and eng.num_free_blocks == 120 and eng._ahead is None
+        eng.add_request(prompts[0], SamplingParams(max_tokens=30, ignore_eos=True)); eng.step(); eng.step()
+        assert eng._ahead is not None
+        for req in list(eng.running): eng.abort(req.id)                # every row of the burst in flight aborted
+        assert eng.step() == [] and eng._ahead is None and eng.num_free_blocks == 120
 
 def test_top_k_batches_take_the_top_k_max_in_graphs_and_out(base, monkeypatch):
     """A batch whose every sampled row has a top-k draws from the top `k_max` logits (`top_k_bound`), not a sort of the

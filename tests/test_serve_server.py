@@ -1,5 +1,6 @@
 """Chapter 20 (serving): `guide serve` as a live process on 127.0.0.1, driven by the official openai client."""
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -753,3 +754,22 @@ def _children(pid: int) -> list[int]:
             except OSError: continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid: out.append(int(d))
     return out
+
+
+def test_an_overlapped_engine_streams_what_the_engine_writes():
+    """guide serve --overlap (with bursts of two steps): streamed completions, read with the openai client while another
+    request shares the batch, are the texts the engine writes one step at a time."""
+    from guide.serve.engine import Engine, SamplingParams
+    from guide.serve.server import build_app, build_state, serve_in_thread
+    state = build_state(encoder=False, overlap=True, decode_steps=2)
+    server, thread, base = serve_in_thread(build_app(state))
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        prompts = ["def main(", "The "]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda p: "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny-base", prompt=p, max_tokens=40, temperature=0, stream=True)), prompts))
+        plain = Engine(state.engine.engine.model, state.tokenizer)
+        assert texts == [r["text"] for r in plain.generate(prompts, SamplingParams(max_tokens=40))]
+        assert state.engine.engine.overlap and state.engine.engine._ahead is None
+    finally: server.should_exit = True; thread.join(10)

@@ -436,6 +436,12 @@ def _gathered_attention(model, cache, layer, tables, mask, q):
 
 def _bucket(n: int, sizes) -> int: return next(s for s in sizes if s >= n)
 
+def _upload(dst: torch.Tensor, src: torch.Tensor):
+    """Copy host tensor `src` into `dst`; to a GPU from pinned memory, so that the copy waits in the stream, not the
+    host (from pageable memory CUDA first waits for the stream's earlier work; torch keeps the pinned block until
+    the copy is done)."""
+    dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=True)
+
 # %% ../../nbs/21_engine.ipynb #c024
 try:
     import triton
@@ -617,11 +623,11 @@ class DecodeGraphs:
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         return self._replay(tokens, positions, tables, 0, None)
 
-    def multi_step(self, tokens: list[int], positions: list[int], tables: list[list[int]], n: int,
+    def multi_step(self, tokens: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]], n: int,
                    sampling: list[tuple] | None = None) -> torch.Tensor:
         """`n` steps replayed from one graph (`multi_step`): the tokens (B, n); greedy, or with `sampling` one
         `(temperature, top_k, top_p, seed)` per row. Each row's table must already hold the blocks of positions up
-        to `positions[b] + n - 1`."""
+        to `positions[b] + n - 1`. `tokens` may be a tensor on the device (the last tokens of a burst not yet read)."""
         if n < 1: raise ValueError(f"n must be >= 1, got {n}")
         return self._replay(tokens, positions, tables, n, sampling)
 
@@ -638,9 +644,12 @@ class DecodeGraphs:
         graph, inp, floats, out = self.graphs[key]
         null, pad = self.cache.null_block, key[0] - B
         settings = sampling or [(0.0, 0, 1.0, 0)] * B
-        rows = [[t, p, seed, k] + tab for t, p, tab, (_, k, _, seed) in zip(tokens, positions, _padded(tables, key[1], null), settings)]
-        inp.copy_(torch.tensor(rows + [[0, 0, 0, 0] + [null] * key[1]] * pad))    # one host-to-device copy of all inputs
-        if sampling is not None: floats.copy_(torch.tensor([[t, p] for t, _, p, _ in sampling] + [[0.0, 1.0]] * pad))
+        on_device = isinstance(tokens, torch.Tensor)          # the tokens of a burst still running (Engine's overlap)
+        rows = [[t, p, seed, k] + tab for t, p, tab, (_, k, _, seed) in zip([0] * B if on_device else tokens, positions,
+                                                                            _padded(tables, key[1], null), settings)]
+        _upload(inp, torch.tensor(rows + [[0, 0, 0, 0] + [null] * key[1]] * pad))    # one host-to-device copy of all inputs
+        if on_device: inp[:B, 0].copy_(tokens)                # then theirs, on the device, in stream order
+        if sampling is not None: _upload(floats, torch.tensor([[t, p] for t, _, p, _ in sampling] + [[0.0, 1.0]] * pad))
         graph.replay()
         return out[:B]
 
@@ -987,12 +996,16 @@ class Engine:
     batch only: `speculate_max_batch=n` drafts only while at most `n` requests decode (vLLM's
     `speculative_disable_by_batch_size`); None drafts at any batch size. `jump_forward`: a request whose grammar (JSON
     mode, a schema) leaves no choice for its next tokens feeds them all in one pass, as a draft that is sure to be kept.
-    The CUDA graphs take up to `max_batch_size * (speculate + 1)` rows; a step that feeds more runs eagerly."""
+    The CUDA graphs take up to `max_batch_size * (speculate + 1)` rows; a step that feeds more runs eagerly.
+    `overlap=True`: decode-only iterations are pipelined. Each launches the next one (from its last tokens, on the
+    device) before reading its own tokens, so that the host's work between steps (reading the tokens, checking and
+    streaming them, launching the next graph) runs while the GPU computes; rows that need logits, a request waiting
+    to be admitted, speculation or a row near its end stop the pipeline for one iteration. Same tokens."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
                  paged_attention: bool | None = None, pdl: bool | None = None, prefix_caching: bool = True, speculate: int = 0,
-                 speculate_max_batch: int | None = None, jump_forward: bool = True):
+                 speculate_max_batch: int | None = None, jump_forward: bool = True, overlap: bool = False):
         if not isinstance(model, Llama):
             if getattr(getattr(model, "config", None), "model_type", None) not in HF_ARCHS:
                 raise TypeError(f"Engine needs a guide Llama or a transformers Llama or Mistral model, got {type(model).__name__}")
@@ -1008,6 +1021,8 @@ class Engine:
         self.max_seq_len, self.max_batch_size, self.max_prefill_tokens = cfg.max_seq_len, max_batch_size, max_prefill_tokens
         self.decode_steps, self.speculate, self.speculate_max_batch = decode_steps, speculate, speculate_max_batch
         self.jump_forward = jump_forward
+        if not isinstance(overlap, bool): raise TypeError(f"overlap must be True or False, got {overlap!r}")
+        self.overlap, self._ahead = overlap, None                       # _ahead: the burst launched and not yet read
         if num_blocks is None: num_blocks = max_batch_size * 256 // block_size   # ~256 tokens per slot on average, not max_seq_len
         self.cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size,
                                   device=model.device, dtype=model.embed_tokens.weight.dtype)
@@ -1216,13 +1231,17 @@ class Engine:
         """Admit, prefill (a chunk of a long prompt), decode one token for every other running request (or
         `decode_steps` tokens: see the class), sample; returns the outputs of this step."""
         with self.lock:
-            prefill = self._schedule()
-            decode = [r for r in self.running if r.num_tokens - r.computed == 1]    # one token to feed: the last one sampled
-            if not prefill and not decode: return []
-            verify = [r for r in decode if r.draft]
-            if verify: decode = [r for r in decode if not r.draft]
-            if not prefill and not verify and (n := self._lookahead(decode)) > 1: done = self._multi_step(decode, n)
-            else: done = self._one_step(prefill, decode, verify)
+            if self._ahead is not None and all(r.finished for r in self._ahead[0]): self._ahead = None   # all aborted meanwhile
+            if self._ahead is not None: done = self._land()          # (overlap) the burst the last step launched
+            else:
+                prefill = self._schedule()
+                decode = [r for r in self.running if r.num_tokens - r.computed == 1]    # one token to feed: the last one sampled
+                if not prefill and not decode: return []
+                verify = [r for r in decode if r.draft]
+                if verify: decode = [r for r in decode if not r.draft]
+                if not prefill and not verify and ((n := self._lookahead(decode)) > 1 or self._pipelines(decode)):
+                    done = self._multi_step(decode, n)
+                else: done = self._one_step(prefill, decode, verify)
         for req, out in done: self._deliver(req, out)
         return [out for _, out in done]
 
@@ -1311,22 +1330,65 @@ class Engine:
 
     def _multi_step(self, decode: list[Request], n: int) -> list[tuple[Request, RequestOutput]]:
         "`n` steps of the decode rows in one go (`multi_step`); each row's tokens are appended until it finishes."
-        tokens, positions, tables = [r.last_token for r in decode], [r.num_tokens - 1 for r in decode], [r.table for r in decode]
-        sampling = self._sampling(decode)
-        if self.graphs is not None: ahead = self.graphs.multi_step(tokens, positions, tables, n, sampling)
-        else:
-            dev, nb = self.model.device, max(map(len, tables))
-            padded = torch.tensor(_padded(tables, nb, self.cache.null_block), device=dev)
-            ahead = multi_step(decode_static, self.model, self.cache, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                               padded, n, sampling=sampling and sampling_tensors(sampling, dev), k_max=sampling and top_k_bound(sampling))
+        self._ahead = (decode, n, self._burst(decode, [r.last_token for r in decode], [r.num_tokens - 1 for r in decode], n))
+        return self._land()
+
+    def _burst(self, rows: list[Request], tokens: list[int] | torch.Tensor, positions: list[int], n: int) -> torch.Tensor:
+        "Launch `n` steps of `rows` fed `tokens` (a list, or a tensor on the device) at `positions`; returns their tokens (B, n)."
+        tables, sampling = [r.table for r in rows], self._sampling(rows)
+        if self.graphs is not None: return self.graphs.multi_step(tokens, positions, tables, n, sampling)
+        dev, nb = self.model.device, max(map(len, tables))
+        padded = torch.tensor(_padded(tables, nb, self.cache.null_block), device=dev)
+        return multi_step(decode_static, self.model, self.cache, torch.as_tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                          padded, n, sampling=sampling and sampling_tensors(sampling, dev), k_max=sampling and top_k_bound(sampling))
+
+    def _pipelines(self, decode: list[Request]) -> bool:
+        "Whether this decode-only iteration goes as a burst for the pipeline (`overlap`), even of one step."
+        return self.overlap and not self.waiting and not any(r.params.needs_logits for r in decode)
+
+    def _land(self) -> list[tuple[Request, RequestOutput]]:
+        """Read the burst in flight and append its tokens to its rows until each finishes (tokens computed after a stop
+        are dropped, and so are those of a row aborted meanwhile). With `overlap`, first launch the next burst of the
+        same rows from its last tokens on the device, where they can all go on (`_next_burst`)."""
+        rows, n, ahead = self._ahead
+        held = self._to_host(ahead)                     # before the next burst, which may write the same output buffer
+        self._ahead = None
+        if (m := self._next_burst(rows, n)):
+            self._ahead = (rows, m, self._burst(rows, ahead[:, -1], [r.num_tokens - 1 + n for r in rows], m))
+        tokens, event = held
+        if event is not None: event.synchronize()      # this burst's tokens are on the host; the next one runs on
         done = []
-        for req in decode: req.computed = req.num_tokens - 1 + n      # (positions past a stop hold dropped tokens: `_offer` stops at num_tokens)
-        for req, row in zip(decode, ahead.tolist()):
+        for req, row in zip(rows, tokens.tolist()):
+            if req.finished: continue
+            req.computed = req.num_tokens - 1 + n       # (positions past a stop hold dropped tokens: `_offer` stops at num_tokens)
             for token in row:
                 done.append((req, self._append(req, token)))
-                if req.finished: break                          # the tokens computed after its stop are dropped
+                if req.finished: break
+        if self._ahead is not None and all(r.finished for r in rows): self._ahead = None   # its tokens would all be dropped
         self.stats["decode_tokens"] += len(done); self.stats["steps"] += n
         return done
+
+    def _next_burst(self, rows: list[Request], n: int) -> int:
+        """How many steps the burst after the one in flight (of `n` steps) runs, with its blocks taken now; 0 if the
+        pipeline stops: no `overlap`, speculation on, a request waiting or gone, or a row with at most `n` tokens left."""
+        if not self.overlap or self.speculate or self.waiting or len(rows) != len(self.running) or any(r.finished for r in rows): return 0
+        left = min(r.params.max_tokens - len(r.output_ids) for r in rows) - n    # after the burst in flight
+        if left < 1: return 0
+        m, alloc = self.decode_steps, self.cache.allocator
+        while m > left: m //= 2
+        need = [self.cache.blocks_for(r.num_tokens + n + m - 1) - len(r.table) for r in rows]
+        if sum(k for k in need if k > 0) > alloc.num_free: return 0
+        for req, k in zip(rows, need):
+            if k > 0: req.table += alloc.allocate(k)
+        return m
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        "A copy of `tokens` on its way to the host: from CUDA into pinned memory, without waiting (an event marks its end)."
+        if not tokens.is_cuda: return tokens.clone(), None
+        host = tokens.to("cpu", non_blocking=True)
+        event = torch.cuda.Event(); event.record()
+        return host, event
 
     def _sampling(self, rows: list[Request]) -> list[tuple] | None:
         "Each row's `(temperature, top_k, top_p, seed)` for `sample_rows`; None when every row is greedy (the argmax is enough)."
@@ -1443,7 +1505,7 @@ class Engine:
             if self.abort(r.id): results[r.id]["finish_reason"] = "abort"
         return [results[r.id] for r in reqs]
 
-# %% ../../nbs/21_engine.ipynb #c064
+# %% ../../nbs/21_engine.ipynb #c066
 def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
     """Draft up to `k` next tokens from the text itself: the tokens that followed the latest earlier occurrence of
     its last `n` tokens (n = max_ngram, ..., 1); [] if they never occurred before."""
@@ -1453,7 +1515,7 @@ def prompt_lookup(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
             if ids[i:i + n] == tail: return ids[i + n:i + n + k]
     return []
 
-# %% ../../nbs/21_engine.ipynb #c079
+# %% ../../nbs/21_engine.ipynb #c081
 class AsyncEngine:
     "Runs an `Engine` in a background thread; many threads or asyncio tasks stream from it at once."
     def __init__(self, engine: Engine, idle_wait: float = 0.05, step_delay: float = 0.0):
@@ -1529,7 +1591,7 @@ class AsyncEngine:
         finally:
             if not req.finished: self.abort(req.id)
 
-# %% ../../nbs/21_engine.ipynb #c082
+# %% ../../nbs/21_engine.ipynb #c084
 def make_trace(n: int, vocab_size: int, seed: int = 0, prompt_range=(4, 48), output_median: float = 24,
                output_sigma: float = 1.0, output_range=(2, 192)) -> list[tuple[list[int], int]]:
     """A synthetic request trace: (prompt token ids, output length) pairs. Prompt lengths are uniform in

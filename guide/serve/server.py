@@ -781,7 +781,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
                 request_timeout: float = 60.0, step_delay: float = 0.0, encoder_batch_size: int = 32,
                 encoder_delay: float = 0.005, encoder_queue: int = 1024, decode_steps: int = 1, max_body_bytes: int = 4 << 20,
                 paged_attention: bool | None = None, pdl: bool | None = None, prefix_caching: bool = True, max_prefill_tokens: int = 2048,
-                speculate: int = 0, speculate_max_batch: int | None = None) -> ServerState:
+                speculate: int = 0, speculate_max_batch: int | None = None, overlap: bool = False) -> ServerState:
     """Load the models and build the engine, the batcher and the shared state (`model=None`: encoder only).
     `encoder` may be a `RemoteBatcher`: the encoder then lives in a model process shared by several workers."""
     from guide.pretrained import load, tiny_base
@@ -793,7 +793,7 @@ def build_state(model: str | None = "tiny-base", encoder: bool | RemoteBatcher =
         engine = AsyncEngine(Engine(llm, tok, block_size=block_size, num_blocks=num_blocks, max_batch_size=max_batch_size, decode_steps=decode_steps,
                                     paged_attention=paged_attention, pdl=pdl, prefix_caching=prefix_caching,
                                     max_prefill_tokens=max_prefill_tokens, speculate=speculate,
-                                    speculate_max_batch=speculate_max_batch), step_delay=step_delay)
+                                    speculate_max_batch=speculate_max_batch, overlap=overlap), step_delay=step_delay)
         try: engine.engine.json_constraint()         # built now, not by the first JSON request (a tokenizer that cannot
         except ValueError: pass                      # write JSON: each JSON request gets the reason in a 400)
     batcher = enc_tok = None
@@ -831,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
                     "with the Triton paged-attention kernel, reading the KV blocks in place, at every batch size (default: at batch 1)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None, help="CUDA, compute capability 9.0+ (Hopper): "
                     "batch-1 decode kernels start with programmatic dependent launch (default: where the GPU has it)")
+    ap.add_argument("--overlap", action="store_true", help="launch each decode-only step before reading the previous one's "
+                    "tokens, so the host's work between steps runs while the GPU computes (same tokens)")
     ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="most prompt tokens an engine step computes; a longer "
                     "prompt is computed in chunks while the others decode (smaller: steadier inter-token latency, slower first tokens)")
     ap.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding by prompt lookup: draft up to K tokens "
@@ -881,7 +883,7 @@ def _serve_one(a, sock: socket.socket, url: str, remote: tuple | None = None) ->
     state = build_state(None if a.no_llm else a.model, encoder, a.tier, a.seed, a.device, a.max_batch_size, a.num_blocks,
                         a.block_size, a.max_pending, a.request_timeout, a.step_delay, a.encoder_batch_size, a.encoder_delay, a.encoder_queue,
                         a.decode_steps, a.max_body_bytes, a.paged_attention, a.pdl, not a.no_prefix_caching, a.max_prefill_tokens,
-                        a.speculate, a.speculate_max_batch)
+                        a.speculate, a.speculate_max_batch, a.overlap)
     server = DrainingServer(uvicorn.Config(build_app(state), log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout + 5),
                             state, a.drain_timeout)
     if a.workers == 1: print(f"guide serve: {state.model_name or state.encoder_name} listening on {url}", flush=True)
