@@ -7,7 +7,7 @@
 #   DEADLINE=S: every step ends by S seconds after the start (its own limit is cut to what is left; a step with under 20 s left is skipped)
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"     # guide from this checkout, installed or not (a bare GPU machine)
 res=${1:-benchmarks/results}; shift || true
 steps=${*:-tests decode profile engine-paths sampling http http-own batcher mfu}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
