@@ -372,6 +372,9 @@ def test_cuda_graph_decode_equals_eager_engine():
     assert [r["token_ids"] for r in gathered.generate(prompts, params)] == [r["token_ids"] for r in want]
     piped = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, overlap=True)   # a step launched before the last is read
     assert [r["token_ids"] for r in piped.generate(prompts, params)] == [r["token_ids"] for r in want] and piped.num_free_blocks == 300
+    stopping = [SamplingParams(max_tokens=n, stop_token_ids=[r["token_ids"][n // 2]]) for n, r in zip(lens, want)]   # stops in flight
+    assert ([r["token_ids"] for r in piped.generate(prompts, stopping)] == [r["token_ids"] for r in eager.generate(prompts, stopping)]
+            and piped.stats["overlapped_bursts"] > 0 and piped.num_free_blocks == 300)
     assert len(graphed.graphs.graphs) >= 3                     # several (batch, blocks) buckets were captured and replayed
     assert graphed.num_free_blocks == 300                      # padding rows used the null block, not the free list
     ahead = Engine(model, None, block_size=8, num_blocks=300, max_batch_size=5, decode_steps=4)   # 4 greedy steps per graph
@@ -440,6 +443,16 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
         with pytest.raises(ValueError, match="pdl needs decode_one"): choice(capability, **kw)
     with pytest.raises(ValueError, match="paged_attention needs Triton"): choice((9, 0), compile=True, paged_attention=True)
     assert choice((9, 0), compile=True)[:3] == (False, False, False)
+    cfg = dict(vars(model.config), dim=6 * model.config.head_dim, n_heads=6, n_kv_heads=2)   # 3 query heads per KV head: no paged kernel
+    odd = Llama(ModelConfig(**cfg)).eval()
+    with monkeypatch.context() as m:
+        m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
+        m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        g = E.DecodeGraphs(odd, E.PagedKVCache(cfg["n_layers"], 2, odd.config.head_dim, num_blocks=8, block_size=8), 4)
+        assert (g.paged_one, g.paged_batched, g.pdl) == (False, False, True)
+        with pytest.raises(ValueError, match="powers of two"): E.DecodeGraphs(odd, g.cache, 4, paged_attention=True)
+        with pytest.raises(ValueError, match="powers of two"): E.DecodeGraphs(model, E.PagedKVCache(
+            model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=12), 4, paged_attention=True)
 
 
 def _cpu_decode_graphs(monkeypatch, model, cache, rows):
@@ -496,8 +509,12 @@ def test_overlap_launches_the_next_burst_before_reading_and_keeps_the_tokens(bas
     params = [SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=33, temperature=0.9, seed=4, ignore_eos=True),
               SamplingParams(max_tokens=50, temperature=1.0, top_k=20, seed=5, stop=["\n\n"]), SamplingParams(max_tokens=12, logprobs=2)]
     late, late_params = tok.encode("x = 1\n"), SamplingParams(max_tokens=20, temperature=0.7, seed=9, ignore_eos=True)
+    reference = Engine(model, tok, max_batch_size=5).generate(prompts[:1], params[:1])[0]["token_ids"]
+    last_new = max(i for i, t in enumerate(reference) if t not in reference[:i])  # its last token not seen before (29 of 40)
+    params[0] = SamplingParams(max_tokens=40, stop_token_ids=[reference[last_new]])   # stops inside a burst, the next one launched
     want = {tuple(p): (r["token_ids"], r["text"]) for p, r in zip(prompts + [late], Engine(model, tok, max_batch_size=5).generate(
         prompts + [late], params + [late_params]))}
+    assert want[tuple(prompts[0])][0] == reference[:last_new + 1] and last_new > 20
     for steps in (1, 4):
         eng = Engine(model, tok, block_size=8, num_blocks=120, max_batch_size=5, decode_steps=steps, overlap=True)
         if graphed: eng.graphs, _ = _cpu_decode_graphs(monkeypatch, model, eng.cache, 5)
@@ -508,7 +525,12 @@ def test_overlap_launches_the_next_burst_before_reading_and_keeps_the_tokens(bas
         def land():
             done = real_land(); outstanding[0] -= 1
             return done
-        monkeypatch.setattr(eng, "_burst", burst); monkeypatch.setattr(eng, "_land", land)
+        stopped_in_flight, real_append = [], eng._append
+        def append(req, token, *a):
+            out = real_append(req, token, *a)
+            if out.finish_reason == "stop" and eng._ahead is not None and req in eng._ahead[0]: stopped_in_flight.append(req.id)
+            return out
+        monkeypatch.setattr(eng, "_burst", burst); monkeypatch.setattr(eng, "_land", land); monkeypatch.setattr(eng, "_append", append)
         got = {}
         ids = [eng.add_request(p, sp, callback=lambda o, k=tuple(p): got.setdefault(k, []).append(o)).id
                for p, sp in zip(prompts[:3], params[:3])]
@@ -520,7 +542,8 @@ def test_overlap_launches_the_next_burst_before_reading_and_keeps_the_tokens(bas
             if i >= 3 and eng._ahead is not None and not aborted.finished:
                 assert aborted in eng._ahead[0] and eng.abort(aborted.id)        # while its burst is in flight
             eng.step()
-        assert not eng.has_unfinished() and peak[0] == 2 and ids and aborted.finished
+        assert not eng.has_unfinished() and peak[0] == 2 and ids and aborted.finished and eng.stats["overlapped_bursts"] > 0
+        assert ids[0] in stopped_in_flight                      # its blocks were freed while the next burst ran
         for key, (tokens, text) in want.items():
             assert [t for o in got[key] for t in o.token_ids] == tokens and "".join(o.text for o in got[key]) == text
         assert got["aborted"][-1].finish_reason == "abort" and eng.num_free_blocks == 120 and eng._ahead is None

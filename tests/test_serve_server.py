@@ -771,5 +771,6 @@ def test_an_overlapped_engine_streams_what_the_engine_writes():
                 model="tiny-base", prompt=p, max_tokens=40, temperature=0, stream=True)), prompts))
         plain = Engine(state.engine.engine.model, state.tokenizer)
         assert texts == [r["text"] for r in plain.generate(prompts, SamplingParams(max_tokens=40))]
-        assert state.engine.engine.overlap and state.engine.engine._ahead is None
+        assert state.engine.engine.stats["overlapped_bursts"] > 0 and state.engine.engine._ahead is None
+        assert "\nguide_engine_overlapped_bursts_total" in httpx.get(base + "/metrics").text
     finally: server.should_exit = True; thread.join(10)

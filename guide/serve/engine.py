@@ -20,10 +20,10 @@ from .structured import JSON_OBJECT, Grammar, JsonConstraint, schema_grammar
 # %% auto #0
 __all__ = ['INTERPRETED', 'GEMV_TILES', 'SamplingParams', 'grammar_of', 'NoFreeBlocks', 'BlockAllocator', 'PagedKVCache',
            'step_forward', 'prefill_batch_forward', 'prefill_forward', 'decode_forward', 'block_hash',
-           'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention',
-           'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters', 'top_k_bound', 'sampling_tensors',
-           'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'RequestOutput', 'Request', 'Engine',
-           'prompt_lookup', 'AsyncEngine', 'make_trace']
+           'PrefixCachingAllocator', 'decode_static', 'gemv', 'decode_one', 'DecodeGraphs', 'paged_attention_fits',
+           'paged_attention', 'qkv_to_cache', 'sampling_noise', 'sample_rows', 'has_filters', 'top_k_bound',
+           'sampling_tensors', 'multi_step', 'NaiveDetokenizer', 'IncrementalDetokenizer', 'RequestOutput', 'Request',
+           'Engine', 'prompt_lookup', 'AsyncEngine', 'make_trace']
 
 # %% ../../nbs/21_engine.ipynb #c006
 @dataclass
@@ -576,11 +576,13 @@ class DecodeGraphs:
     bucket: pass few `block_buckets` then, e.g. `[16, 128]`, since each is a compilation of tens of seconds.
     `gemv`: batch-1 buckets run `decode_one` (Triton GEMVs); default: when Triton is installed and not compiling.
     `paged_attention`: attend with the Triton `paged_attention` kernel, reading the KV blocks in place (not with
-    compile): True in every bucket, False in none, None (default) in the batch-1 buckets that run `decode_one`.
+    compile; its heads, head size and block size must be powers of two: `paged_attention_fits`): True in every
+    bucket, False in none, None (default) in the batch-1 buckets that run `decode_one`, where the shapes fit.
     `pdl`: `decode_one` launches its kernels with programmatic dependent launch: True needs a Hopper or later GPU,
     None (default) uses it where there is one. The defaults are what measured faster on an H200
     (`benchmarks/results/serve_gpu_decode*_h200.json`): at batch 1 the paged path with PDL decodes 1.5-1.7x the
-    tokens per second of gather + SDPA; batched, the paged kernel is no faster (0.85-0.88x SDPA's at 64 rows).
+    tokens per second of gather + SDPA; batched, the paged kernel is within 8% of SDPA at 8 and 32 rows, either
+    way, and 0.85-0.88x its tokens/s at 64.
     `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool | None = None,
@@ -595,10 +597,15 @@ class DecodeGraphs:
         self.one = decode_one if (triton is not None and not compile if gemv is None else gemv) else self.step
         triton_one = self.one is not self.step
         if paged_attention and (triton is None or compile): raise ValueError("paged_attention needs Triton and does not combine with compile")
+        cfg = model.config
+        fits = paged_attention_fits(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.block_size)
+        if paged_attention and not fits:
+            raise ValueError(f"paged_attention needs heads per KV head ({cfg.n_heads}/{cfg.n_kv_heads}), head_dim ({cfg.head_dim}) "
+                             f"and block_size ({cache.block_size}) that are powers of two")
         hopper = triton_one and torch.cuda.get_device_capability(model.device) >= (9, 0)
         if pdl and not hopper: raise ValueError("pdl needs decode_one (Triton, not compile) and a GPU of compute capability 9.0 or later")
         self.paged_batched = bool(paged_attention)
-        self.paged_one = self.paged_batched or (paged_attention is None and triton_one)
+        self.paged_one = self.paged_batched or (paged_attention is None and triton_one and fits)
         self.pdl = hopper if pdl is None else pdl
         if self.paged_batched: self.step = partial(self.step, paged=True)
         if self.paged_one: self.one = partial(self.one, paged=True)
@@ -700,6 +707,11 @@ if triton is not None:
         out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
         tl.store(Out + bh * HD + d, out.to(Out.dtype.element_ty))
 
+def paged_attention_fits(n_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> bool:
+    "Whether `paged_attention` (and the paged path of `decode_one`) takes these shapes: all powers of two."
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    return n_heads % n_kv_heads == 0 and pow2(head_dim) and pow2(block_size) and pow2(n_heads // n_kv_heads)
+
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, max_splits: int = 32,
                     pdl: bool = False) -> torch.Tensor:
     """Decode attention straight from a paged cache layer: q (B, H, hd) (rows may be strided), `kv` one layer of
@@ -710,8 +722,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     B, H, hd = q.shape
     _, bs, kvh2, hd_kv = kv.shape
     KVH, NB = kvh2 // 2, tables.shape[1]
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0
-    if (hd_kv != hd or H % KVH or not (pow2(hd) and pow2(bs) and pow2(H // KVH)) or q.stride(2) != 1 or q.stride(1) != hd
+    if (hd_kv != hd or not paged_attention_fits(H, KVH, hd, bs) or q.stride(2) != 1 or q.stride(1) != hd
             or not kv.is_contiguous() or tables.stride(1) != 1):
         raise ValueError(f"paged_attention: q {tuple(q.shape)} and kv {tuple(kv.shape)} need head_dim, block_size and heads "
                          "per KV head that are powers of two, contiguous heads and a contiguous cache")
@@ -999,8 +1010,11 @@ class Engine:
     The CUDA graphs take up to `max_batch_size * (speculate + 1)` rows; a step that feeds more runs eagerly.
     `overlap=True`: decode-only iterations are pipelined. Each launches the next one (from its last tokens, on the
     device) before reading its own tokens, so that the host's work between steps (reading the tokens, checking and
-    streaming them, launching the next graph) runs while the GPU computes; rows that need logits, a request waiting
-    to be admitted, speculation or a row near its end stop the pipeline for one iteration. Same tokens."""
+    streaming them, launching the next graph) runs while the GPU computes (CUDA graphs; an eager CUDA step still
+    waits for its input copies). The pipeline waits while a row needs its logits, a waiting request could join the
+    batch or prompt lookup drafts, and stops before a row's last burst. The same tokens, up to the rounding
+    differences between batch sizes that continuous batching has anyway (a burst launched before a row stopped
+    keeps its batch size)."""
     def __init__(self, model, tokenizer=None, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_size: int = 32, max_prefill_tokens: int = 2048, eos_id: int | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = False, decode_steps: int = 1,
@@ -1039,7 +1053,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, preemptions=0, finished=0, aborted=0, callback_errors=0,
-                          cached_tokens=0, draft_tokens=0, draft_accepted=0, grammar_dead_ends=0)
+                          cached_tokens=0, draft_tokens=0, draft_accepted=0, grammar_dead_ends=0, overlapped_bursts=0)
         self._ids = itertools.count()
         self.json: JsonConstraint | None = None                              # built for the first request in JSON mode or with a schema
         self._json_refused: str | None = None                               # why this tokenizer cannot write JSON, once found
@@ -1192,7 +1206,7 @@ class Engine:
         is refused with the same ValueError each time, found once."""
         if self.json is None:
             if self.tokenizer is None: raise ValueError("JSON mode needs a tokenizer")
-            if self._json_refused: raise ValueError(self._json_refused)
+            if self._json_refused is not None: raise ValueError(self._json_refused)
             try: self.json = JsonConstraint(self.tokenizer, self.model.config.vocab_size)   # the tokens' texts, read once
             except ValueError as e:
                 self._json_refused = str(e)
@@ -1206,7 +1220,7 @@ class Engine:
         request may still produce but one; where the free list has the blocks for them (drafting never preempts)."""
         alloc, decoding = self.cache.allocator, [r for r in self.running if r.num_tokens - r.computed == 1]
         for req in self.running: req.draft = []
-        lookup = self.speculate and (self.speculate_max_batch is None or len(decoding) <= self.speculate_max_batch)
+        lookup = self._drafting(len(decoding))
         for req in decoding:
             p = req.params
             if p.logprobs is not None or p.adjusts_logits: continue
@@ -1231,7 +1245,7 @@ class Engine:
         """Admit, prefill (a chunk of a long prompt), decode one token for every other running request (or
         `decode_steps` tokens: see the class), sample; returns the outputs of this step."""
         with self.lock:
-            if self._ahead is not None and all(r.finished for r in self._ahead[0]): self._ahead = None   # all aborted meanwhile
+            self._forget_dead_burst()                                # (every row of it aborted meanwhile)
             if self._ahead is not None: done = self._land()          # (overlap) the burst the last step launched
             else:
                 prefill = self._schedule()
@@ -1315,18 +1329,31 @@ class Engine:
         return states
 
     def _lookahead(self, decode: list[Request]) -> int:
-        """How many steps this decode-only iteration runs: `decode_steps`, halved until every request has that many
-        tokens left, if none waits to be admitted and the free list has the blocks for them all (taken now); else 1."""
+        "How many steps this decode-only iteration runs: a burst (`_burst_size`) where the rows can go on alone (`_bursts`); else 1."
+        if self.decode_steps == 1 or not self._bursts(decode): return 1
+        return self._burst_size(decode) or 1
+
+    def _bursts(self, rows: list[Request]) -> bool:
+        "Whether `rows` may decode without the host for a while: none needs its logits, and no waiting request could join them."
+        return not (self.waiting and len(self.running) < self.max_batch_size) and not any(r.params.needs_logits for r in rows)
+
+    def _burst_size(self, rows: list[Request], ahead: int = 0) -> int:
+        """How many steps a burst of `rows` runs after `ahead` steps not yet read: `decode_steps`, halved until every
+        row has that many tokens left (near the end: 8, 4, 2 steps, a graph each), with the blocks for them taken now;
+        0 if a row has no token left after those or the free list is short."""
+        left = min(r.params.max_tokens - len(r.output_ids) for r in rows) - ahead
+        if left < 1: return 0
         n, alloc = self.decode_steps, self.cache.allocator
-        if n == 1 or self.waiting or any(r.params.needs_logits for r in decode): return 1    # a burst keeps no logits
-        left = min(r.params.max_tokens - len(r.output_ids) for r in decode)
-        while n > max(left, 1): n //= 2                                  # near the end: 8, 4, 2 steps (a graph each)
-        if n == 1: return 1
-        need = [self.cache.blocks_for(r.num_tokens + n - 1) - len(r.table) for r in decode]   # positions up to num_tokens + n - 2
-        if sum(need) > alloc.num_free: return 1
-        for req, k in zip(decode, need):
+        while n > left: n //= 2
+        need = [self.cache.blocks_for(r.num_tokens + ahead + n - 1) - len(r.table) for r in rows]   # positions to num_tokens + ahead + n - 2
+        if sum(max(k, 0) for k in need) > alloc.num_free: return 0
+        for req, k in zip(rows, need):
             if k > 0: req.table += alloc.allocate(k)
         return n
+
+    def _drafting(self, rows: int) -> bool:
+        "Whether prompt lookup drafts while `rows` requests decode (`speculate`, `speculate_max_batch`)."
+        return bool(self.speculate) and (self.speculate_max_batch is None or rows <= self.speculate_max_batch)
 
     def _multi_step(self, decode: list[Request], n: int) -> list[tuple[Request, RequestOutput]]:
         "`n` steps of the decode rows in one go (`multi_step`); each row's tokens are appended until it finishes."
@@ -1344,7 +1371,7 @@ class Engine:
 
     def _pipelines(self, decode: list[Request]) -> bool:
         "Whether this decode-only iteration goes as a burst for the pipeline (`overlap`), even of one step."
-        return self.overlap and not self.waiting and not any(r.params.needs_logits for r in decode)
+        return self.overlap and not self._drafting(len(decode)) and self._bursts(decode)
 
     def _land(self) -> list[tuple[Request, RequestOutput]]:
         """Read the burst in flight and append its tokens to its rows until each finishes (tokens computed after a stop
@@ -1355,6 +1382,7 @@ class Engine:
         self._ahead = None
         if (m := self._next_burst(rows, n)):
             self._ahead = (rows, m, self._burst(rows, ahead[:, -1], [r.num_tokens - 1 + n for r in rows], m))
+            self.stats["overlapped_bursts"] += 1
         tokens, event = held
         if event is not None: event.synchronize()      # this burst's tokens are on the host; the next one runs on
         done = []
@@ -1364,30 +1392,27 @@ class Engine:
             for token in row:
                 done.append((req, self._append(req, token)))
                 if req.finished: break
-        if self._ahead is not None and all(r.finished for r in rows): self._ahead = None   # its tokens would all be dropped
+        self._forget_dead_burst()
         self.stats["decode_tokens"] += len(done); self.stats["steps"] += n
         return done
 
+    def _forget_dead_burst(self):
+        "Forget the burst in flight if every one of its rows has finished (all its tokens would be dropped)."
+        if self._ahead is not None and all(r.finished for r in self._ahead[0]): self._ahead = None
+
     def _next_burst(self, rows: list[Request], n: int) -> int:
-        """How many steps the burst after the one in flight (of `n` steps) runs, with its blocks taken now; 0 if the
-        pipeline stops: no `overlap`, speculation on, a request waiting or gone, or a row with at most `n` tokens left."""
-        if not self.overlap or self.speculate or self.waiting or len(rows) != len(self.running) or any(r.finished for r in rows): return 0
-        left = min(r.params.max_tokens - len(r.output_ids) for r in rows) - n    # after the burst in flight
-        if left < 1: return 0
-        m, alloc = self.decode_steps, self.cache.allocator
-        while m > left: m //= 2
-        need = [self.cache.blocks_for(r.num_tokens + n + m - 1) - len(r.table) for r in rows]
-        if sum(k for k in need if k > 0) > alloc.num_free: return 0
-        for req, k in zip(rows, need):
-            if k > 0: req.table += alloc.allocate(k)
-        return m
+        """How many steps the burst after the one in flight (of `n` steps) runs (`_burst_size`); 0 if the pipeline
+        stops: no `overlap`, a row finished or gone, drafting, a request that could join, or a row near its end."""
+        if (not self.overlap or len(rows) != len(self.running) or any(r.finished for r in rows) or self._drafting(len(rows))
+                or not self._bursts(rows)): return 0
+        return self._burst_size(rows, n)
 
     @staticmethod
     def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         "A copy of `tokens` on its way to the host: from CUDA into pinned memory, without waiting (an event marks its end)."
         if not tokens.is_cuda: return tokens.clone(), None
         host = tokens.to("cpu", non_blocking=True)
-        event = torch.cuda.Event(); event.record()
+        event = torch.cuda.Event(); event.record(torch.cuda.current_stream(tokens.device))   # the stream that copies
         return host, event
 
     def _sampling(self, rows: list[Request]) -> list[tuple] | None:

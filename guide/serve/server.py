@@ -337,7 +337,8 @@ class EngineCounters:
     counters = (("guide_engine_steps", "steps", "engine iterations (forward passes)"),
                 ("guide_engine_preemptions", "preemptions", "requests preempted for KV blocks (recomputed later)"),
                 ("guide_spec_draft_tokens", "draft_tokens", "tokens drafted: by speculative decoding, or forced by a JSON grammar"),
-                ("guide_spec_accepted_tokens", "draft_accepted", "drafted tokens kept (the model agreed, or the grammar forced them)"))
+                ("guide_spec_accepted_tokens", "draft_accepted", "drafted tokens kept (the model agreed, or the grammar forced them)"),
+                ("guide_engine_overlapped_bursts", "overlapped_bursts", "decode bursts launched before the previous one was read (--overlap)"))
     def __init__(self, engine: Engine): self.engine = engine
     def collect(self):
         for name, key, doc in self.counters: yield CounterMetricFamily(name, doc, value=self.engine.stats[key])
