@@ -1402,9 +1402,8 @@ class Engine:
 
     def _next_burst(self, rows: list[Request], n: int) -> int:
         """How many steps the burst after the one in flight (of `n` steps) runs (`_burst_size`); 0 if the pipeline
-        stops: no `overlap`, a row finished or gone, drafting, a request that could join, or a row near its end."""
-        if (not self.overlap or len(rows) != len(self.running) or any(r.finished for r in rows) or self._drafting(len(rows))
-                or not self._bursts(rows)): return 0
+        stops: a row finished or gone, the rows no longer pipeline (`_pipelines`), or a row near its end."""
+        if len(rows) != len(self.running) or any(r.finished for r in rows) or not self._pipelines(rows): return 0
         return self._burst_size(rows, n)
 
     @staticmethod
