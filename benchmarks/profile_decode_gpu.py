@@ -16,7 +16,8 @@ import torch
 if not torch.cuda.is_available(): print("profile_decode_gpu.py needs a CUDA GPU; nothing measured."); sys.exit(0)
 from torch.profiler import profile, ProfilerActivity
 from guide.model import Llama, ModelConfig
-from guide.serve.engine import DecodeGraphs, PagedKVCache, decode_static, prefill_batch_forward, _fused_weights
+from guide.serve.decode import DecodeGraphs, decode_static
+from guide.serve.kvcache import PagedKVCache, _fused_weights, prefill_batch_forward
 cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048, tie_embeddings=False)
 with torch.device("cuda"): m = Llama(cfg).to(torch.bfloat16).eval()
 BYTES = 2069024768                                                 # weights read per token (all but the embedding table)

@@ -76,7 +76,7 @@ def main(argv=None):
             dyns[-1]["batcher_stats"] = dict(b.stats)
     r_single, r_dyn = max(singles, key=lambda r: r["rps"]), max(dyns, key=lambda r: r["rps"])
     rows["batcher_stats"] = r_dyn["batcher_stats"]
-    # the same with one OS thread per client (what notebook 22 does): the GIL convoy shows
+    # the same with one OS thread per client (what notebook 24 does): the GIL convoy shows
     with DynamicBatcher(fn, a.max_batch_size, a.max_queue_delay) as b:
         r_dyn_threads = closed_loop(lambda x: b.submit(x).result(60), load, a.concurrency, a.time_limit)
     res = dict(benchmark="serve_batcher", env=environment_info(), tier=a.tier, device=a.device, requests=n, concurrency=a.concurrency,

@@ -109,7 +109,8 @@ def gemv_bandwidth(model, reps=20):
     (Timed one call at a time from Python instead, these kernels measure their launch, not their work.)"""
     import torch.nn.functional as F
     from guide.core import capture_cuda_graph
-    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, gemv, qkv_to_cache
+    from guide.serve.decode import GEMV_TILES, gemv, qkv_to_cache
+    from guide.serve.kvcache import PagedKVCache, _fused_weights
     cfg, layers, dev = model.config, _fused_weights(model), model.device
     x = torch.randn(1, cfg.dim, device=dev, dtype=torch.bfloat16)
     y, h = torch.randn(1, cfg.n_heads * cfg.head_dim, device=dev, dtype=x.dtype), torch.randn(1, cfg.hidden_dim, device=dev, dtype=x.dtype)
@@ -184,7 +185,8 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
     from transformers import LlamaForCausalLM
     from guide.core import environment_info
     from guide.model import Llama, ModelConfig, hf_config
-    from guide.serve.engine import DecodeGraphs, Engine, SamplingParams
+    from guide.serve.decode import DecodeGraphs
+    from guide.serve.engine import Engine, SamplingParams
     cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048,
                       tie_embeddings=False)                                    # TinyLlama-1.1B's shape
     with torch.device(device): model = Llama(cfg).to(torch.bfloat16).eval()

@@ -33,7 +33,7 @@ def main(argv=None):
     if a.top_k < 1 or a.repeats < 1 or a.threads < 1: ap.error("--top-k, --repeats and --threads must be >= 1")
     import torch
     from guide.core import atomic_write, environment_info
-    from guide.serve.engine import sample_rows, sampling_tensors, top_k_bound
+    from guide.serve.decode import sample_rows, sampling_tensors, top_k_bound
     torch.set_num_threads(a.threads)
     shapes, dev = ([(2, 1000), (4, 4000)] if a.smoke else SHAPES), torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -1,4 +1,4 @@
-"""Chapter 20 (serving): the paged-KV continuous-batching engine (notebook 21), the dynamic batcher, ONNX parity (no notebook needed)."""
+"""Chapter 20 (serving): the paged KV cache, the decode steps and the continuous-batching engine (notebooks 21-23), the dynamic batcher, ONNX parity (no notebook needed)."""
 import importlib.util
 import os
 import random
@@ -12,7 +12,8 @@ import torch
 
 from guide.core import setup_torch
 from guide.model import Llama, ModelConfig, generate
-from guide.serve.engine import AsyncEngine, BlockAllocator, Engine, NoFreeBlocks, SamplingParams
+from guide.serve.engine import AsyncEngine, Engine, SamplingParams
+from guide.serve.kvcache import BlockAllocator, NoFreeBlocks
 
 setup_torch()
 
@@ -264,11 +265,11 @@ def test_dynamic_batcher_batches_and_bounds():
 
 def test_batched_prefill_and_length_split_decode_match_the_model(base, monkeypatch):
     "Prefill of prompts of different lengths in one call, and a decode batch split by length, give the model's own logits."
-    from guide.serve import engine as E
-    from guide.serve.engine import PagedKVCache, decode_forward, prefill_batch_forward
-    split = E._split_by_length
+    from guide.serve import kvcache as K
+    from guide.serve.kvcache import PagedKVCache, decode_forward, prefill_batch_forward
+    split = K._split_by_length
     assert split([1, 1, 1, 12]) == 0 and split([1] * 30 + [12, 12]) == 30
-    monkeypatch.setattr(E, "_split_by_length", lambda lens, overhead=0: split(lens, 0))   # split even this small batch
+    monkeypatch.setattr(K, "_split_by_length", lambda lens, overhead=0: split(lens, 0))   # split even this small batch
     model, _ = base
     cfg = model.config
     rng = random.Random(0)
@@ -405,7 +406,8 @@ def test_cuda_graph_decode_equals_eager_engine():
 
 
 def test_cuda_graphs_refuse_a_cpu_model():
-    from guide.serve.engine import DecodeGraphs, PagedKVCache
+    from guide.serve.decode import DecodeGraphs
+    from guide.serve.kvcache import PagedKVCache
     model = _peaky_model("cpu")
     cache = PagedKVCache(3, 2, 32, num_blocks=4, block_size=8)
     with pytest.raises(ValueError, match="CUDA device"): DecodeGraphs(model, cache, 4)
@@ -423,15 +425,16 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
     """What measured fastest on an H200 is the default: the batch-1 buckets (`decode_one`) attend with `paged_attention`
     and launch with PDL where the GPU has it (compute capability 9.0+); the batched buckets keep gather + SDPA. Explicit
     settings override it, and impossible ones are refused (CPU, with the model looking like a CUDA one)."""
-    import guide.serve.engine as E
-    if E.triton is None: pytest.skip("needs Triton (decode_one)")
+    import guide.serve.decode as D
+    from guide.serve.kvcache import PagedKVCache
+    if D.triton is None: pytest.skip("needs Triton (decode_one)")
     model, _ = base
-    cache = E.PagedKVCache(model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=8)
+    cache = PagedKVCache(model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=8)
     def choice(capability, **kw):
         with monkeypatch.context() as m:
             m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
             m.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-            g = E.DecodeGraphs(model, cache, 4, **kw)
+            g = D.DecodeGraphs(model, cache, 4, **kw)
         return g.paged_one, g.paged_batched, g.pdl, getattr(g.one, "keywords", {}), getattr(g.step, "keywords", {})
     assert choice((9, 0)) == (True, False, True, dict(paged=True, pdl=True), {})
     assert choice((8, 0)) == (True, False, False, dict(paged=True), {})
@@ -448,25 +451,25 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
     with monkeypatch.context() as m:
         m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
         m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        g = E.DecodeGraphs(odd, E.PagedKVCache(cfg["n_layers"], 2, odd.config.head_dim, num_blocks=8, block_size=8), 4)
+        g = D.DecodeGraphs(odd, PagedKVCache(cfg["n_layers"], 2, odd.config.head_dim, num_blocks=8, block_size=8), 4)
         assert (g.paged_one, g.paged_batched, g.pdl) == (False, False, True)
-        with pytest.raises(ValueError, match="powers of two"): E.DecodeGraphs(odd, g.cache, 4, paged_attention=True)
-        with pytest.raises(ValueError, match="powers of two"): E.DecodeGraphs(model, E.PagedKVCache(
+        with pytest.raises(ValueError, match="powers of two"): D.DecodeGraphs(odd, g.cache, 4, paged_attention=True)
+        with pytest.raises(ValueError, match="powers of two"): D.DecodeGraphs(model, PagedKVCache(
             model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=12), 4, paged_attention=True)
 
 
 def _cpu_decode_graphs(monkeypatch, model, cache, rows):
     """The real `DecodeGraphs` (buckets, padding, one input copy per replay, recapture) on the CPU: the capture is
     the stand-in above, and the model looks like a CUDA one only while the graphs are built."""
-    import guide.serve.engine as E
+    import guide.serve.decode as D
     replays = []
     def capture(run, pool=None, device=None):
         graph = _ReplayedGraph(run); replays.append(graph)
         return graph, graph.out
-    monkeypatch.setattr(E, "capture_cuda_graph", capture)
+    monkeypatch.setattr(D, "capture_cuda_graph", capture)
     with monkeypatch.context() as m:
         m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
-        graphs = E.DecodeGraphs(model, cache, rows, gemv=False)
+        graphs = D.DecodeGraphs(model, cache, rows, gemv=False)
     return graphs, replays
 
 
@@ -627,12 +630,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None or 
 def test_kernels_say_why_they_cannot_run():
     """The Triton kernels refuse with the reason, not with a NameError or Triton's "0 active drivers": without Triton
     (CPU wheels of PyTorch), or with Triton but a tensor off the GPU outside the interpreter."""
-    from guide.serve import engine as E
-    if E.INTERPRETED or torch.cuda.is_available(): pytest.skip("the kernels can run here")
+    from guide.serve import decode as D
+    if D.INTERPRETED or torch.cuda.is_available(): pytest.skip("the kernels can run here")
     x = torch.zeros(1, 4)
-    why = "needs Triton" if E.triton is None else "runs on a CUDA GPU"
-    for call in (lambda: E.gemv(x, torch.zeros(3, 4)), lambda: E.paged_attention(x.view(1, 1, 4), torch.zeros(2, 4, 2, 4), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
-                 lambda: E.qkv_to_cache(_peaky_model("cpu"), x, torch.zeros(3, 4), torch.ones(4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2, 4, 2, 4))):
+    why = "needs Triton" if D.triton is None else "runs on a CUDA GPU"
+    for call in (lambda: D.gemv(x, torch.zeros(3, 4)), lambda: D.paged_attention(x.view(1, 1, 4), torch.zeros(2, 4, 2, 4), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                 lambda: D.qkv_to_cache(_peaky_model("cpu"), x, torch.zeros(3, 4), torch.ones(4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(2, 4, 2, 4))):
         with pytest.raises(RuntimeError, match=why): call()
 
 
@@ -655,7 +658,7 @@ def test_triton_kernels_compile_for_hopper():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from guide.serve import engine as E
+    from guide.serve import decode as D
     def compile_(fn, constexprs, pdl=True, **types):
         sig = {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name][0] == "*" or name in ("N", "K")}   # as a launch specializes them
@@ -663,15 +666,15 @@ def test_triton_kernels_compile_for_hopper():
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=pdl))
     bf16, i64, f32 = "*bf16", "*i64", "*fp32"
     gemv_types = dict(X=bf16, W=bf16, Out=bf16, Res=bf16, LnW=bf16, eps="fp32")
-    for n, k, _ in E.GEMV_TILES:
+    for n, k, _ in D.GEMV_TILES:
         for norm, glu, res in ((True, False, False), (True, True, False), (False, False, True)):   # qkv/head, gate_up, o/down
-            compile_(E._gemv_kernel, dict(NORM=norm, GLU=glu, RES=res, BLOCK_N=n, BLOCK_K=k), **gemv_types)
-        compile_(E._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
+            compile_(D._gemv_kernel, dict(NORM=norm, GLU=glu, RES=res, BLOCK_N=n, BLOCK_K=k), **gemv_types)
+        compile_(D._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
                  Pos=i64, Slot=i64, Q=bf16, KV=bf16, eps="fp32")
-    compile_(E._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16), Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, scale="fp32")
-    compile_(E._paged_attention_merge, dict(HD=64, SPLITS=16), Acc=f32, Max=f32, Sum=f32, Out=bf16)
-    plain = compile_(E._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), pdl=False, **gemv_types).asm["ptx"]
-    ptx = compile_(E._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), **gemv_types).asm["ptx"]
+    compile_(D._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16), Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, scale="fp32")
+    compile_(D._paged_attention_merge, dict(HD=64, SPLITS=16), Acc=f32, Max=f32, Sum=f32, Out=bf16)
+    plain = compile_(D._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), pdl=False, **gemv_types).asm["ptx"]
+    ptx = compile_(D._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), **gemv_types).asm["ptx"]
     assert "griddepcontrol" not in plain and ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     assert ptx[:ptx.index("griddepcontrol.wait")].count("ld.global.v4") == 1      # the first tile, in flight across the wait (1024 bf16 on 4 warps: 16 B a thread)
 
@@ -679,7 +682,8 @@ def test_triton_kernels_compile_for_hopper():
 @needs_triton
 def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     import torch.nn.functional as F
-    from guide.serve.engine import PagedKVCache, decode_one, decode_static, gemv, prefill_batch_forward
+    from guide.serve.decode import decode_one, decode_static, gemv
+    from guide.serve.kvcache import PagedKVCache, prefill_batch_forward
     torch.manual_seed(0)
     dev = KERNELS_ON
     for N, K in ((37, 70), (96, 160)) if INTERPRETED else ((37, 70), (2048, 2048), (4864, 2048), (300, 5632)):
@@ -707,7 +711,8 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
 @needs_triton
 def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
     "The qkv GEMV with rotary and the KV write in its epilogue gives the matmul path's q and cache, for every tile."
-    from guide.serve.engine import GEMV_TILES, PagedKVCache, _fused_weights, _layer_qkv, _rope_at, _static_inputs, qkv_to_cache
+    from guide.serve.decode import GEMV_TILES, _static_inputs, qkv_to_cache
+    from guide.serve.kvcache import PagedKVCache, _fused_weights, _layer_qkv, _rope_at
     from guide.model import Llama, ModelConfig
     torch.manual_seed(0)
     dev = KERNELS_ON
@@ -733,7 +738,8 @@ def test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write():
 @needs_triton
 def test_triton_paged_attention_matches_gather_sdpa():
     "The Triton paged-attention kernel reads keys and values in place: the same as gather + SDPA for strided inputs (as the graphs pass them)."
-    from guide.serve.engine import PagedKVCache, _past_mask, paged_attention
+    from guide.serve.decode import paged_attention
+    from guide.serve.kvcache import PagedKVCache, _past_mask
     rng = random.Random(0)
     dev = KERNELS_ON
     for KVH, REP, hd, bs, B, NB in ((4, 8, 64, 16, 1, 16), (2, 2, 32, 8, 3, 5), (2, 1, 64, 16, 2, 128)):
@@ -752,7 +758,7 @@ def test_triton_paged_attention_matches_gather_sdpa():
 @needs_cuda
 def test_triton_paged_attention_engine_decodes_like_the_eager_one():
     "An engine whose graphs attend with the paged-attention kernel decodes greedily like the eager engine."
-    from guide.serve.engine import DecodeGraphs
+    from guide.serve.decode import DecodeGraphs
     rng = random.Random(0)
     model = _peaky_model("cuda")
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(6)]
@@ -772,7 +778,7 @@ def test_triton_pdl_decode_equals_plain_decode():
     """With programmatic dependent launch each kernel starts during the previous one's tail and waits only before it
     reads activations: the graphed batch-1 step gives the same logits as without it (a read before the wait would
     see a stale vector), and an engine decodes the same tokens as the eager one."""
-    from guide.serve.engine import DecodeGraphs
+    from guide.serve.decode import DecodeGraphs
     model = _peaky_model("cuda")
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(3)]
@@ -884,7 +890,7 @@ def test_a_failed_step_caches_no_blocks_it_did_not_compute(base, monkeypatch):
 
 
 def test_prefix_caching_allocator_refuses_misuse():
-    from guide.serve.engine import PrefixCachingAllocator, block_hash
+    from guide.serve.kvcache import PrefixCachingAllocator, block_hash
     a = PrefixCachingAllocator(3)
     key = block_hash(b"", [1, 2, 3])
     with pytest.raises(ValueError, match="not allocated"): a.register(0, key)
@@ -1107,7 +1113,7 @@ def test_a_grammar_with_no_way_on_ends_only_its_request(base):
 
 
 def test_step_forward_returns_the_logits_asked_for(base):
-    from guide.serve.engine import PagedKVCache, step_forward
+    from guide.serve.kvcache import PagedKVCache, step_forward
     model, _ = base
     cfg = model.config
     cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=16, block_size=4)

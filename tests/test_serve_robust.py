@@ -1,4 +1,4 @@
-"""Serving under failure: the dynamic batcher (notebook 22) and the model pool (notebook 25) settle every request,
+"""Serving under failure: the dynamic batcher (notebook 24) and the model pool (notebook 27) settle every request,
 whatever callers, model functions and worker processes do."""
 import asyncio
 import concurrent.futures
