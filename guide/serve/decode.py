@@ -418,7 +418,7 @@ def qkv_to_cache(model: Llama, x: torch.Tensor, w_qkv: torch.Tensor, norm_weight
     else: _qkv_to_cache_kernel[(triton.cdiv(n_pairs, blocks[0]),)](*args, **flags, BLOCK_P=blocks[0], BLOCK_K=blocks[1], num_warps=blocks[2])
     return q
 
-# %% ../../nbs/22_decode.ipynb #c013
+# %% ../../nbs/22_decode.ipynb #c015
 _M32 = 0xFFFFFFFF
 
 def _int32(x: torch.Tensor) -> torch.Tensor:
@@ -487,7 +487,7 @@ def sampling_tensors(rows: list[tuple], device) -> tuple[torch.Tensor | None, ..
     if not has_filters(rows): return temperature, None, None, seeds
     return temperature, torch.tensor(k, device=device), torch.tensor(p, dtype=torch.float32, device=device), seeds
 
-# %% ../../nbs/22_decode.ipynb #c019
+# %% ../../nbs/22_decode.ipynb #c021
 @torch.no_grad()
 def multi_step(step, model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                n: int, weights: list[tuple] | None = None, sampling: tuple | None = None, k_max: int | None = None) -> torch.Tensor:
