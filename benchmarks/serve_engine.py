@@ -141,6 +141,28 @@ def gemv_bandwidth(model, reps=20):
     return out
 
 
+def attention_in_graph(model, context=256, reps=20):
+    """Microseconds per layer of `paged_attention` at batch 1 over `context` positions, timed as the decode step runs it:
+    one call per layer's cache in a CUDA graph, its splits merged by a second kernel or in the same kernel (`counts`),
+    each with and (on Hopper) without programmatic dependent launch."""
+    from guide.core import capture_cuda_graph
+    from guide.serve.decode import paged_attention
+    from guide.serve.kvcache import PagedKVCache
+    cfg, dev = model.config, model.device
+    cache = PagedKVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks=context // 16, block_size=16, device=dev, dtype=torch.bfloat16)
+    for kv in cache.kv: kv.normal_()
+    q = torch.randn(1, cfg.n_heads, cfg.head_dim, device=dev, dtype=torch.bfloat16)
+    tables, positions = torch.arange(context // 16, device=dev)[None], torch.tensor([context - 1], device=dev)
+    counts = torch.zeros(cfg.n_kv_heads, dtype=torch.int32, device=dev)
+    out = {}
+    for pdl in (False, True) if torch.cuda.get_device_capability(dev) >= (9, 0) else (False,):
+        for name, c in (("two_kernels", None), ("one_kernel", counts)):
+            graph, _ = capture_cuda_graph(lambda: [paged_attention(q, kv, tables, positions, pdl=pdl, counts=c) for kv in cache.kv])
+            out[name + ("_pdl" if pdl else "") + "_us"] = 1e6 / replay_tps(graph, reps) / cfg.n_layers
+    out.update(context=context, counts_left_at_zero=not counts.any().item())
+    return out
+
+
 def w_bytes(w): return w.numel() * w.element_size()
 
 
@@ -220,6 +242,8 @@ def gpu_decode(device, steps=128, batches=(1, 8, 32, 64), out=HERE / "results", 
                ceiling_tokens_per_s=ceiling, steps=steps, target_fraction=0.70)
     res["gemv_in_graph"] = gemv_bandwidth(model)               # each matrix of a layer, in a graph: every tile, with and without PDL, vs cuBLAS
     print(json.dumps(res["gemv_in_graph"], indent=1), flush=True)
+    res["attention_in_graph"] = attention_in_graph(model)       # the paged kernel's splits merged by a second kernel, or in the same one
+    print(json.dumps(res["attention_in_graph"], indent=1), flush=True)
     batch1("default", graphs="default")               # what Engine(model) and `guide serve` run
     batch1("overlap", graphs="default", overlap=True)  # + each step launched before the previous one's token is read
     batch1("graphs_cublas", gemv=False)

@@ -435,7 +435,10 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
             m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
             m.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
             g = D.DecodeGraphs(model, cache, 4, **kw)
-        return g.paged_one, g.paged_batched, g.pdl, getattr(g.one, "keywords", {}), getattr(g.step, "keywords", {})
+        kw_one, kw_step = (dict(getattr(f, "keywords", {})) for f in (g.one, g.step))
+        for kw in (kw_one, kw_step):             # the paged kernel merges its splits itself: counts for every row of the largest bucket
+            if "counts" in kw: assert kw.pop("counts").tolist() == [0] * 4 * model.config.n_kv_heads
+        return g.paged_one, g.paged_batched, g.pdl, kw_one, kw_step
     assert choice((9, 0)) == (True, False, True, dict(paged=True, pdl=True), {})
     assert choice((8, 0)) == (True, False, False, dict(paged=True), {})
     assert choice((9, 0), paged_attention=True, pdl=False) == (True, True, False, dict(paged=True), dict(paged=True))
@@ -671,8 +674,15 @@ def test_triton_kernels_compile_for_hopper():
             compile_(D._gemv_kernel, dict(NORM=norm, GLU=glu, RES=res, BLOCK_N=n, BLOCK_K=k), **gemv_types)
         compile_(D._qkv_to_cache_kernel, dict(H=32, KVH=4, HD=64, BLOCK_P=n, BLOCK_K=k), X=bf16, W=bf16, LnW=bf16, Cos=bf16, Sin=bf16,
                  Pos=i64, Slot=i64, Q=bf16, KV=bf16, eps="fp32")
-    compile_(D._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16), Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, scale="fp32")
+    attention = dict(Q=bf16, KV=bf16, Tables=i64, Pos=i64, Acc=f32, Max=f32, Sum=f32, Out=bf16, scale="fp32")
+    compile_(D._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16, SPLITS=16, MERGE=False), Count=i64, **attention)
     compile_(D._paged_attention_merge, dict(HD=64, SPLITS=16), Acc=f32, Max=f32, Sum=f32, Out=bf16)
+    merged = compile_(D._paged_attention_kernel, dict(KVH=4, REP=8, HD=64, BS=16, SPLITS=16, MERGE=True), Count="*i32", **attention).asm["ptx"]
+    # the last program of a (row, KV head) merges: all threads' partial results stored, a CTA barrier, then one thread's
+    # acquire-release arrival; the merge reads the other programs' partials from L2, past this SM's L1
+    arrive = merged.index("atom.global.gpu.acq_rel.add.u32")
+    assert merged.count("atom.global") == 1 and "bar.sync" in merged[merged.rindex("st.global", 0, arrive):arrive]
+    assert "ld.global.cg" in merged[arrive:] and "ld.global.cg" not in merged[:arrive]
     plain = compile_(D._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), pdl=False, **gemv_types).asm["ptx"]
     ptx = compile_(D._gemv_kernel, dict(NORM=True, GLU=False, RES=True, BLOCK_N=1, BLOCK_K=1024), **gemv_types).asm["ptx"]
     assert "griddepcontrol" not in plain and ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
@@ -706,6 +716,9 @@ def test_triton_gemv_matches_torch_and_decode_one_matches_decode_static():
     want = decode_static(model, cache, *args)
     torch.testing.assert_close(decode_one(model, cache, *args), want, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(decode_one(model, cache, *args, paged=True), want, atol=1e-3, rtol=1e-3)   # qkv_to_cache + paged_attention
+    counts = torch.zeros(2, dtype=torch.int32, device=dev)                      # + the attention's splits merged in the same kernel
+    torch.testing.assert_close(decode_one(model, cache, *args, paged=True, counts=counts), want, atol=1e-3, rtol=1e-3)
+    assert not counts.any()
 
 
 @needs_triton
@@ -752,6 +765,11 @@ def test_triton_paged_attention_matches_gather_sdpa():
         want = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, KVH, REP, hd), K, V,
                                                                 attn_mask=_past_mask(inp[:, 1], NB * bs, q.dtype)).reshape(B, -1)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        counts = torch.zeros(B * KVH + 1, dtype=torch.int32, device=dev)     # the splits merged in the same kernel: the same result
+        for _ in range(2): torch.testing.assert_close(paged_attention(q, cache.kv[0], inp[:, 2:], inp[:, 1], counts=counts), got, atol=0, rtol=0)
+        assert not counts.any()                                              # left at zero for the next call
+    for bad in (torch.zeros(B * KVH - 1, dtype=torch.int32, device=dev), torch.zeros(B * KVH, dtype=torch.int64, device=dev)):
+        with pytest.raises(ValueError, match="counts must be"): paged_attention(q, cache.kv[0], inp[:, 2:], inp[:, 1], counts=bad)
 
 
 @needs_triton

@@ -21,18 +21,19 @@ __all__ = ['INTERPRETED', 'GEMV_TILES', 'decode_static', 'gemv', 'decode_one', '
 # %% ../../nbs/22_decode.ipynb #c006
 @torch.no_grad()
 def decode_static(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                  tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False) -> torch.Tensor:
+                  tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False,
+                  counts: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step with every shape fixed by its inputs and no host round trip (capturable as a CUDA graph):
     `tokens`, `positions` (B,) and padded block tables (B, NB) are tensors on the model's device. Returns logits (B, V).
     `weights`: the fused per-layer weights (default: built from `model`; pass them when compiling).
-    `paged`: attention by the Triton `paged_attention` kernel instead of gather + SDPA."""
+    `paged`: attention by the Triton `paged_attention` kernel instead of gather + SDPA (in one kernel with `counts`)."""
     x, slots = _static_inputs(model, cache, tokens, positions, tables)
     cos, sin = _rope_at(model, positions, x.dtype)
     mask = None if paged else _past_mask(positions, tables.shape[1] * cache.block_size, x.dtype)   # the paged kernel needs none
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         q, kv = _layer_qkv(model, w, x, cos, sin)
         cache.write(i, slots, kv)
-        y = paged_attention(q, cache.kv[i], tables, positions) if paged else _gathered_attention(model, cache, i, tables, mask, q)
+        y = paged_attention(q, cache.kv[i], tables, positions, counts=counts) if paged else _gathered_attention(model, cache, i, tables, mask, q)
         x = _layer_out(model, w, x, y)
     return _head(model, x)
 
@@ -159,10 +160,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
 
 @torch.no_grad()
 def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-               tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False, pdl: bool = False) -> torch.Tensor:
+               tables: torch.Tensor, weights: list[tuple] | None = None, paged: bool = False, pdl: bool = False,
+               counts: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_static` for a batch of one, its matmuls run by `gemv` with the RMSNorms, SwiGLU and residual adds fused in.
     `paged=True`: the keys and values stay in the cache's blocks: `qkv_to_cache` writes them there, rotary applied,
-    in the qkv GEMV itself, and `paged_attention` reads them in place.
+    in the qkv GEMV itself, and `paged_attention` reads them in place (one kernel with `counts`, see there).
     `pdl=True` (Hopper and later): every Triton kernel is launched with programmatic dependent launch, so it starts
     while the one before it finishes, its first weight tile already loading (with `paged`, the whole layer)."""
     if tables.shape[0] != 1: raise ValueError(f"decode_one decodes one row, got {tables.shape[0]}")
@@ -172,7 +174,7 @@ def decode_one(model: Llama, cache: PagedKVCache, tokens: torch.Tensor, position
     for i, w in enumerate(_fused_weights(model) if weights is None else weights):
         if paged:
             q = qkv_to_cache(model, x, w[0], w[4], positions, slots, cache.kv[i], pdl=pdl)
-            y = paged_attention(q, cache.kv[i], tables, positions, pdl=pdl)
+            y = paged_attention(q, cache.kv[i], tables, positions, pdl=pdl, counts=counts)
         else:
             q, kv = _rotary(model, gemv(x, w[0], norm_weight=w[4], eps=eps, pdl=pdl), cos, sin)
             cache.write(i, slots, kv)
@@ -195,7 +197,7 @@ class DecodeGraphs:
     None (default) uses it where there is one. The defaults are what measured faster on an H200
     (`benchmarks/results/serve_gpu_decode*_h200.json`): at batch 1 the paged path with PDL decodes 1.5-1.7x the
     tokens per second of gather + SDPA; batched, the paged kernel is within 8% of SDPA at 8 and 32 rows, either
-    way, and 0.85-0.88x its tokens/s at 64.
+    way, and 0.85-0.88x its tokens/s at 64. The paged kernel merges its splits in the same kernel (`counts`: one launch a layer fewer; not yet timed on a GPU).
     `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool | None = None,
@@ -220,8 +222,9 @@ class DecodeGraphs:
         self.paged_batched = bool(paged_attention)
         self.paged_one = self.paged_batched or (paged_attention is None and triton_one and fits)
         self.pdl = hopper if pdl is None else pdl
-        if self.paged_batched: self.step = partial(self.step, paged=True)
-        if self.paged_one: self.one = partial(self.one, paged=True)
+        counts = torch.zeros(self.batch_sizes[-1] * cfg.n_kv_heads, dtype=torch.int32, device=cache.kv[0].device)   # paged attention in one kernel
+        if self.paged_batched: self.step = partial(self.step, paged=True, counts=counts)
+        if self.paged_one: self.one = partial(self.one, paged=True, counts=counts)
         if self.pdl: self.one = partial(self.one, pdl=True)
         self.graphs: dict[tuple, tuple] = {}            # (batch, blocks, steps, sampled, k_max) -> graph, inputs, outputs
         self.pool, self._weights = None, None
@@ -276,8 +279,9 @@ class DecodeGraphs:
 # %% ../../nbs/22_decode.ipynb #c010
 if triton is not None:
     @triton.jit
-    def _paged_attention_kernel(Q, KV, Tables, Pos, Acc, Max, Sum, scale, stride_qb, stride_tb, stride_pb, stride_blk, stride_pos, NB, BLOCKS_PER_SPLIT,
-                                KVH: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+    def _paged_attention_kernel(Q, KV, Tables, Pos, Acc, Max, Sum, Out, Count, scale, stride_qb, stride_tb, stride_pb, stride_blk, stride_pos,
+                                NB, BLOCKS_PER_SPLIT, KVH: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+                                SPLITS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
         _pdl_wait(PDL)                                                     # q and this step's key/value: the previous kernel's
         b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r, d, t = tl.arange(0, REP), tl.arange(0, HD), tl.arange(0, BS)
@@ -306,19 +310,31 @@ if triton is not None:
         row = (b * KVH * REP + heads) * n_splits + split                   # Max/Sum (B, H, splits), Acc (B, H, splits, HD)
         tl.store(Max + row, m); tl.store(Sum + row, l)
         tl.store(Acc + row[:, None] * HD + d[None, :], acc)
+        if MERGE:                      # the last split of this (row, KV head) to finish merges them all: no second kernel
+            tl.debug_barrier()         # every thread's stores are done before the arrival is counted
+            arrived = tl.atomic_add(Count + b * KVH + g, 1, sem="acq_rel")    # once per program: releases its stores, acquires the others'
+            if arrived == n_splits - 1:
+                for i in tl.static_range(REP):
+                    _merge_splits(Acc, Max, Sum, Out, (b * KVH + g) * REP + i, n_splits, HD, SPLITS)
+                tl.store(Count + b * KVH + g, 0)                             # zero again for the next launch (or graph replay)
 
     @triton.jit
-    def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        _pdl_wait(PDL)
-        bh = tl.program_id(0)                                              # one (row, query head)
+    def _merge_splits(Acc, Max, Sum, Out, bh, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
+        # one (row, query head): its splits' outputs weighted by their softmax maxima and sums. The loads go to L2
+        # (.cg): other programs wrote these, and this SM's L1 is not kept coherent with them
         sp, d = tl.arange(0, SPLITS), tl.arange(0, HD)
-        m = tl.load(Max + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
-        l = tl.load(Sum + bh * n_splits + sp, mask=sp < n_splits, other=0.0)
-        acc = tl.load(Acc + (bh * n_splits + sp)[:, None] * HD + d[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+        m = tl.load(Max + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(Sum + bh * n_splits + sp, mask=sp < n_splits, other=0.0, cache_modifier=".cg")
+        acc = tl.load(Acc + (bh * n_splits + sp)[:, None] * HD + d[None, :], mask=(sp < n_splits)[:, None], other=0.0, cache_modifier=".cg")
         top = tl.max(m, 0)
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
         out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
         tl.store(Out + bh * HD + d, out.to(Out.dtype.element_ty))
+
+    @triton.jit
+    def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        _pdl_wait(PDL)
+        _merge_splits(Acc, Max, Sum, Out, tl.program_id(0), n_splits, HD, SPLITS)      # one program per (row, query head)
 
 def paged_attention_fits(n_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> bool:
     "Whether `paged_attention` (and the paged path of `decode_one`) takes these shapes: all powers of two."
@@ -326,11 +342,13 @@ def paged_attention_fits(n_heads: int, n_kv_heads: int, head_dim: int, block_siz
     return n_heads % n_kv_heads == 0 and pow2(head_dim) and pow2(block_size) and pow2(n_heads // n_kv_heads)
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, max_splits: int = 32,
-                    pdl: bool = False) -> torch.Tensor:
+                    pdl: bool = False, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention straight from a paged cache layer: q (B, H, hd) (rows may be strided), `kv` one layer of
     `PagedKVCache.kv` (blocks, block_size, 2*kv_heads, hd), `tables` (B, NB) block ids, `positions` (B,): row b
     attends to its positions 0..positions[b]. Returns (B, H*hd) like SDPA over `cache.gather`. Needs Triton;
-    head_dim, block_size and heads per KV head must be powers of two. `pdl`: programmatic dependent launch (see `decode_one`)."""
+    head_dim, block_size and heads per KV head must be powers of two. `pdl`: programmatic dependent launch (see `decode_one`).
+    The splits of a row's blocks are merged by a second kernel; with `counts` (int32 zeros on q's device, at least
+    B * kv_heads of them, which every call leaves at zero) by the last program of each (row, KV head) to finish, in one kernel."""
     _kernel_ready("paged_attention", q)
     B, H, hd = q.shape
     _, bs, kvh2, hd_kv = kv.shape
@@ -339,15 +357,20 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
             or not kv.is_contiguous() or tables.stride(1) != 1):
         raise ValueError(f"paged_attention: q {tuple(q.shape)} and kv {tuple(kv.shape)} need head_dim, block_size and heads "
                          "per KV head that are powers of two, contiguous heads and a contiguous cache")
+    if counts is not None and (counts.dtype != torch.int32 or counts.device != q.device or counts.numel() < B * KVH or not counts.is_contiguous()):
+        raise ValueError(f"paged_attention: counts must be {B * KVH} or more contiguous int32 zeros on {q.device}")
     per_split = math.ceil(NB / min(NB, max_splits))
     splits = math.ceil(NB / per_split)
     acc = torch.empty(B, H, splits, hd, device=q.device, dtype=torch.float32)
     top, total = torch.empty(B, H, splits, device=q.device, dtype=torch.float32), torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
-    _paged_attention_kernel[(B, KVH, splits)](q, kv, tables, positions, acc, top, total, hd ** -0.5, q.stride(0), tables.stride(0),
-                                              positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split, KVH=KVH, REP=H // KVH, HD=hd, BS=bs,
-                                              PDL=pdl, launch_pdl=pdl)
     out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype)
-    _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl)
+    merge = counts is not None
+    _paged_attention_kernel[(B, KVH, splits)](q, kv, tables, positions, acc, top, total, out, counts if merge else tables, hd ** -0.5,
+                                              q.stride(0), tables.stride(0), positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split,
+                                              KVH=KVH, REP=H // KVH, HD=hd, BS=bs, SPLITS=triton.next_power_of_2(splits), MERGE=merge,
+                                              PDL=pdl, launch_pdl=pdl)
+    if not merge:
+        _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl)
     return out
 
 if triton is not None:
