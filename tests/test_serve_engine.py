@@ -461,9 +461,10 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
             model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, num_blocks=8, block_size=12), 4, paged_attention=True)
 
 
-def _cpu_decode_graphs(monkeypatch, model, cache, rows):
+def _cpu_decode_graphs(monkeypatch, model, cache, rows, gemv=False):
     """The real `DecodeGraphs` (buckets, padding, one input copy per replay, recapture) on the CPU: the capture is
-    the stand-in above, and the model looks like a CUDA one only while the graphs are built."""
+    the stand-in above, and the model looks like a CUDA one (without PDL) only while the graphs are built. `gemv=None`:
+    the GPU's default kernels at batch 1 (Triton: only under Triton's interpreter on the CPU)."""
     import guide.serve.decode as D
     replays = []
     def capture(run, pool=None, device=None):
@@ -472,7 +473,8 @@ def _cpu_decode_graphs(monkeypatch, model, cache, rows):
     monkeypatch.setattr(D, "capture_cuda_graph", capture)
     with monkeypatch.context() as m:
         m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
-        graphs = D.DecodeGraphs(model, cache, rows, gemv=False)
+        m.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        graphs = D.DecodeGraphs(model, cache, rows, gemv=gemv)
     return graphs, replays
 
 
@@ -648,7 +650,8 @@ def test_triton_kernels_under_the_interpreter():
     """The kernel tests above, on the CPU: Triton's interpreter runs each program with numpy (TRITON_INTERPRET=1 must
     be set before the kernels are defined, hence a fresh process). Every one of them runs and passes."""
     kernel_tests = ["test_triton_gemv_matches_torch_and_decode_one_matches_decode_static",
-                    "test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write", "test_triton_paged_attention_matches_gather_sdpa"]
+                    "test_triton_qkv_to_cache_equals_matmul_rotary_and_cache_write", "test_triton_paged_attention_matches_gather_sdpa",
+                    "test_engine_through_the_default_triton_graphs_decodes_like_the_eager_one"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__, "-k", " or ".join(kernel_tests)],
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and f"{len(kernel_tests)} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
@@ -770,6 +773,29 @@ def test_triton_paged_attention_matches_gather_sdpa():
         assert not counts.any()                                              # left at zero for the next call
     for bad in (torch.zeros(B * KVH - 1, dtype=torch.int32, device=dev), torch.zeros(B * KVH, dtype=torch.int64, device=dev)):
         with pytest.raises(ValueError, match="counts must be"): paged_attention(q, cache.kv[0], inp[:, 2:], inp[:, 1], counts=bad)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the CPU half of the CUDA engine tests: runs under Triton's interpreter "
+                                            "(test_triton_kernels_under_the_interpreter runs it); on a GPU the CUDA tests run the real graphs")
+def test_engine_through_the_default_triton_graphs_decodes_like_the_eager_one(monkeypatch):
+    """What an engine on a GPU runs by default at batch 1 (decode_one: Triton GEMVs, qkv_to_cache, paged attention with
+    its splits merged in the same kernel), through the real DecodeGraphs with the stand-in capture, one step and four
+    per graph, with overlap: the eager engine's tokens, greedy and seeded, alone and batched, and every block back."""
+    from guide.serve.decode import decode_one
+    torch.manual_seed(0)                     # small: the interpreter takes about a second a step at _peaky_model's size
+    model = Llama(ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)).eval()
+    with torch.no_grad(): model.lm_head.weight.mul_(20)
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    params = [SamplingParams(max_tokens=9, ignore_eos=True), SamplingParams(max_tokens=7, temperature=0.8, seed=3, ignore_eos=True)]
+    want = [r["token_ids"] for r in Engine(model, None, max_batch_size=2).generate(prompts, params)]
+    for steps, overlap in ((1, False), (4, True)):
+        eng = Engine(model, None, block_size=8, num_blocks=32, max_batch_size=2, decode_steps=steps, overlap=overlap)
+        eng.graphs, replays = _cpu_decode_graphs(monkeypatch, model, eng.cache, 2, gemv=None)
+        assert eng.graphs.one.func is decode_one and eng.graphs.one.keywords["paged"] and eng.graphs.one.keywords["counts"] is not None
+        assert [eng.generate([p], sp)[0]["token_ids"] for p, sp in zip(prompts, params)] == want       # batch 1: decode_one
+        assert [r["token_ids"] for r in eng.generate(prompts, params)] == want                        # and batched
+        assert any(key[0] == 1 for key in eng.graphs.graphs) and any(key[0] == 2 for key in eng.graphs.graphs)
+        assert replays and eng.num_free_blocks == 32 and not eng.graphs.one.keywords["counts"].any()
 
 
 @needs_triton
