@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -435,10 +436,7 @@ def test_decode_graphs_default_to_the_paged_path_and_pdl_at_batch_one(base, monk
             m.setattr(Llama, "device", property(lambda self: torch.device("cuda")))
             m.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
             g = D.DecodeGraphs(model, cache, 4, **kw)
-        kw_one, kw_step = (dict(getattr(f, "keywords", {})) for f in (g.one, g.step))
-        for kw in (kw_one, kw_step):             # the paged kernel merges its splits itself: counts for every row of the largest bucket
-            if "counts" in kw: assert kw.pop("counts").tolist() == [0] * 4 * model.config.n_kv_heads
-        return g.paged_one, g.paged_batched, g.pdl, kw_one, kw_step
+        return g.paged_one, g.paged_batched, g.pdl, getattr(g.one, "keywords", {}), getattr(g.step, "keywords", {})
     assert choice((9, 0)) == (True, False, True, dict(paged=True, pdl=True), {})
     assert choice((8, 0)) == (True, False, False, dict(paged=True), {})
     assert choice((9, 0), paged_attention=True, pdl=False) == (True, True, False, dict(paged=True), dict(paged=True))
@@ -778,9 +776,9 @@ def test_triton_paged_attention_matches_gather_sdpa():
 @pytest.mark.skipif(not INTERPRETED, reason="the CPU half of the CUDA engine tests: runs under Triton's interpreter "
                                             "(test_triton_kernels_under_the_interpreter runs it); on a GPU the CUDA tests run the real graphs")
 def test_engine_through_the_default_triton_graphs_decodes_like_the_eager_one(monkeypatch):
-    """What an engine on a GPU runs by default at batch 1 (decode_one: Triton GEMVs, qkv_to_cache, paged attention with
-    its splits merged in the same kernel), through the real DecodeGraphs with the stand-in capture, one step and four
-    per graph, with overlap: the eager engine's tokens, greedy and seeded, alone and batched, and every block back."""
+    """What an engine on a GPU runs by default at batch 1 (decode_one: Triton GEMVs, qkv_to_cache, paged attention),
+    through the real DecodeGraphs with the stand-in capture, one step and four per graph, with overlap, and with the
+    attention's splits merged in the same kernel: the eager engine's tokens, greedy and seeded, alone and batched."""
     from guide.serve.decode import decode_one
     torch.manual_seed(0)                     # small: the interpreter takes about a second a step at _peaky_model's size
     model = Llama(ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)).eval()
@@ -788,14 +786,16 @@ def test_engine_through_the_default_triton_graphs_decodes_like_the_eager_one(mon
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
     params = [SamplingParams(max_tokens=9, ignore_eos=True), SamplingParams(max_tokens=7, temperature=0.8, seed=3, ignore_eos=True)]
     want = [r["token_ids"] for r in Engine(model, None, max_batch_size=2).generate(prompts, params)]
-    for steps, overlap in ((1, False), (4, True)):
+    for steps, overlap, one_kernel in ((1, False, False), (4, True, True)):
         eng = Engine(model, None, block_size=8, num_blocks=32, max_batch_size=2, decode_steps=steps, overlap=overlap)
         eng.graphs, replays = _cpu_decode_graphs(monkeypatch, model, eng.cache, 2, gemv=None)
-        assert eng.graphs.one.func is decode_one and eng.graphs.one.keywords["paged"] and eng.graphs.one.keywords["counts"] is not None
+        assert eng.graphs.one.func is decode_one and eng.graphs.one.keywords == dict(paged=True)
+        counts = torch.zeros(2 * model.config.n_kv_heads, dtype=torch.int32)
+        if one_kernel: eng.graphs.one = partial(eng.graphs.one, counts=counts)      # paged_attention's one-kernel form
         assert [eng.generate([p], sp)[0]["token_ids"] for p, sp in zip(prompts, params)] == want       # batch 1: decode_one
         assert [r["token_ids"] for r in eng.generate(prompts, params)] == want                        # and batched
         assert any(key[0] == 1 for key in eng.graphs.graphs) and any(key[0] == 2 for key in eng.graphs.graphs)
-        assert replays and eng.num_free_blocks == 32 and not eng.graphs.one.keywords["counts"].any()
+        assert replays and eng.num_free_blocks == 32 and not counts.any()
 
 
 @needs_triton

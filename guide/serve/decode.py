@@ -197,7 +197,8 @@ class DecodeGraphs:
     None (default) uses it where there is one. The defaults are what measured faster on an H200
     (`benchmarks/results/serve_gpu_decode*_h200.json`): at batch 1 the paged path with PDL decodes 1.5-1.7x the
     tokens per second of gather + SDPA; batched, the paged kernel is within 8% of SDPA at 8 and 32 rows, either
-    way, and 0.85-0.88x its tokens/s at 64. The paged kernel merges its splits in the same kernel (`counts`: one launch a layer fewer; not yet timed on a GPU).
+    way, and 0.85-0.88x its tokens/s at 64. The paged kernel's splits are merged by a second kernel (`paged_attention`'s
+    one-kernel form with `counts` is not yet timed on a GPU).
     `graphs.multi_step(tokens, positions, tables, n, sampling)` replays `n` steps from one graph (`multi_step`)."""
     def __init__(self, model: Llama, cache: PagedKVCache, max_batch_size: int, compile: bool = False,
                  block_buckets: list[int] | None = None, gemv: bool | None = None, paged_attention: bool | None = None,
@@ -222,9 +223,8 @@ class DecodeGraphs:
         self.paged_batched = bool(paged_attention)
         self.paged_one = self.paged_batched or (paged_attention is None and triton_one and fits)
         self.pdl = hopper if pdl is None else pdl
-        counts = torch.zeros(self.batch_sizes[-1] * cfg.n_kv_heads, dtype=torch.int32, device=cache.kv[0].device)   # paged attention in one kernel
-        if self.paged_batched: self.step = partial(self.step, paged=True, counts=counts)
-        if self.paged_one: self.one = partial(self.one, paged=True, counts=counts)
+        if self.paged_batched: self.step = partial(self.step, paged=True)
+        if self.paged_one: self.one = partial(self.one, paged=True)
         if self.pdl: self.one = partial(self.one, pdl=True)
         self.graphs: dict[tuple, tuple] = {}            # (batch, blocks, steps, sampled, k_max) -> graph, inputs, outputs
         self.pool, self._weights = None, None
@@ -314,27 +314,27 @@ if triton is not None:
             tl.debug_barrier()         # every thread's stores are done before the arrival is counted
             arrived = tl.atomic_add(Count + b * KVH + g, 1, sem="acq_rel")    # once per program: releases its stores, acquires the others'
             if arrived == n_splits - 1:
-                for i in tl.static_range(REP):
-                    _merge_splits(Acc, Max, Sum, Out, (b * KVH + g) * REP + i, n_splits, HD, SPLITS)
+                _merge_splits(Acc, Max, Sum, Out, b * KVH * REP + heads, n_splits, HD, SPLITS)     # its REP query heads at once
                 tl.store(Count + b * KVH + g, 0)                             # zero again for the next launch (or graph replay)
 
     @triton.jit
     def _merge_splits(Acc, Max, Sum, Out, bh, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
-        # one (row, query head): its splits' outputs weighted by their softmax maxima and sums. The loads go to L2
-        # (.cg): other programs wrote these, and this SM's L1 is not kept coherent with them
+        # rows bh (R,) of (row, query head): each one's splits weighted by their softmax maxima and sums. The loads go
+        # to L2 (.cg): other programs wrote these, and this SM's L1 is not kept coherent with them
         sp, d = tl.arange(0, SPLITS), tl.arange(0, HD)
-        m = tl.load(Max + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(Sum + bh * n_splits + sp, mask=sp < n_splits, other=0.0, cache_modifier=".cg")
-        acc = tl.load(Acc + (bh * n_splits + sp)[:, None] * HD + d[None, :], mask=(sp < n_splits)[:, None], other=0.0, cache_modifier=".cg")
-        top = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
-        tl.store(Out + bh * HD + d, out.to(Out.dtype.element_ty))
+        at, live = bh[:, None] * n_splits + sp[None, :], (sp < n_splits)[None, :]                 # (R, SPLITS)
+        m = tl.load(Max + at, mask=live, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(Sum + at, mask=live, other=0.0, cache_modifier=".cg")
+        acc = tl.load(Acc + at[:, :, None] * HD + d[None, None, :], mask=live[:, :, None], other=0.0, cache_modifier=".cg")
+        top = tl.max(m, 1)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top[:, None]))
+        out = tl.sum(w[:, :, None] * acc, 1) / tl.sum(w * l, 1)[:, None]
+        tl.store(Out + bh[:, None] * HD + d[None, :], out.to(Out.dtype.element_ty))
 
     @triton.jit
     def _paged_attention_merge(Acc, Max, Sum, Out, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
         _pdl_wait(PDL)
-        _merge_splits(Acc, Max, Sum, Out, tl.program_id(0), n_splits, HD, SPLITS)      # one program per (row, query head)
+        _merge_splits(Acc, Max, Sum, Out, tl.program_id(0) + tl.arange(0, 1), n_splits, HD, SPLITS)   # one program per (row, query head)
 
 def paged_attention_fits(n_heads: int, n_kv_heads: int, head_dim: int, block_size: int) -> bool:
     "Whether `paged_attention` (and the paged path of `decode_one`) takes these shapes: all powers of two."
@@ -348,7 +348,8 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     attends to its positions 0..positions[b]. Returns (B, H*hd) like SDPA over `cache.gather`. Needs Triton;
     head_dim, block_size and heads per KV head must be powers of two. `pdl`: programmatic dependent launch (see `decode_one`).
     The splits of a row's blocks are merged by a second kernel; with `counts` (int32 zeros on q's device, at least
-    B * kv_heads of them, which every call leaves at zero) by the last program of each (row, KV head) to finish, in one kernel."""
+    B * kv_heads of them, which every call leaves at zero) by the last program of each (row, KV head) to finish, in one
+    kernel. A call cut short (an error inside the kernel) can leave counts that are not zero: zero them again."""
     _kernel_ready("paged_attention", q)
     B, H, hd = q.shape
     _, bs, kvh2, hd_kv = kv.shape
@@ -367,7 +368,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, pos
     merge = counts is not None
     _paged_attention_kernel[(B, KVH, splits)](q, kv, tables, positions, acc, top, total, out, counts if merge else tables, hd ** -0.5,
                                               q.stride(0), tables.stride(0), positions.stride(0), kv.stride(0), kv.stride(1), NB, per_split,
-                                              KVH=KVH, REP=H // KVH, HD=hd, BS=bs, SPLITS=triton.next_power_of_2(splits), MERGE=merge,
+                                              KVH=KVH, REP=H // KVH, HD=hd, BS=bs, SPLITS=triton.next_power_of_2(splits) if merge else 1, MERGE=merge,
                                               PDL=pdl, launch_pdl=pdl)
     if not merge:
         _paged_attention_merge[(B * H,)](acc, top, total, out, splits, HD=hd, SPLITS=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl)
