@@ -1,4 +1,4 @@
-"""Dynamic batching (guide.serve.batcher) vs one-at-a-time for the chapter-21 encoder, same requests, one run.
+"""Dynamic batching (guide.serve.batcher) vs one-at-a-time for the encoder of notebook 24, same requests, one run.
 
 A closed-loop load: `--concurrency` asyncio clients each send a request and wait for the answer, `--requests` in
 all (bounded in count and time). Both sides run the same model function (`encoder_fn`: the packed forward, so a

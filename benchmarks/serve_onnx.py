@@ -1,4 +1,4 @@
-"""ONNX Runtime fp32 and int8 (dynamic quantization) vs PyTorch eager for the chapter-21 encoder, one run.
+"""ONNX Runtime fp32 and int8 (dynamic quantization) vs PyTorch eager for the encoder of notebook 24, one run.
 
 Latency per call at batch 1 and batch 32 (mean over the test snippets, after a warm-up), accuracy on the
 1,000 held-out snippets, the providers each ORT session actually ran on (`session.get_providers()`).

@@ -303,7 +303,7 @@ def llm_scorer(tier: str = "tiny", seed: int = 0):
     return fn, sum(p.numel() * p.element_size() for p in model.parameters())
 
 def encoder_classifier(tier: str = "tiny", seed: int = 0):
-    "Loader: the chapter-21 encoder; fn(token ids) -> class probabilities."
+    "Loader: the encoder of notebook 24; fn(token ids) -> class probabilities."
     import torch
     from guide.serve.batcher import pad_batch, tiny_encoder
     enc, _, _ = tiny_encoder(tier, seed, device="cpu")

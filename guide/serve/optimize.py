@@ -108,7 +108,7 @@ def export_decoder(model: Llama, path: str | Path | None = None) -> Path:
                    {"input_ids": {0: B, 1: T}, "past_k": {1: B, 3: P}, "past_v": {1: B, 3: P}})
 
 def export_encoder(model: nn.Module, path: str | Path | None = None) -> Path:
-    """Export a chapter-21 `TextEncoder` (ids, mask) -> (class_logits, sentence_embedding) to ONNX: to `path`
+    """Export a `TextEncoder` (notebook 24) (ids, mask) -> (class_logits, sentence_embedding) to ONNX: to `path`
     (always rewritten), or when `path` is None to the content-keyed cache, as `export_decoder`."""
     from torch.export import Dim
     if not isinstance(model, nn.Module) or not hasattr(model, "max_len"):
@@ -123,7 +123,7 @@ def export_encoder(model: nn.Module, path: str | Path | None = None) -> Path:
 
 # %% ../../nbs/26_optimize.ipynb #c012
 def ort_session(path: str | Path, device: str | torch.device | None = None, threads: int = 1):
-    "An `onnxruntime.InferenceSession` on CUDA when `device` is cuda and the CUDA provider exists, else CPU."
+    "An `onnxruntime.InferenceSession` on CUDA when `device` is cuda and the CUDA provider exists (float32 without TF32), else CPU."
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
@@ -131,7 +131,7 @@ def ort_session(path: str | Path, device: str | torch.device | None = None, thre
     so.log_severity_level = 3
     want = ["CPUExecutionProvider"]
     if device is not None and torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        want = ["CUDAExecutionProvider"] + want
+        want = [("CUDAExecutionProvider", {"use_tf32": "0"})] + want     # float32 as float32 (the provider's default rounds to TF32)
     return ort.InferenceSession(str(path), so, providers=want)
 
 class OrtDecoder:
