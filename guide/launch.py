@@ -9,7 +9,7 @@ import torch
 from fastcore.basics import IN_NOTEBOOK
 
 from .core import get_tier, seed_everything, setup_torch
-from .train.parallel import STRATEGIES, setup_strategy, shutdown, torchrun_cmd
+from .train.parallel import STRATEGIES, dist_backend, setup_strategy, shutdown, torchrun_cmd
 
 # %% auto #0
 __all__ = ['EPILOG', 'build_parser', 'train_worker', 'worker_args', 'launch_command', 'main']
@@ -72,12 +72,14 @@ def train_worker(args) -> dict:
     strategy = args.strategy or ("single" if world == 1 else "ddp")
     if strategy.startswith("zero"):
         from guide.train.parallel import _prepare_deepspeed; _prepare_deepspeed()
-    if world > 1 and not dist.is_initialized(): dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if world == 1 and strategy != "single": raise ValueError(f"strategy {strategy!r} needs a launcher with several processes")
-    rank = dist.get_rank() if world > 1 else 0
     t = get_tier(args.tier)
     seed_everything(args.seed)
     model = Llama(ModelConfig.from_tier(t, vocab_size=len(get_tokenizer(t.name))))
+    # the backend follows the model's device: nccl only for a model on cuda:LOCAL_RANK with a GPU per local
+    # rank, gloo for this CPU model (NCCL cannot move CPU tensors, and rank 1 has no cuda:1 on a one-GPU machine)
+    if world > 1 and not dist.is_initialized(): dist.init_process_group(dist_backend(next(model.parameters()).device))
+    rank = dist.get_rank() if world > 1 else 0
     step, finish, _ = setup_strategy(strategy, model, args.lr, args.micro_batch)
     loader = BlockLoader(get_dataset(t.name)["train"], t.seq_len, args.micro_batch, seed=args.seed,
                          rank=0 if strategy == "single" else rank, world_size=1 if strategy == "single" else world)

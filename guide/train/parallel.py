@@ -15,8 +15,8 @@ from ..model import Llama, ModelConfig
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'zero_bytes_per_rank', 'model_state_tensors', 'MemoryProbe', 'broadcast_parameters',
-           'allreduce_gradients', 'check_strategies', 'setup_strategy', 'run_strategy', 'shutdown', 'worker_main',
-           'torchrun_cmd', 'launch_strategies', 'saved_activation_bytes', 'checkpoint_blocks']
+           'allreduce_gradients', 'check_strategies', 'setup_strategy', 'run_strategy', 'dist_backend', 'shutdown',
+           'worker_main', 'torchrun_cmd', 'launch_strategies', 'saved_activation_bytes', 'checkpoint_blocks']
 
 # %% ../../nbs/11_parallel.ipynb #c006
 def zero_bytes_per_rank(n_params: int, world_size: int, strategy: str, p: int = 2, g: int = 2, o: int = 12) -> float:
@@ -116,10 +116,13 @@ def setup_strategy(name: str, model: torch.nn.Module, lr: float, micro_batch: in
         return step, finish, lambda: model_state_tensors(model, opt)
     if name.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        from torch.distributed.device_mesh import init_device_mesh
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if name.endswith("bf16") \
             else MixedPrecisionPolicy()
-        for layer in model.layers: fully_shard(layer, mp_policy=mp)   # one all-gather per block
-        fully_shard(model, mp_policy=mp)                              # the root: embeddings (tied head), norm
+        # the mesh on the model's device (FSDP2's default is a CUDA mesh whenever CUDA is present)
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+        for layer in model.layers: fully_shard(layer, mesh=mesh, mp_policy=mp)   # one all-gather per block
+        fully_shard(model, mesh=mesh, mp_policy=mp)                   # the root: embeddings (tied head), norm
         opt = _adamw(model.parameters(), lr)                          # parameters are now DTensor shards
         step, finish = _plain_step(model, opt)
         return step, finish, lambda: model_state_tensors(model, opt)
@@ -172,6 +175,16 @@ def run_strategy(name: str, cfg: ModelConfig, data_dir, steps: int, micro_batch:
     return dict(strategy=name, losses=losses, bytes=max(peaks) if peaks else None, params=n_params, seconds=time.perf_counter() - t0, world_size=world)
 
 # %% ../../nbs/11_parallel.ipynb #c017
+def dist_backend(device) -> str:
+    """The process-group backend for tensors on `device`: nccl when it is this rank's GPU (`cuda:LOCAL_RANK`,
+    or `cuda` meaning that) and the node has a GPU for every local rank; gloo otherwise (CPU tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available(): return "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    if device.index not in (None, local_rank) or torch.cuda.device_count() < local_world: return "gloo"
+    return "nccl"
+
 def shutdown(code: int = 0):
     "End a torchrun worker cleanly: barrier, destroy the process group, flush, `os._exit` (gloo SIGABRT fix)."
     if dist.is_initialized():
@@ -199,9 +212,7 @@ def worker_main(argv: list[str] | None = None):
     setup_torch()
     strategies = check_strategies(args.strategies.split(","))
     if any(s.startswith("zero") for s in strategies): _prepare_deepspeed()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group(dist_backend("cpu"))         # run_strategy builds models and batches on the CPU
     code = 0
     try:
         tier = get_tier(args.tier)
@@ -243,7 +254,8 @@ def launch_strategies(strategies: list[str], nproc: int = 2, steps: int = 10, mi
         args = ["--strategies", ",".join(strategies), "--steps", str(steps), "--micro-batch", str(micro_batch),
                 "--tier", tier, "--seed", str(seed), "--dim", str(dim), "--out", str(out)]
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                   PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
+                   PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR",
+                   CUDA_VISIBLE_DEVICES="")     # CPU parity runs: no rank (or library default) picks up a GPU
         p = subprocess.run(torchrun_cmd("guide.train.parallel", args, nproc), env=env, capture_output=True,
                            text=True, timeout=timeout)
         if p.returncode != 0 or not out.exists():
