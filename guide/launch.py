@@ -12,7 +12,7 @@ from .core import get_tier, seed_everything, setup_torch
 from .train.parallel import STRATEGIES, dist_backend, setup_strategy, shutdown, torchrun_cmd
 
 # %% auto #0
-__all__ = ['EPILOG', 'build_parser', 'train_worker', 'worker_args', 'launch_command', 'main']
+__all__ = ['EPILOG', 'build_parser', 'train_worker', 'train_device', 'worker_args', 'launch_command', 'main']
 
 # %% ../nbs/13_launch.ipynb #c006
 EPILOG = """launchers:
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=20); t.add_argument("--micro-batch", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3); t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/train", help="folder for the model and losses.json (rank 0 writes)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where each process trains: cuda:LOCAL_RANK, or the CPU; auto: the GPU when the node has one per process")
     a = ap.add_argument_group("azure")
     a.add_argument("--compute", default="gpu-cluster", help="Azure ML compute cluster name")
     a.add_argument("--instance-count", type=int, default=1, help="nodes of the Azure ML job")
@@ -70,19 +72,21 @@ def train_worker(args) -> dict:
     setup_torch()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = args.strategy or ("single" if world == 1 else "ddp")
-    if strategy.startswith("zero"):
-        from guide.train.parallel import _prepare_deepspeed; _prepare_deepspeed()
     if world == 1 and strategy != "single": raise ValueError(f"strategy {strategy!r} needs a launcher with several processes")
     t = get_tier(args.tier)
+    dev = train_device(getattr(args, "device", "auto"))
+    if strategy.startswith("zero") and dev.type == "cpu":      # (on a GPU DeepSpeed takes its CUDA accelerator)
+        from guide.train.parallel import _prepare_deepspeed; _prepare_deepspeed()
+    if dev.type == "cuda": torch.cuda.set_device(dev)
     seed_everything(args.seed)
-    model = Llama(ModelConfig.from_tier(t, vocab_size=len(get_tokenizer(t.name))))
-    # the backend follows the model's device: nccl only for a model on cuda:LOCAL_RANK with a GPU per local
-    # rank, gloo for this CPU model (NCCL cannot move CPU tensors, and rank 1 has no cuda:1 on a one-GPU machine)
-    if world > 1 and not dist.is_initialized(): dist.init_process_group(dist_backend(next(model.parameters()).device))
+    model = Llama(ModelConfig.from_tier(t, vocab_size=len(get_tokenizer(t.name)))).to(dev)
+    # the backend follows the model's device: nccl for a model on cuda:LOCAL_RANK with a GPU per local rank,
+    # gloo for a CPU model (NCCL cannot move CPU tensors)
+    if world > 1 and not dist.is_initialized(): dist.init_process_group(dist_backend(dev))
     rank = dist.get_rank() if world > 1 else 0
     step, finish, _ = setup_strategy(strategy, model, args.lr, args.micro_batch)
     loader = BlockLoader(get_dataset(t.name)["train"], t.seq_len, args.micro_batch, seed=args.seed,
-                         rank=0 if strategy == "single" else rank, world_size=1 if strategy == "single" else world)
+                         rank=0 if strategy == "single" else rank, world_size=1 if strategy == "single" else world, device=dev)
     losses, t0 = [], time.perf_counter()
     for i in range(args.steps):
         loss = step(*loader.next_batch()).detach().float(); finish()
@@ -98,6 +102,17 @@ def train_worker(args) -> dict:
         (out / "losses.json").write_text(json.dumps(result, indent=1))
     return result
 
+def train_device(choice: str = "auto") -> torch.device:
+    """This process's training device: `cuda:LOCAL_RANK` for "cuda" (an error without a GPU for it), the CPU for
+    "cpu", and for "auto" the GPU when the node has one for every local process, else the CPU."""
+    if choice not in ("auto", "cpu", "cuda"): raise ValueError(f"device must be auto, cpu or cuda, not {choice!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    enough = torch.cuda.is_available() and torch.cuda.device_count() >= max(local_world, local_rank + 1)
+    if choice == "cuda" and not enough:
+        raise RuntimeError(f"--device cuda needs a GPU for each of the {local_world} processes on this node, found {torch.cuda.device_count()}")
+    return torch.device("cuda", local_rank) if choice == "cuda" or (choice == "auto" and enough) else torch.device("cpu")
+
 def _full_state(model, strategy) -> dict:
     "The full (unsharded) state dict on every rank, whatever the strategy."
     if strategy.startswith("fsdp2"):
@@ -109,8 +124,8 @@ def _full_state(model, strategy) -> dict:
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-# %% ../nbs/13_launch.ipynb #c010
-_TRAIN_ARGS = ("tier", "steps", "micro_batch", "lr", "seed", "out")
+# %% ../nbs/13_launch.ipynb #c011
+_TRAIN_ARGS = ("tier", "steps", "micro_batch", "lr", "seed", "out", "device")
 
 def worker_args(args) -> list[str]:
     "The worker's arguments (training options plus the strategy)."
