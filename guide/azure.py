@@ -40,7 +40,8 @@ def training_job(train_args: list[str], compute: str = "gpu-cluster", instance_c
     return command(code=str(code), command=cmd, environment=environment, compute=compute, instance_count=instance_count,
                    distribution=PyTorchDistribution(process_count_per_instance=nproc_per_node),
                    experiment_name=experiment, display_name=name or f"guide-train-{instance_count}x{nproc_per_node}",
-                   environment_variables={"OMP_NUM_THREADS": "8", "NCCL_DEBUG": "WARN"})
+                   environment_variables={"OMP_NUM_THREADS": "8", "NCCL_DEBUG": "WARN",
+                                          "LOCAL_WORLD_SIZE": str(nproc_per_node)})     # (Azure ML sets LOCAL_RANK, not this)
 
 def write_job_yaml(job, path: str | Path, code_root: str | Path, relative_to: str | Path | None = None) -> Path:
     """Write `job` as YAML that `load_job`/`az ml job create -f` accept, with `code:` relative to the YAML's

@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if get_tier(a.tier).name == "tiny" else os.environ.get("HF_HUB_OFFLINE", "0"))
     import logging, warnings
-    import torch
     import torch.distributed as dist
     from datasets.utils.logging import disable_progress_bar
     from transformers import AutoTokenizer
     setup_torch(); disable_progress_bar(); warnings.filterwarnings("ignore"); logging.getLogger("transformers").setLevel(logging.ERROR)
     from guide.rlhf.task import make_problems, prompt_messages, sft_examples
-    cpu = not torch.cuda.is_available()
+    from guide.train.parallel import dist_backend
+    cpu = dist_backend("cuda") == "gloo"             # the GPUs only when each process on this node has one (and NCCL)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     common = dict(output_dir=str(out / "trainer"), max_steps=a.steps, per_device_train_batch_size=a.batch_size, learning_rate=a.lr,

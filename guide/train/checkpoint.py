@@ -173,8 +173,10 @@ def dcp_save_worker(out: str | Path, steps: int = 3, tier: str = "tiny", seed: i
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(seed)
     model = Llama(ModelConfig.from_tier(t, vocab_size=len(get_tokenizer(t.name))))
-    for layer in model.layers: fully_shard(layer)
-    fully_shard(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))                     # this worker runs on the CPU (gloo), GPU or not
+    for layer in model.layers: fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = BlockLoader(get_dataset(t.name)["train"], t.seq_len, batch_size, seed=seed, rank=rank, world_size=world)
     for _ in range(steps):

@@ -15,8 +15,9 @@ from ..model import Llama, ModelConfig
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'zero_bytes_per_rank', 'model_state_tensors', 'MemoryProbe', 'broadcast_parameters',
-           'allreduce_gradients', 'check_strategies', 'setup_strategy', 'run_strategy', 'dist_backend', 'shutdown',
-           'worker_main', 'torchrun_cmd', 'launch_strategies', 'saved_activation_bytes', 'checkpoint_blocks']
+           'allreduce_gradients', 'check_strategies', 'setup_strategy', 'run_strategy', 'local_world_size',
+           'dist_backend', 'shutdown', 'worker_main', 'torchrun_cmd', 'launch_strategies', 'saved_activation_bytes',
+           'checkpoint_blocks']
 
 # %% ../../nbs/11_parallel.ipynb #c006
 def zero_bytes_per_rank(n_params: int, world_size: int, strategy: str, p: int = 2, g: int = 2, o: int = 12) -> float:
@@ -175,14 +176,20 @@ def run_strategy(name: str, cfg: ModelConfig, data_dir, steps: int, micro_batch:
     return dict(strategy=name, losses=losses, bytes=max(peaks) if peaks else None, params=n_params, seconds=time.perf_counter() - t0, world_size=world)
 
 # %% ../../nbs/11_parallel.ipynb #c017
+def local_world_size() -> int:
+    """Processes on this node, as the launcher says: torchrun's LOCAL_WORLD_SIZE, the DeepSpeed launcher's LOCAL_SIZE,
+    Open MPI's; else WORLD_SIZE (one node), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "WORLD_SIZE"):
+        if os.environ.get(name): return int(os.environ[name])
+    return 1
+
 def dist_backend(device) -> str:
     """The process-group backend for tensors on `device`: nccl when it is this rank's GPU (`cuda:LOCAL_RANK`,
-    or `cuda` meaning that) and the node has a GPU for every local rank; gloo otherwise (CPU tensors)."""
+    or `cuda` meaning that), the node has a GPU for every local rank and torch has NCCL; gloo otherwise (CPU tensors)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available(): return "gloo"
+    if device.type != "cuda" or not torch.cuda.is_available() or not dist.is_nccl_available(): return "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    if device.index not in (None, local_rank) or torch.cuda.device_count() < local_world: return "gloo"
+    if device.index not in (None, local_rank) or torch.cuda.device_count() < local_world_size(): return "gloo"
     return "nccl"
 
 def shutdown(code: int = 0):
@@ -253,7 +260,7 @@ def launch_strategies(strategies: list[str], nproc: int = 2, steps: int = 10, mi
         out = Path(d) / "results.json"
         args = ["--strategies", ",".join(strategies), "--steps", str(steps), "--micro-batch", str(micro_batch),
                 "--tier", tier, "--seed", str(seed), "--dim", str(dim), "--out", str(out)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                    PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR",
                    CUDA_VISIBLE_DEVICES="")     # CPU parity runs: no rank (or library default) picks up a GPU
         p = subprocess.run(torchrun_cmd("guide.train.parallel", args, nproc), env=env, capture_output=True,
