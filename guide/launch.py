@@ -9,7 +9,7 @@ import torch
 from fastcore.basics import IN_NOTEBOOK
 
 from .core import get_tier, seed_everything, setup_torch
-from .train.parallel import STRATEGIES, dist_backend, local_world_size, setup_strategy, shutdown, torchrun_cmd
+from .train.parallel import STRATEGIES, dist_backend, gpu_per_process, local_world_size, setup_strategy, shutdown, torchrun_cmd
 
 # %% auto #0
 __all__ = ['EPILOG', 'build_parser', 'train_worker', 'train_device', 'worker_args', 'launch_command', 'main']
@@ -106,11 +106,10 @@ def train_device(choice: str = "auto") -> torch.device:
     """This process's training device: `cuda:LOCAL_RANK` for "cuda" (an error without a GPU for it), the CPU for
     "cpu", and for "auto" the GPU when the node has one for every local process, else the CPU."""
     if choice not in ("auto", "cpu", "cuda"): raise ValueError(f"device must be auto, cpu or cuda, not {choice!r}")
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), local_world_size()
-    enough = torch.cuda.is_available() and torch.cuda.device_count() >= max(local_world, local_rank + 1)
+    enough = gpu_per_process()
     if choice == "cuda" and not enough:
-        raise RuntimeError(f"--device cuda needs a GPU for each of the {local_world} processes on this node, found {torch.cuda.device_count()}")
-    return torch.device("cuda", local_rank) if choice == "cuda" or (choice == "auto" and enough) else torch.device("cpu")
+        raise RuntimeError(f"--device cuda needs a GPU for each of the {local_world_size()} processes on this node, found {torch.cuda.device_count()}")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if choice == "cuda" or (choice == "auto" and enough) else torch.device("cpu")
 
 def _full_state(model, strategy) -> dict:
     "The full (unsharded) state dict on every rank, whatever the strategy."

@@ -16,8 +16,8 @@ from ..model import Llama, ModelConfig
 # %% auto #0
 __all__ = ['STRATEGIES', 'zero_bytes_per_rank', 'model_state_tensors', 'MemoryProbe', 'broadcast_parameters',
            'allreduce_gradients', 'check_strategies', 'setup_strategy', 'run_strategy', 'local_world_size',
-           'dist_backend', 'shutdown', 'worker_main', 'torchrun_cmd', 'launch_strategies', 'saved_activation_bytes',
-           'checkpoint_blocks']
+           'gpu_per_process', 'dist_backend', 'shutdown', 'worker_main', 'torchrun_cmd', 'launch_strategies',
+           'saved_activation_bytes', 'checkpoint_blocks']
 
 # %% ../../nbs/11_parallel.ipynb #c006
 def zero_bytes_per_rank(n_params: int, world_size: int, strategy: str, p: int = 2, g: int = 2, o: int = 12) -> float:
@@ -183,14 +183,17 @@ def local_world_size() -> int:
         if os.environ.get(name): return int(os.environ[name])
     return 1
 
+def gpu_per_process() -> bool:
+    "Whether this node has a CUDA GPU for each of its processes (this one's LOCAL_RANK included)."
+    need = max(local_world_size(), int(os.environ.get("LOCAL_RANK", 0)) + 1)
+    return torch.cuda.is_available() and torch.cuda.device_count() >= need
+
 def dist_backend(device) -> str:
     """The process-group backend for tensors on `device`: nccl when it is this rank's GPU (`cuda:LOCAL_RANK`,
     or `cuda` meaning that), the node has a GPU for every local rank and torch has NCCL; gloo otherwise (CPU tensors)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available() or not dist.is_nccl_available(): return "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.index not in (None, local_rank) or torch.cuda.device_count() < local_world_size(): return "gloo"
-    return "nccl"
+    this_gpu = device.type == "cuda" and device.index in (None, int(os.environ.get("LOCAL_RANK", 0)))
+    return "nccl" if this_gpu and gpu_per_process() and dist.is_nccl_available() else "gloo"
 
 def shutdown(code: int = 0):
     "End a torchrun worker cleanly: barrier, destroy the process group, flush, `os._exit` (gloo SIGABRT fix)."
